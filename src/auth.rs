@@ -1,0 +1,227 @@
+//! Client authentication (pgnear as the server): SCRAM-SHA-256, md5 and trust, checked against the
+//! credentials of the primary upstream URL.
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use bytes::{Buf, BytesMut};
+use hmac::{Hmac, Mac};
+use rand::RngCore;
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::config::AuthMethod;
+use crate::error::{ErrorKind, PgError};
+use crate::protocol::{cstr, tag, write};
+use crate::tls::Stream;
+
+/// The credentials clients must present, with the SCRAM secret derived once at startup.
+pub struct Credentials {
+    pub user: String,
+    password: Option<String>,
+    scram: Option<ScramSecret>,
+}
+
+struct ScramSecret {
+    iterations: u32,
+    salt: Vec<u8>,
+    stored_key: Vec<u8>,
+    server_key: Vec<u8>,
+}
+
+impl ScramSecret {
+    /// Derives a secret with a fresh salt (the expensive PBKDF2 runs once per process).
+    fn derive(password: &str) -> Option<ScramSecret> {
+        // Format: SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>
+        let verifier = postgres_protocol::password::scram_sha_256(password.as_bytes());
+        let rest = verifier.strip_prefix("SCRAM-SHA-256$")?;
+        let (iter_salt, keys) = rest.split_once('$')?;
+        let (iterations, salt) = iter_salt.split_once(':')?;
+        let (stored, server) = keys.split_once(':')?;
+        Some(ScramSecret {
+            iterations: iterations.parse().ok()?,
+            salt: B64.decode(salt).ok()?,
+            stored_key: B64.decode(stored).ok()?,
+            server_key: B64.decode(server).ok()?,
+        })
+    }
+}
+
+impl Credentials {
+    pub fn new(user: &str, password: Option<&str>) -> Credentials {
+        Credentials {
+            user: user.to_string(),
+            password: password.map(str::to_string),
+            scram: password.and_then(ScramSecret::derive),
+        }
+    }
+}
+
+fn failed(user: &str) -> PgError {
+    PgError::new(ErrorKind::Auth, format!("password authentication failed for user \"{user}\""))
+}
+
+fn hmac(key: &[u8], data: &[u8]) -> Vec<u8> {
+    let mut m = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes any key length");
+    m.update(data);
+    m.finalize().into_bytes().to_vec()
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Runs the authentication exchange and sends AuthenticationOk on success.
+/// Not cancel-safe (it owns a multi-step exchange); callers bound it with a timeout.
+pub async fn authenticate(
+    stream: &mut Stream,
+    method: AuthMethod,
+    creds: &Credentials,
+    user: &str,
+) -> Result<(), PgError> {
+    let mut out = BytesMut::new();
+    let mut buf = BytesMut::new();
+    match method {
+        AuthMethod::Trust => {}
+        AuthMethod::Md5 => {
+            let password = creds.password.as_deref().ok_or_else(|| failed(user))?;
+            let mut salt = [0u8; 4];
+            rand::rng().fill_bytes(&mut salt);
+            write::auth_md5(&mut out, salt);
+            send(stream, &mut out).await?;
+            let body = read_password_frame(stream, &mut buf).await?;
+            let (given, _) = cstr(&body).ok_or_else(|| PgError::protocol("invalid password packet"))?;
+            let expected = postgres_protocol::authentication::md5_hash(user.as_bytes(), password.as_bytes(), salt);
+            if user != creds.user || !constant_time_eq(given.as_bytes(), expected.as_bytes()) {
+                return Err(failed(user));
+            }
+        }
+        AuthMethod::ScramSha256 => {
+            let secret = creds.scram.as_ref().ok_or_else(|| failed(user))?;
+            scram(stream, &mut out, &mut buf, secret, user).await?;
+            if user != creds.user {
+                return Err(failed(user));
+            }
+        }
+    }
+    write::auth_ok(&mut out);
+    send(stream, &mut out).await
+}
+
+async fn scram(
+    stream: &mut Stream,
+    out: &mut BytesMut,
+    buf: &mut BytesMut,
+    secret: &ScramSecret,
+    user: &str,
+) -> Result<(), PgError> {
+    write::auth_sasl(out);
+    send(stream, out).await?;
+
+    // SASLInitialResponse: mechanism, length, client-first-message.
+    let body = read_password_frame(stream, buf).await?;
+    let bad = || PgError::protocol("malformed SASL message");
+    let (mechanism, used) = cstr(&body).ok_or_else(bad)?;
+    if mechanism != "SCRAM-SHA-256" {
+        return Err(PgError::protocol(format!(
+            "SASL mechanism {mechanism:?} is not supported (pgnear offers SCRAM-SHA-256)"
+        )));
+    }
+    let mut rest = &body[used..];
+    if rest.len() < 4 {
+        return Err(bad());
+    }
+    let len = rest.get_i32();
+    if len < 0 || len as usize != rest.len() {
+        return Err(bad());
+    }
+    let client_first = std::str::from_utf8(rest).map_err(|_| bad())?;
+    // gs2 header: "n,," or "y,," (client could bind, we did not offer); "p=" needs -PLUS.
+    let (cbind, after) = client_first.split_once(',').ok_or_else(bad)?;
+    if !matches!(cbind, "n" | "y") {
+        return Err(PgError::protocol("SCRAM channel binding was not offered by pgnear"));
+    }
+    let (_authzid, bare) = after.split_once(',').ok_or_else(bad)?;
+    let gs2_header = &client_first[..client_first.len() - bare.len()];
+    let client_nonce = bare
+        .split(',')
+        .find_map(|a| a.strip_prefix("r="))
+        .filter(|n| !n.is_empty())
+        .ok_or_else(bad)?;
+
+    let mut raw = [0u8; 18];
+    rand::rng().fill_bytes(&mut raw);
+    let nonce = format!("{client_nonce}{}", B64.encode(raw));
+    let server_first = format!("r={nonce},s={},i={}", B64.encode(&secret.salt), secret.iterations);
+    write::auth_sasl_continue(out, server_first.as_bytes());
+    send(stream, out).await?;
+
+    // SASLResponse: client-final-message "c=...,r=...,p=...".
+    let body = read_password_frame(stream, buf).await?;
+    let client_final = std::str::from_utf8(&body).map_err(|_| bad())?;
+    let (without_proof, proof) = client_final.rsplit_once(",p=").ok_or_else(bad)?;
+    let mut channel = None;
+    let mut final_nonce = None;
+    for attr in without_proof.split(',') {
+        if let Some(c) = attr.strip_prefix("c=") {
+            channel = Some(c);
+        } else if let Some(r) = attr.strip_prefix("r=") {
+            final_nonce = Some(r);
+        }
+    }
+    if channel != Some(B64.encode(gs2_header).as_str()) || final_nonce != Some(nonce.as_str()) {
+        return Err(failed(user));
+    }
+    let proof = B64.decode(proof).map_err(|_| bad())?;
+    let auth_message = format!("{bare},{server_first},{without_proof}");
+    let client_signature = hmac(&secret.stored_key, auth_message.as_bytes());
+    if proof.len() != client_signature.len() {
+        return Err(failed(user));
+    }
+    let client_key: Vec<u8> = proof.iter().zip(&client_signature).map(|(a, b)| a ^ b).collect();
+    if !constant_time_eq(&Sha256::digest(&client_key), &secret.stored_key) {
+        return Err(failed(user));
+    }
+    let server_signature = hmac(&secret.server_key, auth_message.as_bytes());
+    write::auth_sasl_final(out, format!("v={}", B64.encode(server_signature)).as_bytes());
+    // Sent with AuthenticationOk by the caller.
+    Ok(())
+}
+
+async fn send(stream: &mut Stream, out: &mut BytesMut) -> Result<(), PgError> {
+    stream
+        .write_all(out)
+        .await
+        .map_err(|e| PgError::protocol(format!("client connection lost during authentication: {e}")))?;
+    out.clear();
+    Ok(())
+}
+
+/// Reads one PasswordMessage-family frame ('p'), capped at 8 KB.
+async fn read_password_frame(stream: &mut Stream, buf: &mut BytesMut) -> Result<BytesMut, PgError> {
+    loop {
+        if buf.len() >= 5 {
+            let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
+            if buf[0] != tag::PASSWORD {
+                return Err(PgError::protocol(format!(
+                    "expected password response, got message type {}",
+                    buf[0]
+                )));
+            }
+            if !(4..=8192).contains(&len) {
+                return Err(PgError::protocol(format!("invalid password message length {len}")));
+            }
+            if buf.len() > len {
+                let mut frame = buf.split_to(len + 1);
+                frame.advance(5);
+                return Ok(frame);
+            }
+        }
+        let n = stream
+            .read_buf(buf)
+            .await
+            .map_err(|e| PgError::protocol(format!("client connection lost during authentication: {e}")))?;
+        if n == 0 {
+            return Err(PgError::protocol("client closed the connection during authentication"));
+        }
+    }
+}

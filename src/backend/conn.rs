@@ -1,0 +1,280 @@
+//! One server connection: TCP (+ TLS per `sslmode`), startup, authentication
+//! (trust, cleartext, md5, SCRAM-SHA-256), then the server's parameters and key.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+use postgres_protocol::message::frontend;
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::error::{ErrorKind, PgError};
+use crate::protocol::backend::{self as be, error_fields, header};
+use crate::tls::Stream;
+use crate::upstream_url::{SslMode, UpstreamUrl};
+
+/// Which upstream a connection goes to (used in messages and metric labels).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Role {
+    Primary,
+    Replica,
+}
+
+impl Role {
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Primary => "primary",
+            Role::Replica => "replica",
+        }
+    }
+}
+
+/// Everything needed to open server connections to one upstream.
+pub struct Upstream {
+    pub role: Role,
+    pub url: UpstreamUrl,
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+    pub connect_timeout: Duration,
+}
+
+/// An authenticated server connection, ready for queries.
+pub struct ServerConn {
+    pub stream: Stream,
+    pub addr: SocketAddr,
+    /// ParameterStatus values the server sent during startup, in order.
+    pub params: Vec<(String, String)>,
+    pub pid: i32,
+    pub secret: Vec<u8>,
+}
+
+impl Upstream {
+    fn fail(&self, what: impl std::fmt::Display) -> PgError {
+        PgError::upstream(format!(
+            "{} upstream {}:{} unavailable: {what}",
+            self.role.name(),
+            self.url.host,
+            self.url.port
+        ))
+    }
+
+    async fn resolve(&self) -> Result<Vec<SocketAddr>, PgError> {
+        if let Ok(ip) = self.url.host.parse::<std::net::IpAddr>() {
+            return Ok(vec![SocketAddr::new(ip, self.url.port)]);
+        }
+        let addrs: Vec<SocketAddr> = tokio::net::lookup_host((self.url.host.as_str(), self.url.port))
+            .await
+            .map_err(|e| self.fail(format!("cannot resolve host: {e}")))?
+            .collect();
+        if addrs.is_empty() {
+            return Err(self.fail("host has no addresses"));
+        }
+        Ok(addrs)
+    }
+
+    /// Opens a TCP connection to the first address that answers within `connect_timeout`.
+    async fn tcp(&self) -> Result<(TcpStream, SocketAddr), PgError> {
+        let mut last = None;
+        for addr in self.resolve().await? {
+            match tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr)).await {
+                Ok(Ok(s)) => {
+                    s.set_nodelay(true).ok();
+                    let keepalive = socket2::TcpKeepalive::new()
+                        .with_time(Duration::from_secs(30))
+                        .with_interval(Duration::from_secs(10));
+                    socket2::SockRef::from(&s).set_tcp_keepalive(&keepalive).ok();
+                    return Ok((s, addr));
+                }
+                Ok(Err(e)) => last = Some(format!("{addr}: {e}")),
+                Err(_) => last = Some(format!("{addr}: connect timed out after {:?}", self.connect_timeout)),
+            }
+        }
+        Err(self.fail(last.unwrap_or_else(|| "no address".into())))
+    }
+
+    /// Connects and authenticates. `params` are startup parameters to pass on (application_name,
+    /// options, client_encoding, ...); user and database come from `user`/`database`.
+    pub async fn connect(&self, database: &str, params: &[(String, String)]) -> Result<ServerConn, PgError> {
+        let (tcp, addr) = self.tcp().await?;
+        let handshake = async {
+            let stream = self.negotiate_tls(tcp).await?;
+            self.startup(stream, addr, database, params).await
+        };
+        tokio::time::timeout(self.connect_timeout * 2, handshake)
+            .await
+            .map_err(|_| self.fail("startup and authentication timed out"))?
+    }
+
+    async fn negotiate_tls(&self, mut tcp: TcpStream) -> Result<Stream, PgError> {
+        let Some(config) = &self.tls else {
+            return Ok(Stream::Plain(tcp));
+        };
+        let mut req = BytesMut::new();
+        frontend::ssl_request(&mut req);
+        tcp.write_all(&req).await.map_err(|e| self.fail(e))?;
+        let mut answer = [0u8; 1];
+        tcp.read_exact(&mut answer).await.map_err(|e| self.fail(e))?;
+        if answer[0] != b'S' {
+            if self.url.sslmode == SslMode::Prefer {
+                return Ok(Stream::Plain(tcp));
+            }
+            return Err(self.fail(format!("server does not support TLS (sslmode={:?})", self.url.sslmode)));
+        }
+        let name = ServerName::try_from(self.url.host.clone())
+            .map_err(|_| self.fail("host is not a valid TLS server name"))?;
+        let tls = tokio_rustls::TlsConnector::from(config.clone())
+            .connect(name, tcp)
+            .await
+            .map_err(|e| self.fail(format!("TLS handshake: {e}")))?;
+        Ok(Stream::Client(Box::new(tls)))
+    }
+
+    async fn startup(
+        &self,
+        mut stream: Stream,
+        addr: SocketAddr,
+        database: &str,
+        params: &[(String, String)],
+    ) -> Result<ServerConn, PgError> {
+        let mut out = BytesMut::new();
+        let mut startup: Vec<(&str, &str)> = vec![("user", &self.url.user), ("database", database)];
+        startup.extend(
+            params
+                .iter()
+                .filter(|(k, _)| k != "user" && k != "database" && !k.starts_with("_pq_."))
+                .map(|(k, v)| (k.as_str(), v.as_str())),
+        );
+        frontend::startup_message(startup, &mut out).map_err(|e| self.fail(e))?;
+        stream.write_all(&out).await.map_err(|e| self.fail(e))?;
+
+        let mut buf = BytesMut::with_capacity(1024);
+        let mut scram: Option<ScramSha256> = None;
+        let mut conn = ServerConn { stream, addr, params: Vec::new(), pid: 0, secret: Vec::new() };
+        loop {
+            let (tag, body) = self.read_frame(&mut conn.stream, &mut buf).await?;
+            match tag {
+                be::AUTHENTICATION => {
+                    if body.len() < 4 {
+                        return Err(self.fail("malformed authentication request"));
+                    }
+                    let code = u32::from_be_bytes(body[..4].try_into().expect("4 bytes"));
+                    out.clear();
+                    match code {
+                        0 => continue,
+                        3 => frontend::password_message(self.password()?.as_bytes(), &mut out)
+                            .map_err(|e| self.fail(e))?,
+                        5 => {
+                            let salt: [u8; 4] = body
+                                .get(4..8)
+                                .and_then(|s| s.try_into().ok())
+                                .ok_or_else(|| self.fail("malformed md5 request"))?;
+                            let hash = postgres_protocol::authentication::md5_hash(
+                                self.url.user.as_bytes(),
+                                self.password()?.as_bytes(),
+                                salt,
+                            );
+                            frontend::password_message(hash.as_bytes(), &mut out).map_err(|e| self.fail(e))?;
+                        }
+                        10 => {
+                            let mechanisms = &body[4..];
+                            if !mechanisms.split(|&b| b == 0).any(|m| m == b"SCRAM-SHA-256") {
+                                return Err(self.fail("server offers no SASL mechanism pgnear supports"));
+                            }
+                            let s = ScramSha256::new(self.password()?.as_bytes(), ChannelBinding::unsupported());
+                            frontend::sasl_initial_response("SCRAM-SHA-256", s.message(), &mut out)
+                                .map_err(|e| self.fail(e))?;
+                            scram = Some(s);
+                        }
+                        11 => {
+                            let s = scram.as_mut().ok_or_else(|| self.fail("unexpected SASL continue"))?;
+                            s.update(&body[4..]).map_err(|e| self.fail(format!("SCRAM: {e}")))?;
+                            frontend::sasl_response(s.message(), &mut out).map_err(|e| self.fail(e))?;
+                        }
+                        12 => {
+                            let s = scram.as_mut().ok_or_else(|| self.fail("unexpected SASL final"))?;
+                            s.finish(&body[4..])
+                                .map_err(|e| self.fail(format!("SCRAM server signature: {e}")))?;
+                            continue;
+                        }
+                        other => return Err(self.fail(format!("unsupported authentication method {other}"))),
+                    }
+                    conn.stream.write_all(&out).await.map_err(|e| self.fail(e))?;
+                }
+                be::PARAMETER_STATUS => {
+                    if let Some((k, v)) = be::parameter_status(&body) {
+                        conn.params.push((k.to_string(), v.to_string()));
+                    }
+                }
+                be::BACKEND_KEY_DATA if body.len() >= 8 => {
+                    conn.pid = i32::from_be_bytes(body[..4].try_into().expect("4 bytes"));
+                    conn.secret = body[4..].to_vec();
+                }
+                be::READY_FOR_QUERY => return Ok(conn),
+                be::ERROR_RESPONSE => {
+                    let f = error_fields(&body);
+                    let mut e = PgError::new(
+                        if f.code.starts_with("28") { ErrorKind::Auth } else { ErrorKind::Upstream },
+                        format!("{} upstream refused the connection: {}", self.role.name(), f.message),
+                    );
+                    if f.code.starts_with("28") || f.code == "3D000" || f.code.starts_with("53") {
+                        e.code = Some(f.code);
+                    }
+                    return Err(e);
+                }
+                be::NOTICE_RESPONSE | be::NEGOTIATE_PROTOCOL => {}
+                other => return Err(self.fail(format!("unexpected message {:?} during startup", other as char))),
+            }
+        }
+    }
+
+    fn password(&self) -> Result<&str, PgError> {
+        self.url
+            .password
+            .as_deref()
+            .ok_or_else(|| PgError::new(ErrorKind::Auth, format!("{} upstream asks for a password and the upstream URL has none", self.role.name())))
+    }
+
+    async fn read_frame(&self, stream: &mut Stream, buf: &mut BytesMut) -> Result<(u8, BytesMut), PgError> {
+        loop {
+            if let Some((tag, len)) = header(buf) {
+                if len < 5 || len > 1 << 20 {
+                    return Err(self.fail("malformed message during startup"));
+                }
+                if buf.len() >= len {
+                    let mut frame = buf.split_to(len);
+                    frame.advance(5);
+                    return Ok((tag, frame));
+                }
+            }
+            if stream.read_buf(buf).await.map_err(|e| self.fail(e))? == 0 {
+                return Err(self.fail("server closed the connection during startup"));
+            }
+        }
+    }
+}
+
+/// Sends a CancelRequest for (pid, secret) to a server. Best effort, as in Postgres.
+pub async fn send_cancel(addr: SocketAddr, pid: i32, secret: &[u8], timeout: Duration) {
+    let attempt = async {
+        let mut s = TcpStream::connect(addr).await?;
+        let mut msg = BytesMut::new();
+        let len = 12 + secret.len() as u32;
+        msg.extend_from_slice(&len.to_be_bytes());
+        msg.extend_from_slice(&crate::protocol::frontend::CANCEL_REQUEST.to_be_bytes());
+        msg.extend_from_slice(&pid.to_be_bytes());
+        msg.extend_from_slice(secret);
+        s.write_all(&msg).await?;
+        // The server closes the socket once it has read the request.
+        let mut sink = [0u8; 1];
+        let _ = s.read(&mut sink).await;
+        Ok::<_, std::io::Error>(())
+    };
+    match tokio::time::timeout(timeout, attempt).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(%addr, error = %e, "forwarding cancel request failed"),
+        Err(_) => tracing::warn!(%addr, "forwarding cancel request timed out"),
+    }
+}

@@ -1,0 +1,3 @@
+//! The server side: connections to upstreams (startup, auth, TLS) and cancel forwarding.
+
+pub mod conn;

@@ -1,0 +1,643 @@
+//! Configuration: TOML file, then `PGNEAR_<SECTION>_<KEY>` and the named variables of DESIGN.md on
+//! top, then `validate()`. Every key has a default, so an empty file is a valid config.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::upstream_url::UpstreamUrl;
+
+/// A configuration problem, worded for the operator: which key, which value, what is allowed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{origin}: {message}")]
+    Parse { origin: String, message: String },
+    #[error("invalid value for {key}: {value:?} ({allowed})")]
+    Invalid {
+        key: String,
+        value: String,
+        allowed: String,
+    },
+}
+
+fn invalid(key: &str, value: impl fmt::Display, allowed: &str) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.to_string(),
+        value: value.to_string(),
+        allowed: allowed.to_string(),
+    }
+}
+
+/// A duration written as a human string ("250ms", "2s", "1m", "1h").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+impl HumanDuration {
+    pub fn parse(s: &str) -> Option<Duration> {
+        let s = s.trim();
+        let split = s.find(|c: char| !c.is_ascii_digit() && c != '.')?;
+        let (num, unit) = s.split_at(split);
+        let n: f64 = num.parse().ok()?;
+        let secs = match unit.trim() {
+            "us" | "µs" => n / 1e6,
+            "ms" => n / 1e3,
+            "s" => n,
+            "m" | "min" => n * 60.0,
+            "h" => n * 3600.0,
+            _ => return None,
+        };
+        (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs))
+    }
+}
+
+impl fmt::Display for HumanDuration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ms = self.0.as_millis();
+        if ms % 1000 == 0 && ms > 0 {
+            write!(f, "{}s", ms / 1000)
+        } else {
+            write!(f, "{ms}ms")
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        HumanDuration::parse(&s).map(HumanDuration).ok_or_else(|| {
+            serde::de::Error::custom(format!(
+                "invalid duration {s:?} (allowed: a number with a unit: us, ms, s, m, h; e.g. \"250ms\")"
+            ))
+        })
+    }
+}
+
+impl Serialize for HumanDuration {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+fn ms(n: u64) -> HumanDuration {
+    HumanDuration(Duration::from_millis(n))
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub proxy: ProxyConfig,
+    pub regions: RegionsConfig,
+    pub upstream: UpstreamConfig,
+    pub routing: RoutingConfig,
+    pub consistency: ConsistencyConfig,
+    pub pool: PoolConfig,
+    pub auth: AuthConfig,
+    pub tls: TlsConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProxyConfig {
+    pub listen: String,
+    pub admin_listen: String,
+    pub max_client_connections: usize,
+    pub max_message_size: usize,
+    pub startup_timeout: HumanDuration,
+    pub shutdown_grace: HumanDuration,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            listen: "127.0.0.1:6432".into(),
+            admin_listen: "127.0.0.1:9930".into(),
+            max_client_connections: 10_000,
+            max_message_size: 64 * 1024 * 1024,
+            startup_timeout: ms(10_000),
+            shutdown_grace: ms(30_000),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RegionsConfig {
+    pub current: String,
+    pub primary: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UpstreamConfig {
+    pub primary_url: String,
+    pub replica_url: String,
+    pub nameserver: String,
+    pub connect_timeout: HumanDuration,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        UpstreamConfig {
+            primary_url: String::new(),
+            replica_url: String::new(),
+            nameserver: String::new(),
+            connect_timeout: ms(5_000),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WriteMode {
+    Forward,
+    Replay,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RoutingConfig {
+    pub write_mode: WriteMode,
+    #[serde(deserialize_with = "list_or_csv")]
+    pub write_functions: Vec<String>,
+}
+
+impl Default for RoutingConfig {
+    fn default() -> Self {
+        RoutingConfig {
+            write_mode: WriteMode::Forward,
+            write_functions: Vec::new(),
+        }
+    }
+}
+
+/// Accepts a TOML array of strings, or one comma-separated string (how it arrives from the env).
+fn list_or_csv<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Either {
+        List(Vec<String>),
+        Csv(String),
+    }
+    Ok(match Either::deserialize(d)? {
+        Either::List(v) => v,
+        Either::Csv(s) => s
+            .split(',')
+            .map(|p| p.trim().to_string())
+            .filter(|p| !p.is_empty())
+            .collect(),
+    })
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ConsistencyMode {
+    Session,
+    Eventual,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnTimeout {
+    Primary,
+    Error,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ConsistencyConfig {
+    pub mode: ConsistencyMode,
+    pub wait_timeout: HumanDuration,
+    pub on_timeout: OnTimeout,
+    pub max_replica_lag: HumanDuration,
+    pub report_write_lsn: bool,
+}
+
+impl Default for ConsistencyConfig {
+    fn default() -> Self {
+        ConsistencyConfig {
+            mode: ConsistencyMode::Session,
+            wait_timeout: ms(500),
+            on_timeout: OnTimeout::Primary,
+            max_replica_lag: ms(10_000),
+            report_write_lsn: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolMode {
+    Session,
+    Transaction,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PoolConfig {
+    pub mode: PoolMode,
+    pub primary_size: usize,
+    pub replica_size: usize,
+    pub min_idle: usize,
+    pub acquire_timeout: HumanDuration,
+    pub idle_timeout: HumanDuration,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig {
+            mode: PoolMode::Session,
+            primary_size: 20,
+            replica_size: 20,
+            min_idle: 0,
+            acquire_timeout: ms(5_000),
+            idle_timeout: ms(600_000),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+pub enum AuthMethod {
+    #[serde(rename = "scram-sha-256")]
+    ScramSha256,
+    #[serde(rename = "md5")]
+    Md5,
+    #[serde(rename = "trust")]
+    Trust,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Unset: SCRAM-SHA-256, or trust when the upstream URL has no password and the
+    /// listener is on loopback.
+    pub method: Option<AuthMethod>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    pub cert: String,
+    pub key: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
+    }
+}
+
+const SECTIONS: &[&str] = &[
+    "proxy",
+    "regions",
+    "upstream",
+    "routing",
+    "consistency",
+    "pool",
+    "auth",
+    "tls",
+    "log",
+];
+
+/// Named variables of DESIGN.md and the (section, key) each one sets.
+const NAMED_VARS: &[(&str, &str, &str)] = &[
+    ("DATABASE_URL", "upstream", "primary_url"),
+    ("PGNEAR_REPLICA_URL", "upstream", "replica_url"),
+    ("FLY_REGION", "regions", "current"),
+    ("PRIMARY_REGION", "regions", "primary"),
+    ("PGNEAR_LISTEN", "proxy", "listen"),
+    ("PGNEAR_ADMIN_LISTEN", "proxy", "admin_listen"),
+    ("PGNEAR_WRITE_MODE", "routing", "write_mode"),
+];
+
+impl Config {
+    /// Loads `path` (if any), applies the environment, validates.
+    pub fn load(
+        path: Option<&Path>,
+        env: &BTreeMap<String, String>,
+    ) -> Result<Config, ConfigError> {
+        let text = match path {
+            Some(p) => std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                path: p.to_path_buf(),
+                source,
+            })?,
+            None => String::new(),
+        };
+        let origin = path.map_or("config".to_string(), |p| p.display().to_string());
+        Self::from_toml_and_env(&text, &origin, env)
+    }
+
+    pub fn from_toml_and_env(
+        text: &str,
+        origin: &str,
+        env: &BTreeMap<String, String>,
+    ) -> Result<Config, ConfigError> {
+        let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError::Parse {
+            origin: origin.to_string(),
+            message: e.message().to_string(),
+        })?;
+        // File first, then the generic PGNEAR_<SECTION>_<KEY>, then the named variables, which win.
+        for (name, value) in env {
+            let Some(rest) = name.strip_prefix("PGNEAR_") else {
+                continue;
+            };
+            let Some((section, key)) = rest.split_once('_') else {
+                continue;
+            };
+            let section = section.to_ascii_lowercase();
+            if SECTIONS.contains(&section.as_str()) {
+                set_key(&mut table, &section, &key.to_ascii_lowercase(), value);
+            }
+        }
+        for (var, section, key) in NAMED_VARS {
+            if let Some(value) = env.get(*var) {
+                set_key(&mut table, section, key, value);
+            }
+        }
+        let config = Config::deserialize(toml::Value::Table(table)).map_err(|e| ConfigError::Parse {
+            origin: format!("{origin} (with environment)"),
+            message: e.message().to_string(),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        for (key, value) in [
+            ("proxy.listen", &self.proxy.listen),
+            ("proxy.admin_listen", &self.proxy.admin_listen),
+        ] {
+            value
+                .parse::<SocketAddr>()
+                .map_err(|_| invalid(key, value, "an address like 127.0.0.1:6432 or [::1]:6432"))?;
+        }
+        if self.proxy.max_client_connections == 0 {
+            return Err(invalid("proxy.max_client_connections", 0, "at least 1"));
+        }
+        if self.proxy.max_message_size < 1024 || self.proxy.max_message_size > (1 << 30) {
+            return Err(invalid(
+                "proxy.max_message_size",
+                self.proxy.max_message_size,
+                "between 1024 and 1073741824 bytes",
+            ));
+        }
+        if self.upstream.primary_url.is_empty() {
+            return Err(invalid(
+                "upstream.primary_url",
+                "",
+                "a postgres:// URL; set DATABASE_URL or upstream.primary_url",
+            ));
+        }
+        for (key, value) in [
+            ("upstream.primary_url", &self.upstream.primary_url),
+            ("upstream.replica_url", &self.upstream.replica_url),
+        ] {
+            if !value.is_empty() {
+                UpstreamUrl::parse(value).map_err(|why| invalid(key, mask_url(value), &why))?;
+            }
+        }
+        if !self.upstream.nameserver.is_empty()
+            && self.upstream.nameserver.parse::<SocketAddr>().is_err()
+        {
+            return Err(invalid(
+                "upstream.nameserver",
+                &self.upstream.nameserver,
+                "an address like [fdaa::3]:53",
+            ));
+        }
+        for (key, size) in [
+            ("pool.primary_size", self.pool.primary_size),
+            ("pool.replica_size", self.pool.replica_size),
+        ] {
+            if size == 0 {
+                return Err(invalid(key, size, "at least 1"));
+            }
+        }
+        if self.pool.min_idle > self.pool.primary_size.min(self.pool.replica_size) {
+            return Err(invalid(
+                "pool.min_idle",
+                self.pool.min_idle,
+                "at most the smaller of pool.primary_size and pool.replica_size",
+            ));
+        }
+        if self.tls.cert.is_empty() != self.tls.key.is_empty() {
+            return Err(invalid(
+                "tls.cert/tls.key",
+                "one of them empty",
+                "both set (PEM files) or both empty",
+            ));
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            return Err(invalid(
+                "log.level",
+                &self.log.level,
+                "trace, debug, info, warn, error or a tracing filter like pgnear=debug",
+            ));
+        }
+        if self.regions.current.is_empty() != self.regions.primary.is_empty() {
+            return Err(invalid(
+                "regions.current/regions.primary",
+                "one of them empty",
+                "both set (FLY_REGION and PRIMARY_REGION) or both empty",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The primary upstream (validated).
+    pub fn primary(&self) -> UpstreamUrl {
+        UpstreamUrl::parse(&self.upstream.primary_url).expect("validated")
+    }
+
+    /// The client auth method in force, following DESIGN.md's default rule.
+    pub fn auth_method(&self) -> AuthMethod {
+        match self.auth.method {
+            Some(m) => m,
+            None if self.primary().password.is_none() && self.listens_on_loopback() => {
+                AuthMethod::Trust
+            }
+            None => AuthMethod::ScramSha256,
+        }
+    }
+
+    pub fn listens_on_loopback(&self) -> bool {
+        self.proxy
+            .listen
+            .parse::<SocketAddr>()
+            .is_ok_and(|a| a.ip().is_loopback())
+    }
+
+    /// The effective config as TOML, with passwords masked.
+    pub fn render_masked(&self) -> String {
+        let mut shown = self.clone();
+        shown.upstream.primary_url = mask_url(&shown.upstream.primary_url);
+        shown.upstream.replica_url = mask_url(&shown.upstream.replica_url);
+        toml::to_string(&shown).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+    }
+}
+
+/// Replaces the password of a postgres:// URL with `****`.
+pub fn mask_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let Some((userinfo, host)) = rest.rsplit_once('@') else {
+        return url.to_string();
+    };
+    match userinfo.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:****@{host}"),
+        None => url.to_string(),
+    }
+}
+
+fn set_key(table: &mut toml::Table, section: &str, key: &str, raw: &str) {
+    let entry = table
+        .entry(section.to_string())
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    if let toml::Value::Table(t) = entry {
+        t.insert(key.to_string(), env_value(raw));
+    }
+}
+
+/// An env value as TOML: integers and booleans keep their type, everything else is a string.
+fn env_value(raw: &str) -> toml::Value {
+    if let Ok(i) = raw.parse::<i64>() {
+        return toml::Value::Integer(i);
+    }
+    match raw {
+        "true" => toml::Value::Boolean(true),
+        "false" => toml::Value::Boolean(false),
+        _ => toml::Value::String(raw.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    const URL: &[(&str, &str)] = &[("DATABASE_URL", "postgres://app:secret@127.0.0.1:5432/app")];
+
+    #[test]
+    fn documented_example_parses_and_matches_defaults() {
+        let text = include_str!("../config/pgnear.toml");
+        let cfg = Config::from_toml_and_env(text, "config/pgnear.toml", &env(URL)).unwrap();
+        let def = Config::from_toml_and_env("", "empty", &env(URL)).unwrap();
+        // The example documents the defaults: rendering both must agree.
+        assert_eq!(cfg.render_masked(), def.render_masked());
+    }
+
+    #[test]
+    fn env_overrides_file_and_named_vars_win() {
+        let text = "[pool]\nmode = \"session\"\n[consistency]\nwait_timeout = \"1s\"\n";
+        let e = env(&[
+            ("DATABASE_URL", "postgres://app:secret@db:5432/app"),
+            ("PGNEAR_POOL_MODE", "transaction"),
+            ("PGNEAR_CONSISTENCY_WAIT_TIMEOUT", "250ms"),
+            ("PGNEAR_POOL_PRIMARY_SIZE", "7"),
+            ("PGNEAR_ROUTING_WRITE_MODE", "forward"),
+            ("PGNEAR_WRITE_MODE", "replay"),
+            ("PGNEAR_ROUTING_WRITE_FUNCTIONS", "a.f, g"),
+            ("FLY_REGION", "syd"),
+            ("PRIMARY_REGION", "iad"),
+            ("PGNEAR_LISTEN", "127.0.0.1:7000"),
+        ]);
+        let c = Config::from_toml_and_env(text, "t", &e).unwrap();
+        assert_eq!(c.pool.mode, PoolMode::Transaction);
+        assert_eq!(c.consistency.wait_timeout.0, Duration::from_millis(250));
+        assert_eq!(c.pool.primary_size, 7);
+        assert_eq!(c.routing.write_mode, WriteMode::Replay);
+        assert_eq!(c.routing.write_functions, vec!["a.f", "g"]);
+        assert_eq!(c.regions.current, "syd");
+        assert_eq!(c.proxy.listen, "127.0.0.1:7000");
+    }
+
+    #[test]
+    fn bad_values_name_key_value_and_allowed() {
+        let cases: &[(&str, &[&str])] = &[
+            ("[pool]\nmode = \"sometimes\"", &["sometimes", "session", "transaction"]),
+            ("[proxy]\nlisten = \"nowhere\"", &["proxy.listen", "nowhere"]),
+            ("[consistency]\nwait_timeout = \"soon\"", &["soon", "ms"]),
+            ("[pool]\nprimary_size = 0", &["pool.primary_size", "at least 1"]),
+            ("[pool]\nbogus = 1", &["bogus"]),
+            ("[auth]\nmethod = \"plain\"", &["plain", "scram-sha-256"]),
+            ("[upstream]\nprimary_url = \"mysql://x\"", &["upstream.primary_url"]),
+        ];
+        for (text, needles) in cases {
+            let mut e = env(&[]);
+            if !text.contains("primary_url") {
+                e = env(URL);
+            }
+            let err = Config::from_toml_and_env(text, "t", &e).unwrap_err().to_string();
+            for n in *needles {
+                assert!(err.contains(n), "{text:?}: {err:?} lacks {n:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn missing_upstream_is_reported() {
+        let err = Config::from_toml_and_env("", "t", &env(&[])).unwrap_err().to_string();
+        assert!(err.contains("DATABASE_URL"), "{err}");
+    }
+
+    #[test]
+    fn masks_passwords() {
+        let c = Config::from_toml_and_env("", "t", &env(URL)).unwrap();
+        let shown = c.render_masked();
+        assert!(!shown.contains("secret"), "{shown}");
+        assert!(shown.contains("app:****@127.0.0.1"), "{shown}");
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(HumanDuration::parse("250ms"), Some(Duration::from_millis(250)));
+        assert_eq!(HumanDuration::parse("2s"), Some(Duration::from_secs(2)));
+        assert_eq!(HumanDuration::parse("1.5s"), Some(Duration::from_millis(1500)));
+        assert_eq!(HumanDuration::parse("1m"), Some(Duration::from_secs(60)));
+        assert_eq!(HumanDuration::parse("10"), None);
+        assert_eq!(HumanDuration::parse("ms"), None);
+        assert_eq!(HumanDuration::parse("-1s"), None);
+    }
+
+    #[test]
+    fn default_auth_rule() {
+        let c = Config::from_toml_and_env("", "t", &env(&[("DATABASE_URL", "postgres://app@h/db")]))
+            .unwrap();
+        assert_eq!(c.auth_method(), AuthMethod::Trust);
+        let c = Config::from_toml_and_env("", "t", &env(URL)).unwrap();
+        assert_eq!(c.auth_method(), AuthMethod::ScramSha256);
+    }
+}

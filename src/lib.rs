@@ -1,0 +1,144 @@
+//! pgnear: a Postgres wire-protocol sidecar for multi-region apps. Reads go to the local replica,
+//! writes to the primary region, and LSN tracking keeps every session reading its own writes.
+
+#![forbid(unsafe_code)]
+
+pub mod auth;
+pub mod backend;
+pub mod cancel;
+pub mod config;
+pub mod error;
+pub mod lab;
+pub mod listener;
+pub mod protocol;
+pub mod session;
+pub mod tls;
+pub mod upstream_url;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::auth::Credentials;
+use crate::backend::conn::{Role, Upstream};
+use crate::cancel::CancelRegistry;
+use crate::config::{AuthMethod, Config};
+
+/// What every session shares: configuration, upstreams, credentials, and the shutdown signal.
+pub struct Shared {
+    pub config: Config,
+    pub primary: Upstream,
+    pub replica: Option<Upstream>,
+    pub creds: Credentials,
+    pub auth_method: AuthMethod,
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    pub cancels: Arc<CancelRegistry>,
+    pub shutdown: watch::Receiver<bool>,
+}
+
+/// Why pgnear could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr}: {source}")]
+    Listen { addr: String, source: std::io::Error },
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    #[error("refusing to listen on {0} without client authentication: set auth.method to scram-sha-256 or md5 and put a password in the upstream URL")]
+    OpenWithoutAuth(String),
+    #[error("auth.method {0:?} needs a password in the primary upstream URL")]
+    NoPassword(AuthMethod),
+}
+
+/// A running pgnear: its listening address and the handle to stop it.
+pub struct Proxy {
+    addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl Proxy {
+    /// Binds the listener (port 0 picks a free port) and starts serving.
+    pub async fn start(config: Config) -> Result<Proxy, StartError> {
+        let auth_method = config.auth_method();
+        if auth_method == AuthMethod::Trust && !config.listens_on_loopback() {
+            return Err(StartError::OpenWithoutAuth(config.proxy.listen.clone()));
+        }
+        let primary_url = config.primary();
+        if auth_method != AuthMethod::Trust && primary_url.password.is_none() {
+            return Err(StartError::NoPassword(auth_method));
+        }
+        let tls = if config.tls.cert.is_empty() {
+            None
+        } else {
+            Some(tls::server_config(&config.tls.cert, &config.tls.key)?)
+        };
+        let connect_timeout = config.upstream.connect_timeout.0;
+        let upstream = |role, url: upstream_url::UpstreamUrl| -> Result<Upstream, StartError> {
+            let tls = tls::client_config(url.sslmode, url.sslrootcert.as_deref())?;
+            Ok(Upstream { role, url, tls, connect_timeout })
+        };
+        let replica = if config.upstream.replica_url.is_empty() {
+            None
+        } else {
+            let url = upstream_url::UpstreamUrl::parse(&config.upstream.replica_url).expect("validated");
+            Some(upstream(Role::Replica, url)?)
+        };
+        let creds = Credentials::new(&primary_url.user, primary_url.password.as_deref());
+        let listener = TcpListener::bind(&config.proxy.listen)
+            .await
+            .map_err(|source| StartError::Listen { addr: config.proxy.listen.clone(), source })?;
+        let addr = listener.local_addr().map_err(|source| StartError::Listen {
+            addr: config.proxy.listen.clone(),
+            source,
+        })?;
+        let (stop, shutdown) = watch::channel(false);
+        let shared = Arc::new(Shared {
+            primary: upstream(Role::Primary, primary_url)?,
+            replica,
+            creds,
+            auth_method,
+            tls,
+            cancels: Arc::default(),
+            shutdown,
+            config,
+        });
+        tracing::info!(%addr, auth = ?auth_method, "pgnear listening");
+        let task = tokio::spawn(listener::accept_loop(shared, listener));
+        Ok(Proxy { addr, stop, task })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stops accepting, lets running transactions finish within `shutdown_grace`, closes the
+    /// remaining clients with 57P01, and returns when every session has ended.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+}
+
+/// `pgnear check`: the effective config (secrets masked) and what pgnear derived from it.
+pub fn check_report(config: &Config) -> String {
+    let primary = config.primary();
+    let replica = if config.upstream.replica_url.is_empty() {
+        "none (all statements go to the primary)".to_string()
+    } else {
+        config::mask_url(&config.upstream.replica_url)
+    };
+    let role = match (config.regions.current.as_str(), config.regions.primary.as_str()) {
+        ("", _) => "single region (no FLY_REGION/PRIMARY_REGION)".to_string(),
+        (c, p) if c == p => format!("primary region {c}"),
+        (c, p) => format!("replica region {c} (primary region {p})"),
+    };
+    format!(
+        "# pgnear check: configuration is valid\n# role: {role}\n# primary upstream: {primary} (sslmode {:?})\n# replica upstream: {replica}\n# client auth: {:?}\n\n{}",
+        primary.sslmode,
+        config.auth_method(),
+        config.render_masked()
+    )
+}

@@ -1,0 +1,98 @@
+//! The accept loop: connection limit, per-client task with its tracing span, startup timeout,
+//! and graceful shutdown (stop accepting, let sessions finish, wait for them).
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tracing::Instrument;
+
+use crate::error::{ErrorKind, PgError};
+use crate::protocol::write;
+use crate::session::startup::{handshake, Handshake};
+use crate::session::Session;
+use crate::tls::Stream;
+use crate::Shared;
+
+static SESSION_IDS: AtomicU64 = AtomicU64::new(1);
+
+/// Accepts clients until shutdown, then waits for every session to end.
+pub async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
+    let limit = Arc::new(Semaphore::new(shared.config.proxy.max_client_connections));
+    let mut sessions = JoinSet::new();
+    let mut shutdown = shared.shutdown.clone();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (tcp, peer) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                tcp.set_nodelay(true).ok();
+                let permit = limit.clone().try_acquire_owned().ok();
+                let shared = shared.clone();
+                let id = SESSION_IDS.fetch_add(1, Ordering::Relaxed);
+                let span = tracing::info_span!("session", id, %peer, user = tracing::field::Empty, database = tracing::field::Empty, application_name = tracing::field::Empty);
+                sessions.spawn(async move {
+                    let _permit = permit.as_ref();
+                    serve(shared, tcp, peer, permit.is_some()).await;
+                }.instrument(span));
+            }
+            Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
+            _ = crate::session::stopped(&mut shutdown) => break,
+        }
+    }
+    drop(listener);
+    tracing::info!(sessions = sessions.len(), "stopped accepting; waiting for sessions to finish");
+    while sessions.join_next().await.is_some() {}
+}
+
+async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, admitted: bool) {
+    let mut slot = Some(Stream::Plain(tcp));
+    let timeout = shared.config.proxy.startup_timeout.0;
+    let outcome = tokio::time::timeout(timeout, handshake(&shared, &mut slot)).await;
+    let startup = match outcome {
+        Ok(Ok(Handshake::Ready(startup))) => startup,
+        Ok(Ok(Handshake::Done)) => return,
+        Ok(Err(e)) => return refuse(slot, e).await,
+        Err(_) => {
+            return refuse(slot, PgError::protocol("startup timed out (proxy.startup_timeout)")).await;
+        }
+    };
+    let span = tracing::Span::current();
+    span.record("user", startup.get("user").unwrap_or_default());
+    span.record("database", startup.get("database").unwrap_or_default());
+    span.record("application_name", startup.get("application_name").unwrap_or_default());
+    let stream = slot.expect("stream present after a successful handshake");
+    if !admitted {
+        let e = PgError::new(ErrorKind::Capacity, "sorry, too many clients already")
+            .with_detail("proxy.max_client_connections reached");
+        return refuse(Some(stream), e).await;
+    }
+    tracing::debug!(%peer, "client authenticated");
+    match Session::establish(shared, stream, startup).await {
+        Ok(session) => session.run().await,
+        Err((stream, e)) => refuse(Some(stream), e).await,
+    }
+}
+
+/// Tells the client why it cannot continue and closes the connection.
+async fn refuse(slot: Option<Stream>, e: PgError) {
+    tracing::info!(error = %e, kind = e.kind.label(), "client refused");
+    if let Some(mut stream) = slot {
+        let mut out = BytesMut::new();
+        write::error_response(&mut out, &e);
+        let _ = stream.write_all(&out).await;
+        let _ = stream.shutdown().await;
+    }
+}

@@ -1,0 +1,31 @@
+//! The wire: startup packets and frames from clients, frame headers from servers, and the few
+//! messages pgnear writes itself. Only what routing needs is decoded.
+
+pub mod backend;
+pub mod frontend;
+pub mod write;
+
+/// Frontend message tags pgnear looks at.
+pub mod tag {
+    pub const QUERY: u8 = b'Q';
+    pub const PARSE: u8 = b'P';
+    pub const BIND: u8 = b'B';
+    pub const DESCRIBE: u8 = b'D';
+    pub const EXECUTE: u8 = b'E';
+    pub const CLOSE: u8 = b'C';
+    pub const SYNC: u8 = b'S';
+    pub const FLUSH: u8 = b'H';
+    pub const FUNCTION_CALL: u8 = b'F';
+    pub const COPY_DATA: u8 = b'd';
+    pub const COPY_DONE: u8 = b'c';
+    pub const COPY_FAIL: u8 = b'f';
+    pub const TERMINATE: u8 = b'X';
+    pub const PASSWORD: u8 = b'p';
+}
+
+/// Reads a NUL-terminated string at the start of `buf`: (string, bytes consumed).
+pub fn cstr(buf: &[u8]) -> Option<(&str, usize)> {
+    let end = buf.iter().position(|&b| b == 0)?;
+    let s = std::str::from_utf8(&buf[..end]).ok()?;
+    Some((s, end + 1))
+}

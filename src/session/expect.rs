@@ -1,0 +1,240 @@
+//! What each server connection still owes: one entry per message sent that produces a response.
+//! Server frames are matched against the front entry in order, which tells pgnear whether a frame
+//! answers the client (forward) or pgnear itself (swallow), and when a request is complete.
+
+use std::collections::VecDeque;
+
+use crate::protocol::backend as be;
+use crate::protocol::tag;
+
+/// A message sent to the server that will be answered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pending {
+    Parse,
+    Bind,
+    Close,
+    Describe,
+    Execute,
+    FunctionCall,
+    Sync,
+    Query,
+}
+
+impl Pending {
+    /// The pending entry for a frontend message tag (`None`: no response, e.g. Flush, CopyData).
+    pub fn for_tag(t: u8) -> Option<Pending> {
+        Some(match t {
+            tag::PARSE => Pending::Parse,
+            tag::BIND => Pending::Bind,
+            tag::CLOSE => Pending::Close,
+            tag::DESCRIBE => Pending::Describe,
+            tag::EXECUTE => Pending::Execute,
+            tag::FUNCTION_CALL => Pending::FunctionCall,
+            tag::SYNC => Pending::Sync,
+            tag::QUERY => Pending::Query,
+            _ => return None,
+        })
+    }
+
+    /// Whether `frame` is the last frame answering this message.
+    fn ends_with(self, frame: u8) -> bool {
+        match self {
+            Pending::Parse => frame == be::PARSE_COMPLETE,
+            Pending::Bind => frame == be::BIND_COMPLETE,
+            Pending::Close => frame == be::CLOSE_COMPLETE,
+            Pending::Describe => frame == be::ROW_DESCRIPTION || frame == be::NO_DATA,
+            Pending::Execute => matches!(frame, be::COMMAND_COMPLETE | be::EMPTY_QUERY | be::PORTAL_SUSPENDED),
+            Pending::FunctionCall => frame == be::FUNCTION_RESULT,
+            Pending::Sync | Pending::Query => frame == be::READY_FOR_QUERY,
+        }
+    }
+
+    fn is_sync_point(self) -> bool {
+        matches!(self, Pending::Sync | Pending::Query)
+    }
+}
+
+/// Who a pending response is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Owner {
+    Client,
+    /// pgnear's own request (a re-prepare, an LSN lookup, a state sync): answer swallowed.
+    Internal(Purpose),
+}
+
+/// Why pgnear sent a request of its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Purpose {
+    /// Commit-position lookup pipelined behind a write.
+    WriteLsn,
+    /// Session state or prepared statement replayed on a server that lacked it.
+    Sync,
+}
+
+/// The outcome of matching one server frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Matched {
+    pub forward: bool,
+    /// The frame completed an entry owned by this owner.
+    pub completed: Option<(Pending, Owner)>,
+    /// Owner of the entry the frame belonged to (`None`: unsolicited, e.g. a notification).
+    pub owner: Option<Owner>,
+}
+
+#[derive(Default, Debug)]
+pub struct Expectations {
+    queue: VecDeque<(Pending, Owner)>,
+}
+
+impl Expectations {
+    pub fn push(&mut self, p: Pending, owner: Owner) {
+        self.queue.push_back((p, owner));
+    }
+
+    pub fn front_owner(&self) -> Option<Owner> {
+        self.queue.front().map(|(_, o)| *o)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// Whether any request of pgnear's own with this purpose is still pending.
+    pub fn has_internal(&self, purpose: Purpose) -> bool {
+        self.queue.iter().any(|(_, o)| *o == Owner::Internal(purpose))
+    }
+
+    pub fn clear(&mut self) {
+        self.queue.clear();
+    }
+
+    /// Matches one server frame against the queue.
+    pub fn on_frame(&mut self, frame: u8) -> Matched {
+        match frame {
+            // Asynchronous messages can arrive at any time; they always reach the client.
+            be::NOTICE_RESPONSE | be::NOTIFICATION => {
+                let owner = self.queue.front().map(|(_, o)| *o);
+                let forward = owner != Some(Owner::Internal(Purpose::WriteLsn));
+                Matched { forward, completed: None, owner }
+            }
+            be::PARAMETER_STATUS => {
+                let owner = self.queue.front().map(|(_, o)| *o);
+                Matched { forward: !matches!(owner, Some(Owner::Internal(_))), completed: None, owner }
+            }
+            be::ERROR_RESPONSE => {
+                let Some(&(front, owner)) = self.queue.front() else {
+                    return Matched { forward: true, completed: None, owner: None };
+                };
+                if !front.is_sync_point() {
+                    // Extended protocol: the server now skips everything up to the next Sync.
+                    while self.queue.front().is_some_and(|(p, _)| !p.is_sync_point()) {
+                        self.queue.pop_front();
+                    }
+                }
+                // An error caused by pgnear's state replay matters to the client; only the LSN
+                // lookup's failure (e.g. after an aborted transaction) is pgnear's own business.
+                let forward = owner != Owner::Internal(Purpose::WriteLsn);
+                Matched { forward, completed: None, owner: Some(owner) }
+            }
+            be::READY_FOR_QUERY => {
+                // Completes the oldest sync point; anything before it was skipped by the server.
+                while let Some((p, o)) = self.queue.pop_front() {
+                    if p.is_sync_point() {
+                        return Matched {
+                            forward: o == Owner::Client,
+                            completed: Some((p, o)),
+                            owner: Some(o),
+                        };
+                    }
+                }
+                Matched { forward: true, completed: None, owner: None }
+            }
+            _ => {
+                let Some(&(front, owner)) = self.queue.front() else {
+                    return Matched { forward: true, completed: None, owner: None };
+                };
+                let completed = if front.ends_with(frame) {
+                    self.queue.pop_front();
+                    Some((front, owner))
+                } else {
+                    None
+                };
+                Matched { forward: owner == Owner::Client, completed, owner: Some(owner) }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(e: &mut Expectations, frames: &[u8]) -> Vec<bool> {
+        frames.iter().map(|f| e.on_frame(*f).forward).collect()
+    }
+
+    #[test]
+    fn simple_query() {
+        let mut e = Expectations::default();
+        e.push(Pending::Query, Owner::Client);
+        assert_eq!(run(&mut e, b"TDDCZ"), vec![true; 5]);
+        assert!(e.is_empty());
+    }
+
+    #[test]
+    fn extended_with_internal_reprepare() {
+        let mut e = Expectations::default();
+        e.push(Pending::Parse, Owner::Internal(Purpose::Sync));
+        for p in [Pending::Bind, Pending::Execute, Pending::Sync] {
+            e.push(p, Owner::Client);
+        }
+        assert_eq!(run(&mut e, b"12DDCZ"), vec![false, true, true, true, true, true]);
+        assert!(e.is_empty());
+    }
+
+    #[test]
+    fn lsn_lookup_is_swallowed_even_on_error() {
+        let mut e = Expectations::default();
+        e.push(Pending::Query, Owner::Client);
+        e.push(Pending::Query, Owner::Internal(Purpose::WriteLsn));
+        assert_eq!(run(&mut e, b"CZ"), vec![true, true]);
+        assert_eq!(run(&mut e, b"TDCZ"), vec![false; 4]);
+        e.push(Pending::Query, Owner::Internal(Purpose::WriteLsn));
+        assert_eq!(run(&mut e, b"EZ"), vec![false, false]);
+        assert!(e.is_empty());
+    }
+
+    #[test]
+    fn error_skips_to_sync() {
+        let mut e = Expectations::default();
+        for p in [Pending::Parse, Pending::Bind, Pending::Execute, Pending::Sync, Pending::Parse, Pending::Sync] {
+            e.push(p, Owner::Client);
+        }
+        // Parse fails: Bind and Execute are skipped by the server.
+        assert_eq!(run(&mut e, b"EZ"), vec![true, true]);
+        assert_eq!(e.len(), 2);
+        assert_eq!(run(&mut e, b"1Z"), vec![true, true]);
+        assert!(e.is_empty());
+    }
+
+    #[test]
+    fn flush_driven_then_sync() {
+        let mut e = Expectations::default();
+        e.push(Pending::Parse, Owner::Client);
+        e.push(Pending::Describe, Owner::Client);
+        assert_eq!(run(&mut e, b"1tT"), vec![true; 3]);
+        assert!(e.is_empty());
+        e.push(Pending::Sync, Owner::Client);
+        assert_eq!(run(&mut e, b"Z"), vec![true]);
+    }
+
+    #[test]
+    fn unsolicited_frames_are_forwarded() {
+        let mut e = Expectations::default();
+        assert_eq!(run(&mut e, b"ANSE"), vec![true; 4]);
+    }
+}

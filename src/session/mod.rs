@@ -1,0 +1,296 @@
+//! One task per client: owns the client socket, its server connections and its session state,
+//! decides where each request goes and relays the answers back as raw frames.
+
+pub mod expect;
+pub mod server;
+pub mod startup;
+
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::time::Instant;
+
+use self::expect::Pending;
+use self::server::{Seen, Server};
+use crate::backend::conn::Role;
+use crate::cancel::{CancelKey, CancelTarget};
+use crate::error::{ErrorKind, PgError};
+use crate::protocol::frontend::{next_frame, Startup};
+use crate::protocol::{tag, write};
+use crate::tls::Stream;
+use crate::Shared;
+
+/// Client read-buffer growth step.
+const CLIENT_CHUNK: usize = 8 * 1024;
+
+pub struct Session {
+    shared: Arc<Shared>,
+    client: Stream,
+    cbuf: BytesMut,
+    cout: BytesMut,
+    startup: Startup,
+    database: String,
+    primary: Option<Server>,
+    replica: Option<Server>,
+    /// Extended-protocol messages waiting for their Sync or Flush.
+    batch: BytesMut,
+    batch_tags: Vec<u8>,
+    /// The server that ran the last request (COPY data and cancels go there).
+    last: Role,
+    cancel: CancelKey,
+    cancel_role: Option<Role>,
+}
+
+enum Flow {
+    Continue,
+    Terminate,
+}
+
+impl Session {
+    /// Connects the primary, completes the client's startup and returns the session.
+    pub async fn establish(
+        shared: Arc<Shared>,
+        mut client: Stream,
+        startup: Startup,
+    ) -> Result<Session, (Stream, PgError)> {
+        let database = startup
+            .get("database")
+            .filter(|d| !d.is_empty())
+            .unwrap_or(&shared.primary.url.database)
+            .to_string();
+        let conn = match shared.primary.connect(&database, &startup.params).await {
+            Ok(c) => c,
+            Err(e) => return Err((client, e)),
+        };
+        let cancel = shared.cancels.register();
+        let mut out = BytesMut::new();
+        for (k, v) in &conn.params {
+            write::parameter_status(&mut out, k, v);
+        }
+        if !shared.config.regions.primary.is_empty() {
+            write::parameter_status(&mut out, "pgnear.primary_region", &shared.config.regions.primary);
+        }
+        write::backend_key_data(&mut out, cancel.pid, cancel.secret);
+        write::ready_for_query(&mut out, b'I');
+        if let Err(e) = client.write_all(&out).await {
+            return Err((client, PgError::protocol(format!("client connection lost: {e}"))));
+        }
+        Ok(Session {
+            shared,
+            client,
+            cbuf: BytesMut::new(),
+            cout: BytesMut::new(),
+            startup,
+            database,
+            primary: Some(Server::new(conn, Role::Primary)),
+            replica: None,
+            batch: BytesMut::new(),
+            batch_tags: Vec::new(),
+            last: Role::Primary,
+            cancel,
+            cancel_role: None,
+        })
+    }
+
+    /// Relays until the client leaves or pgnear shuts down. On an error the client is told
+    /// (ErrorResponse) before the connection closes.
+    pub async fn run(mut self) {
+        let result = self.relay().await;
+        if let Err(e) = result {
+            tracing::debug!(error = %e, "session ends with an error");
+            let mut out = BytesMut::new();
+            write::error_response(&mut out, &e);
+            let _ = self.client.write_all(&out).await;
+        }
+        let _ = self.client.shutdown().await;
+        for s in [self.primary.as_mut(), self.replica.as_mut()].into_iter().flatten() {
+            // Terminate, so the server ends the session (and rolls back) at once.
+            let _ = s.conn.stream.write_all(b"X\0\0\0\x04").await;
+        }
+    }
+
+    async fn relay(&mut self) -> Result<(), PgError> {
+        let mut shutdown = self.shared.shutdown.clone();
+        let mut deadline: Option<Instant> = None;
+        loop {
+            if deadline.is_some() && self.is_idle() {
+                return Err(shutting_down());
+            }
+            if self.cbuf.capacity() - self.cbuf.len() < 512 {
+                self.cbuf.reserve(CLIENT_CHUNK);
+            }
+            tokio::select! {
+                r = read_opt(&mut self.primary) => { r?; self.on_server(Role::Primary).await?; }
+                r = read_opt(&mut self.replica) => { r?; self.on_server(Role::Replica).await?; }
+                r = self.client.read_buf(&mut self.cbuf) => {
+                    match r {
+                        Ok(0) | Err(_) => return Ok(()),
+                        Ok(_) => if let Flow::Terminate = self.on_client().await? { return Ok(()) },
+                    }
+                }
+                _ = stopped(&mut shutdown), if deadline.is_none() => {
+                    deadline = Some(Instant::now() + self.shared.config.proxy.shutdown_grace.0);
+                }
+                _ = sleep_until_opt(deadline) => return Err(shutting_down()),
+            }
+        }
+    }
+
+    fn is_idle(&self) -> bool {
+        self.batch.is_empty()
+            && [&self.primary, &self.replica].into_iter().flatten().all(Server::is_idle)
+    }
+
+    /// Handles every complete frame the client sent, then writes to the servers.
+    async fn on_client(&mut self) -> Result<Flow, PgError> {
+        let max = self.shared.config.proxy.max_message_size;
+        while let Some((t, len)) = next_frame(&self.cbuf, max)? {
+            let frame = self.cbuf.split_to(len);
+            match t {
+                tag::QUERY => {
+                    self.dispatch_batch().await?;
+                    let role = self.route_query(&frame[5..])?;
+                    self.server(role).await?.send_client_frame(t, &frame);
+                }
+                tag::PARSE | tag::BIND | tag::DESCRIBE | tag::EXECUTE | tag::CLOSE | tag::FUNCTION_CALL => {
+                    self.batch.extend_from_slice(&frame);
+                    self.batch_tags.push(t);
+                }
+                tag::SYNC | tag::FLUSH => {
+                    self.batch.extend_from_slice(&frame);
+                    self.batch_tags.push(t);
+                    self.dispatch_batch().await?;
+                }
+                tag::COPY_DATA | tag::COPY_DONE | tag::COPY_FAIL => {
+                    // COPY continues on the server that started it; outside COPY the server ignores these.
+                    let role = self.last;
+                    self.server(role).await?.send_client_frame(t, &frame);
+                }
+                tag::TERMINATE => return Ok(Flow::Terminate),
+                other => {
+                    return Err(PgError::protocol(format!("invalid frontend message type {other}")));
+                }
+            }
+        }
+        for s in [self.primary.as_mut(), self.replica.as_mut()].into_iter().flatten() {
+            s.flush().await?;
+        }
+        Ok(Flow::Continue)
+    }
+
+    /// Sends the pending extended-protocol messages to the server chosen for them.
+    async fn dispatch_batch(&mut self) -> Result<(), PgError> {
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        let role = self.route_batch();
+        let batch = std::mem::take(&mut self.batch);
+        let tags = std::mem::take(&mut self.batch_tags);
+        let server = self.server(role).await?;
+        server.out.extend_from_slice(&batch);
+        for t in &tags {
+            if let Some(p) = Pending::for_tag(*t) {
+                server.expect.push(p, expect::Owner::Client);
+            }
+        }
+        // Keep the allocations for the next batch.
+        self.batch = batch;
+        self.batch.clear();
+        self.batch_tags = tags;
+        self.batch_tags.clear();
+        Ok(())
+    }
+
+    /// Where a simple query goes.
+    fn route_query(&mut self, _body: &[u8]) -> Result<Role, PgError> {
+        Ok(Role::Primary)
+    }
+
+    /// Where the pending extended-protocol batch goes.
+    fn route_batch(&mut self) -> Role {
+        Role::Primary
+    }
+
+    /// The server for `role`, connected on first use. Before switching away from a server that
+    /// still owes answers, those answers are relayed first, so the client sees them in order.
+    async fn server(&mut self, role: Role) -> Result<&mut Server, PgError> {
+        let other = match role {
+            Role::Primary => Role::Replica,
+            Role::Replica => Role::Primary,
+        };
+        while self.slot(other).as_ref().is_some_and(|s| !s.expect.is_empty()) {
+            read_opt(self.slot(other)).await?;
+            self.on_server(other).await?;
+        }
+        if self.slot(role).is_none() {
+            let upstream = match role {
+                Role::Primary => &self.shared.primary,
+                Role::Replica => self.shared.replica.as_ref().unwrap_or(&self.shared.primary),
+            };
+            let conn = upstream.connect(&self.database, &self.startup.params).await?;
+            *self.slot(role) = Some(Server::new(conn, role));
+        }
+        self.last = role;
+        if self.cancel_role != Some(role) {
+            self.cancel_role = Some(role);
+            let s = self.slot(role).as_ref().expect("connected above");
+            let target = CancelTarget { addr: s.conn.addr, pid: s.conn.pid, secret: s.conn.secret.clone() };
+            if let Ok(mut slot) = self.cancel.slot.lock() {
+                *slot = Some(target);
+            }
+        }
+        Ok(self.slot(role).as_mut().expect("connected above"))
+    }
+
+    fn slot(&mut self, role: Role) -> &mut Option<Server> {
+        match role {
+            Role::Primary => &mut self.primary,
+            Role::Replica => &mut self.replica,
+        }
+    }
+
+    /// Relays what a server sent.
+    async fn on_server(&mut self, role: Role) -> Result<(), PgError> {
+        let mut seen = Seen::default();
+        let server = match role {
+            Role::Primary => self.primary.as_mut(),
+            Role::Replica => self.replica.as_mut(),
+        };
+        server.expect("read from a connected server").scan(&mut self.cout, &mut seen)?;
+        if !self.cout.is_empty() {
+            let r = self.client.write_all(&self.cout).await;
+            self.cout.clear();
+            if r.is_err() {
+                // The client is gone; the caller's next client read sees it.
+                return Err(PgError::protocol("client connection lost"));
+            }
+        }
+        Ok(())
+    }
+}
+
+async fn read_opt(s: &mut Option<Server>) -> Result<(), PgError> {
+    match s {
+        Some(s) => s.read().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Resolves once shutdown has been requested.
+pub async fn stopped(rx: &mut tokio::sync::watch::Receiver<bool>) {
+    // An error means the sender is gone: treat it as a stop as well.
+    let _ = rx.wait_for(|stop| *stop).await;
+}
+
+fn shutting_down() -> PgError {
+    PgError::new(ErrorKind::Shutdown, "terminating connection due to administrator command")
+        .with_detail("pgnear is shutting down")
+}

@@ -1,0 +1,186 @@
+//! `postgres://user:pass@host:port/db?sslmode=...` as pgnear needs it for an upstream.
+
+use std::fmt;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SslMode {
+    Disable,
+    Prefer,
+    Require,
+    VerifyCa,
+    VerifyFull,
+}
+
+impl SslMode {
+    fn parse(s: &str) -> Option<SslMode> {
+        Some(match s {
+            "disable" | "allow" => SslMode::Disable,
+            "prefer" => SslMode::Prefer,
+            "require" => SslMode::Require,
+            "verify-ca" => SslMode::VerifyCa,
+            "verify-full" => SslMode::VerifyFull,
+            _ => return None,
+        })
+    }
+}
+
+/// A parsed upstream URL. The password never appears in `Debug` or `Display`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct UpstreamUrl {
+    pub user: String,
+    pub password: Option<String>,
+    pub host: String,
+    pub port: u16,
+    pub database: String,
+    pub sslmode: SslMode,
+    pub sslrootcert: Option<String>,
+}
+
+impl fmt::Debug for UpstreamUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{self}")
+    }
+}
+
+impl fmt::Display for UpstreamUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let host = if self.host.contains(':') {
+            format!("[{}]", self.host)
+        } else {
+            self.host.clone()
+        };
+        write!(f, "postgres://{}@{}:{}/{}", self.user, host, self.port, self.database)
+    }
+}
+
+fn percent_decode(s: &str) -> Result<String, String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = s
+                .get(i + 1..i + 3)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .ok_or("bad percent-encoding")?;
+            out.push(hex);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| "percent-encoding is not UTF-8".to_string())
+}
+
+impl UpstreamUrl {
+    /// Parses a URL; the error says what is allowed (it never echoes the password).
+    pub fn parse(url: &str) -> Result<UpstreamUrl, String> {
+        let rest = url
+            .strip_prefix("postgres://")
+            .or_else(|| url.strip_prefix("postgresql://"))
+            .ok_or("a URL starting with postgres:// or postgresql://")?;
+        let (main, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let (authority, path) = main.split_once('/').unwrap_or((main, ""));
+        let (userinfo, hostport) = match authority.rsplit_once('@') {
+            Some((u, h)) => (Some(u), h),
+            None => (None, authority),
+        };
+        let (user, password) = match userinfo {
+            Some(u) => match u.split_once(':') {
+                Some((u, p)) => (percent_decode(u)?, Some(percent_decode(p)?)),
+                None => (percent_decode(u)?, None),
+            },
+            None => (String::new(), None),
+        };
+        let (host, port) = if let Some(v6) = hostport.strip_prefix('[') {
+            let (h, after) = v6.split_once(']').ok_or("an IPv6 host in [brackets]")?;
+            let port = after.strip_prefix(':').unwrap_or("");
+            (h.to_string(), port)
+        } else {
+            match hostport.rsplit_once(':') {
+                Some((h, p)) => (h.to_string(), p),
+                None => (hostport.to_string(), ""),
+            }
+        };
+        if host.is_empty() {
+            return Err("a host name or address after @".into());
+        }
+        let port = if port.is_empty() {
+            5432
+        } else {
+            port.parse().map_err(|_| "a port number from 1 to 65535")?
+        };
+        let user = if user.is_empty() {
+            "postgres".to_string()
+        } else {
+            user
+        };
+        let database = if path.is_empty() {
+            user.clone()
+        } else {
+            percent_decode(path)?
+        };
+        let mut parsed = UpstreamUrl {
+            user,
+            password,
+            host,
+            port,
+            database,
+            sslmode: SslMode::Prefer,
+            sslrootcert: None,
+        };
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            let v = percent_decode(v)?;
+            match k {
+                "sslmode" => {
+                    parsed.sslmode = SslMode::parse(&v).ok_or(
+                        "sslmode one of disable, allow, prefer, require, verify-ca, verify-full",
+                    )?
+                }
+                "sslrootcert" => parsed.sslrootcert = Some(v),
+                // Accepted and ignored: they describe the client side, not the upstream.
+                "application_name" | "connect_timeout" | "target_session_attrs" | "channel_binding" => {}
+                other => return Err(format!("known URL parameters only (not {other:?})")),
+            }
+        }
+        Ok(parsed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_usual_forms() {
+        let u = UpstreamUrl::parse("postgres://app:s%40cret@db.internal:5433/app?sslmode=require")
+            .unwrap();
+        assert_eq!(u.user, "app");
+        assert_eq!(u.password.as_deref(), Some("s@cret"));
+        assert_eq!(u.host, "db.internal");
+        assert_eq!(u.port, 5433);
+        assert_eq!(u.database, "app");
+        assert_eq!(u.sslmode, SslMode::Require);
+        assert!(!format!("{u:?}").contains("cret"));
+
+        let u = UpstreamUrl::parse("postgresql://bob@[fdaa::3]/").unwrap();
+        assert_eq!((u.host.as_str(), u.port, u.database.as_str()), ("fdaa::3", 5432, "bob"));
+        assert_eq!(u.sslmode, SslMode::Prefer);
+    }
+
+    #[test]
+    fn rejects_bad_urls() {
+        for bad in [
+            "mysql://a@b/c",
+            "postgres://a@:5432/c",
+            "postgres://a@h:99999/c",
+            "postgres://a@h/c?sslmode=maybe",
+            "postgres://a@h/c?weird=1",
+            "postgres://a@h/%zz",
+        ] {
+            assert!(UpstreamUrl::parse(bad).is_err(), "{bad}");
+        }
+    }
+}
