@@ -57,7 +57,10 @@ impl Credentials {
 }
 
 fn failed(user: &str) -> PgError {
-    PgError::new(ErrorKind::Auth, format!("password authentication failed for user \"{user}\""))
+    PgError::new(
+        ErrorKind::Auth,
+        format!("password authentication failed for user \"{user}\""),
+    )
 }
 
 fn hmac(key: &[u8], data: &[u8]) -> Vec<u8> {
@@ -89,8 +92,13 @@ pub async fn authenticate(
             write::auth_md5(&mut out, salt);
             send(stream, &mut out).await?;
             let body = read_password_frame(stream, &mut buf).await?;
-            let (given, _) = cstr(&body).ok_or_else(|| PgError::protocol("invalid password packet"))?;
-            let expected = postgres_protocol::authentication::md5_hash(user.as_bytes(), password.as_bytes(), salt);
+            let (given, _) =
+                cstr(&body).ok_or_else(|| PgError::protocol("invalid password packet"))?;
+            let expected = postgres_protocol::authentication::md5_hash(
+                user.as_bytes(),
+                password.as_bytes(),
+                salt,
+            );
             if user != creds.user || !constant_time_eq(given.as_bytes(), expected.as_bytes()) {
                 return Err(failed(user));
             }
@@ -138,7 +146,9 @@ async fn scram(
     // gs2 header: "n,," or "y,," (client could bind, we did not offer); "p=" needs -PLUS.
     let (cbind, after) = client_first.split_once(',').ok_or_else(bad)?;
     if !matches!(cbind, "n" | "y") {
-        return Err(PgError::protocol("SCRAM channel binding was not offered by pgnear"));
+        return Err(PgError::protocol(
+            "SCRAM channel binding was not offered by pgnear",
+        ));
     }
     let (_authzid, bare) = after.split_once(',').ok_or_else(bad)?;
     let gs2_header = &client_first[..client_first.len() - bare.len()];
@@ -151,7 +161,11 @@ async fn scram(
     let mut raw = [0u8; 18];
     rand::rng().fill_bytes(&mut raw);
     let nonce = format!("{client_nonce}{}", B64.encode(raw));
-    let server_first = format!("r={nonce},s={},i={}", B64.encode(&secret.salt), secret.iterations);
+    let server_first = format!(
+        "r={nonce},s={},i={}",
+        B64.encode(&secret.salt),
+        secret.iterations
+    );
     write::auth_sasl_continue(out, server_first.as_bytes());
     send(stream, out).await?;
 
@@ -177,21 +191,27 @@ async fn scram(
     if proof.len() != client_signature.len() {
         return Err(failed(user));
     }
-    let client_key: Vec<u8> = proof.iter().zip(&client_signature).map(|(a, b)| a ^ b).collect();
+    let client_key: Vec<u8> = proof
+        .iter()
+        .zip(&client_signature)
+        .map(|(a, b)| a ^ b)
+        .collect();
     if !constant_time_eq(&Sha256::digest(&client_key), &secret.stored_key) {
         return Err(failed(user));
     }
     let server_signature = hmac(&secret.server_key, auth_message.as_bytes());
-    write::auth_sasl_final(out, format!("v={}", B64.encode(server_signature)).as_bytes());
+    write::auth_sasl_final(
+        out,
+        format!("v={}", B64.encode(server_signature)).as_bytes(),
+    );
     // Sent with AuthenticationOk by the caller.
     Ok(())
 }
 
 async fn send(stream: &mut Stream, out: &mut BytesMut) -> Result<(), PgError> {
-    stream
-        .write_all(out)
-        .await
-        .map_err(|e| PgError::protocol(format!("client connection lost during authentication: {e}")))?;
+    stream.write_all(out).await.map_err(|e| {
+        PgError::protocol(format!("client connection lost during authentication: {e}"))
+    })?;
     out.clear();
     Ok(())
 }
@@ -208,7 +228,9 @@ async fn read_password_frame(stream: &mut Stream, buf: &mut BytesMut) -> Result<
                 )));
             }
             if !(4..=8192).contains(&len) {
-                return Err(PgError::protocol(format!("invalid password message length {len}")));
+                return Err(PgError::protocol(format!(
+                    "invalid password message length {len}"
+                )));
             }
             if buf.len() > len {
                 let mut frame = buf.split_to(len + 1);
@@ -216,12 +238,13 @@ async fn read_password_frame(stream: &mut Stream, buf: &mut BytesMut) -> Result<
                 return Ok(frame);
             }
         }
-        let n = stream
-            .read_buf(buf)
-            .await
-            .map_err(|e| PgError::protocol(format!("client connection lost during authentication: {e}")))?;
+        let n = stream.read_buf(buf).await.map_err(|e| {
+            PgError::protocol(format!("client connection lost during authentication: {e}"))
+        })?;
         if n == 0 {
-            return Err(PgError::protocol("client closed the connection during authentication"));
+            return Err(PgError::protocol(
+                "client closed the connection during authentication",
+            ));
         }
     }
 }

@@ -51,7 +51,12 @@ impl CancelRegistry {
         };
         let secret = rng.random::<i32>();
         entries.insert(pid, (secret, slot.clone()));
-        CancelKey { pid, secret, slot, registry: self.clone() }
+        CancelKey {
+            pid,
+            secret,
+            slot,
+            registry: self.clone(),
+        }
     }
 
     /// Where to send a cancel for (pid, secret), if the key is valid and a query may be running.
@@ -75,10 +80,17 @@ mod tests {
         let reg = Arc::new(CancelRegistry::default());
         let key = reg.register();
         assert_eq!(reg.lookup(key.pid, &key.secret.to_be_bytes()), None);
-        let target = CancelTarget { addr: "127.0.0.1:5432".parse().unwrap(), pid: 42, secret: vec![1, 2, 3, 4] };
+        let target = CancelTarget {
+            addr: "127.0.0.1:5432".parse().unwrap(),
+            pid: 42,
+            secret: vec![1, 2, 3, 4],
+        };
         *key.slot.lock().unwrap() = Some(target.clone());
         assert_eq!(reg.lookup(key.pid, &key.secret.to_be_bytes()), Some(target));
-        assert_eq!(reg.lookup(key.pid, &key.secret.wrapping_add(1).to_be_bytes()), None);
+        assert_eq!(
+            reg.lookup(key.pid, &key.secret.wrapping_add(1).to_be_bytes()),
+            None
+        );
         let pid = key.pid;
         drop(key);
         assert!(reg.entries.lock().unwrap().get(&pid).is_none());

@@ -358,10 +358,12 @@ impl Config {
         origin: &str,
         env: &BTreeMap<String, String>,
     ) -> Result<Config, ConfigError> {
-        let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError::Parse {
-            origin: origin.to_string(),
-            message: e.message().to_string(),
-        })?;
+        let mut table: toml::Table =
+            text.parse()
+                .map_err(|e: toml::de::Error| ConfigError::Parse {
+                    origin: origin.to_string(),
+                    message: e.message().to_string(),
+                })?;
         // File first, then the generic PGNEAR_<SECTION>_<KEY>, then the named variables, which win.
         for (name, value) in env {
             let Some(rest) = name.strip_prefix("PGNEAR_") else {
@@ -380,10 +382,11 @@ impl Config {
                 set_key(&mut table, section, key, value);
             }
         }
-        let config = Config::deserialize(toml::Value::Table(table)).map_err(|e| ConfigError::Parse {
-            origin: format!("{origin} (with environment)"),
-            message: e.message().to_string(),
-        })?;
+        let config =
+            Config::deserialize(toml::Value::Table(table)).map_err(|e| ConfigError::Parse {
+                origin: format!("{origin} (with environment)"),
+                message: e.message().to_string(),
+            })?;
         config.validate()?;
         Ok(config)
     }
@@ -587,20 +590,34 @@ mod tests {
     #[test]
     fn bad_values_name_key_value_and_allowed() {
         let cases: &[(&str, &[&str])] = &[
-            ("[pool]\nmode = \"sometimes\"", &["sometimes", "session", "transaction"]),
-            ("[proxy]\nlisten = \"nowhere\"", &["proxy.listen", "nowhere"]),
+            (
+                "[pool]\nmode = \"sometimes\"",
+                &["sometimes", "session", "transaction"],
+            ),
+            (
+                "[proxy]\nlisten = \"nowhere\"",
+                &["proxy.listen", "nowhere"],
+            ),
             ("[consistency]\nwait_timeout = \"soon\"", &["soon", "ms"]),
-            ("[pool]\nprimary_size = 0", &["pool.primary_size", "at least 1"]),
+            (
+                "[pool]\nprimary_size = 0",
+                &["pool.primary_size", "at least 1"],
+            ),
             ("[pool]\nbogus = 1", &["bogus"]),
             ("[auth]\nmethod = \"plain\"", &["plain", "scram-sha-256"]),
-            ("[upstream]\nprimary_url = \"mysql://x\"", &["upstream.primary_url"]),
+            (
+                "[upstream]\nprimary_url = \"mysql://x\"",
+                &["upstream.primary_url"],
+            ),
         ];
         for (text, needles) in cases {
             let mut e = env(&[]);
             if !text.contains("primary_url") {
                 e = env(URL);
             }
-            let err = Config::from_toml_and_env(text, "t", &e).unwrap_err().to_string();
+            let err = Config::from_toml_and_env(text, "t", &e)
+                .unwrap_err()
+                .to_string();
             for n in *needles {
                 assert!(err.contains(n), "{text:?}: {err:?} lacks {n:?}");
             }
@@ -609,7 +626,9 @@ mod tests {
 
     #[test]
     fn missing_upstream_is_reported() {
-        let err = Config::from_toml_and_env("", "t", &env(&[])).unwrap_err().to_string();
+        let err = Config::from_toml_and_env("", "t", &env(&[]))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("DATABASE_URL"), "{err}");
     }
 
@@ -623,9 +642,15 @@ mod tests {
 
     #[test]
     fn durations() {
-        assert_eq!(HumanDuration::parse("250ms"), Some(Duration::from_millis(250)));
+        assert_eq!(
+            HumanDuration::parse("250ms"),
+            Some(Duration::from_millis(250))
+        );
         assert_eq!(HumanDuration::parse("2s"), Some(Duration::from_secs(2)));
-        assert_eq!(HumanDuration::parse("1.5s"), Some(Duration::from_millis(1500)));
+        assert_eq!(
+            HumanDuration::parse("1.5s"),
+            Some(Duration::from_millis(1500))
+        );
         assert_eq!(HumanDuration::parse("1m"), Some(Duration::from_secs(60)));
         assert_eq!(HumanDuration::parse("10"), None);
         assert_eq!(HumanDuration::parse("ms"), None);
@@ -634,8 +659,9 @@ mod tests {
 
     #[test]
     fn default_auth_rule() {
-        let c = Config::from_toml_and_env("", "t", &env(&[("DATABASE_URL", "postgres://app@h/db")]))
-            .unwrap();
+        let c =
+            Config::from_toml_and_env("", "t", &env(&[("DATABASE_URL", "postgres://app@h/db")]))
+                .unwrap();
         assert_eq!(c.auth_method(), AuthMethod::Trust);
         let c = Config::from_toml_and_env("", "t", &env(URL)).unwrap();
         assert_eq!(c.auth_method(), AuthMethod::ScramSha256);

@@ -11,6 +11,7 @@ pub mod error;
 pub mod lab;
 pub mod listener;
 pub mod protocol;
+pub mod router;
 pub mod session;
 pub mod tls;
 pub mod upstream_url;
@@ -27,6 +28,9 @@ use crate::backend::conn::{Role, Upstream};
 use crate::cancel::CancelRegistry;
 use crate::config::{AuthMethod, Config};
 
+/// Distinct statement texts whose classification is cached.
+const CLASSIFY_CACHE_ENTRIES: usize = 16 * 1024;
+
 /// What every session shares: configuration, upstreams, credentials, and the shutdown signal.
 pub struct Shared {
     pub config: Config,
@@ -36,6 +40,7 @@ pub struct Shared {
     pub auth_method: AuthMethod,
     pub tls: Option<Arc<rustls::ServerConfig>>,
     pub cancels: Arc<CancelRegistry>,
+    pub classifier: router::cache::ClassifyCache,
     pub shutdown: watch::Receiver<bool>,
 }
 
@@ -43,7 +48,10 @@ pub struct Shared {
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("cannot listen on {addr}: {source}")]
-    Listen { addr: String, source: std::io::Error },
+    Listen {
+        addr: String,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
     #[error("refusing to listen on {0} without client authentication: set auth.method to scram-sha-256 or md5 and put a password in the upstream URL")]
@@ -78,18 +86,27 @@ impl Proxy {
         let connect_timeout = config.upstream.connect_timeout.0;
         let upstream = |role, url: upstream_url::UpstreamUrl| -> Result<Upstream, StartError> {
             let tls = tls::client_config(url.sslmode, url.sslrootcert.as_deref())?;
-            Ok(Upstream { role, url, tls, connect_timeout })
+            Ok(Upstream {
+                role,
+                url,
+                tls,
+                connect_timeout,
+            })
         };
         let replica = if config.upstream.replica_url.is_empty() {
             None
         } else {
-            let url = upstream_url::UpstreamUrl::parse(&config.upstream.replica_url).expect("validated");
+            let url =
+                upstream_url::UpstreamUrl::parse(&config.upstream.replica_url).expect("validated");
             Some(upstream(Role::Replica, url)?)
         };
         let creds = Credentials::new(&primary_url.user, primary_url.password.as_deref());
         let listener = TcpListener::bind(&config.proxy.listen)
             .await
-            .map_err(|source| StartError::Listen { addr: config.proxy.listen.clone(), source })?;
+            .map_err(|source| StartError::Listen {
+                addr: config.proxy.listen.clone(),
+                source,
+            })?;
         let addr = listener.local_addr().map_err(|source| StartError::Listen {
             addr: config.proxy.listen.clone(),
             source,
@@ -102,6 +119,10 @@ impl Proxy {
             auth_method,
             tls,
             cancels: Arc::default(),
+            classifier: router::cache::ClassifyCache::new(
+                CLASSIFY_CACHE_ENTRIES,
+                config.routing.write_functions.clone(),
+            ),
             shutdown,
             config,
         });
@@ -130,7 +151,10 @@ pub fn check_report(config: &Config) -> String {
     } else {
         config::mask_url(&config.upstream.replica_url)
     };
-    let role = match (config.regions.current.as_str(), config.regions.primary.as_str()) {
+    let role = match (
+        config.regions.current.as_str(),
+        config.regions.primary.as_str(),
+    ) {
         ("", _) => "single region (no FLY_REGION/PRIMARY_REGION)".to_string(),
         (c, p) if c == p => format!("primary region {c}"),
         (c, p) => format!("replica region {c} (primary region {p})"),

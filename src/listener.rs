@@ -53,7 +53,10 @@ pub async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
         }
     }
     drop(listener);
-    tracing::info!(sessions = sessions.len(), "stopped accepting; waiting for sessions to finish");
+    tracing::info!(
+        sessions = sessions.len(),
+        "stopped accepting; waiting for sessions to finish"
+    );
     while sessions.join_next().await.is_some() {}
 }
 
@@ -66,13 +69,20 @@ async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, admitted: 
         Ok(Ok(Handshake::Done)) => return,
         Ok(Err(e)) => return refuse(slot, e).await,
         Err(_) => {
-            return refuse(slot, PgError::protocol("startup timed out (proxy.startup_timeout)")).await;
+            return refuse(
+                slot,
+                PgError::protocol("startup timed out (proxy.startup_timeout)"),
+            )
+            .await;
         }
     };
     let span = tracing::Span::current();
     span.record("user", startup.get("user").unwrap_or_default());
     span.record("database", startup.get("database").unwrap_or_default());
-    span.record("application_name", startup.get("application_name").unwrap_or_default());
+    span.record(
+        "application_name",
+        startup.get("application_name").unwrap_or_default(),
+    );
     let stream = slot.expect("stream present after a successful handshake");
     if !admitted {
         let e = PgError::new(ErrorKind::Capacity, "sorry, too many clients already")

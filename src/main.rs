@@ -9,7 +9,11 @@ use clap::{Parser, Subcommand};
 use pgnear::config::{Config, HumanDuration, LogFormat};
 
 #[derive(Parser)]
-#[command(name = "pgnear", version, about = "Postgres sidecar: local reads, writes to the primary region, read-your-writes")]
+#[command(
+    name = "pgnear",
+    version,
+    about = "Postgres sidecar: local reads, writes to the primary region, read-your-writes"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -53,7 +57,9 @@ fn load(config: Option<PathBuf>) -> anyhow::Result<Config> {
 fn init_tracing(format: LogFormat, level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
@@ -62,7 +68,9 @@ fn init_tracing(format: LogFormat, level: &str) {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     match cli.command.unwrap_or(Command::Run { config: None }) {
         Command::Run { config } => {
             let config = load(config)?;

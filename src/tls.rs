@@ -38,14 +38,25 @@ fn provider() -> Arc<CryptoProvider> {
 /// The server config for client connections (TLS 1.2 and 1.3 only: rustls has nothing older).
 pub fn server_config(cert: &str, key: &str) -> Result<Arc<ServerConfig>, TlsError> {
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-        .map_err(|source| TlsError::Pem { what: "certificate", path: cert.into(), source })?
+        .map_err(|source| TlsError::Pem {
+            what: "certificate",
+            path: cert.into(),
+            source,
+        })?
         .collect::<Result<_, _>>()
-        .map_err(|source| TlsError::Pem { what: "certificate", path: cert.into(), source })?;
+        .map_err(|source| TlsError::Pem {
+            what: "certificate",
+            path: cert.into(),
+            source,
+        })?;
     if certs.is_empty() {
         return Err(TlsError::NoCert(cert.into()));
     }
-    let key = PrivateKeyDer::from_pem_file(key)
-        .map_err(|source| TlsError::Pem { what: "private key", path: key.into(), source })?;
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|source| TlsError::Pem {
+        what: "private key",
+        path: key.into(),
+        source,
+    })?;
     let config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
         .with_no_client_auth()
@@ -54,7 +65,10 @@ pub fn server_config(cert: &str, key: &str) -> Result<Arc<ServerConfig>, TlsErro
 }
 
 /// The client config for an upstream, by `sslmode`. `None` for disable.
-pub fn client_config(mode: SslMode, root_cert: Option<&str>) -> Result<Option<Arc<ClientConfig>>, TlsError> {
+pub fn client_config(
+    mode: SslMode,
+    root_cert: Option<&str>,
+) -> Result<Option<Arc<ClientConfig>>, TlsError> {
     let builder = ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?;
     let config = match mode {
@@ -66,10 +80,16 @@ pub fn client_config(mode: SslMode, root_cert: Option<&str>) -> Result<Option<Ar
         SslMode::VerifyCa | SslMode::VerifyFull => {
             let path = root_cert.unwrap_or("/etc/ssl/certs/ca-certificates.crt");
             let mut roots = RootCertStore::empty();
-            for cert in CertificateDer::pem_file_iter(path)
-                .map_err(|source| TlsError::Pem { what: "sslrootcert", path: path.into(), source })?
-            {
-                let cert = cert.map_err(|source| TlsError::Pem { what: "sslrootcert", path: path.into(), source })?;
+            for cert in CertificateDer::pem_file_iter(path).map_err(|source| TlsError::Pem {
+                what: "sslrootcert",
+                path: path.into(),
+                source,
+            })? {
+                let cert = cert.map_err(|source| TlsError::Pem {
+                    what: "sslrootcert",
+                    path: path.into(),
+                    source,
+                })?;
                 // A bundle may hold certificates rustls cannot use; skip those, keep the rest.
                 let _ = roots.add(cert);
             }
@@ -113,7 +133,12 @@ impl ServerCertVerifier for NoVerify {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
     fn verify_tls13_signature(
         &self,
@@ -121,7 +146,12 @@ impl ServerCertVerifier for NoVerify {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.0.signature_verification_algorithms.supported_schemes()
@@ -141,7 +171,10 @@ impl ServerCertVerifier for ChainOnly {
         ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        match self.0.verify_server_cert(end_entity, intermediates, server_name, ocsp, now) {
+        match self
+            .0
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
+        {
             Err(rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidForName))
             | Err(rustls::Error::InvalidCertificate(
                 rustls::CertificateError::NotValidForNameContext { .. },
@@ -203,13 +236,21 @@ macro_rules! delegate {
 }
 
 impl AsyncRead for Stream {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         delegate!(self, s => s.poll_read(cx, buf))
     }
 }
 
 impl AsyncWrite for Stream {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         delegate!(self, s => s.poll_write(cx, buf))
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

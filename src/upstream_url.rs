@@ -49,7 +49,11 @@ impl fmt::Display for UpstreamUrl {
         } else {
             self.host.clone()
         };
-        write!(f, "postgres://{}@{}:{}/{}", self.user, host, self.port, self.database)
+        write!(
+            f,
+            "postgres://{}@{}:{}/{}",
+            self.user, host, self.port, self.database
+        )
     }
 }
 
@@ -141,7 +145,10 @@ impl UpstreamUrl {
                 }
                 "sslrootcert" => parsed.sslrootcert = Some(v),
                 // Accepted and ignored: they describe the client side, not the upstream.
-                "application_name" | "connect_timeout" | "target_session_attrs" | "channel_binding" => {}
+                "application_name"
+                | "connect_timeout"
+                | "target_session_attrs"
+                | "channel_binding" => {}
                 other => return Err(format!("known URL parameters only (not {other:?})")),
             }
         }
@@ -166,7 +173,10 @@ mod tests {
         assert!(!format!("{u:?}").contains("cret"));
 
         let u = UpstreamUrl::parse("postgresql://bob@[fdaa::3]/").unwrap();
-        assert_eq!((u.host.as_str(), u.port, u.database.as_str()), ("fdaa::3", 5432, "bob"));
+        assert_eq!(
+            (u.host.as_str(), u.port, u.database.as_str()),
+            ("fdaa::3", 5432, "bob")
+        );
         assert_eq!(u.sslmode, SslMode::Prefer);
     }
 

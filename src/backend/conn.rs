@@ -65,10 +65,11 @@ impl Upstream {
         if let Ok(ip) = self.url.host.parse::<std::net::IpAddr>() {
             return Ok(vec![SocketAddr::new(ip, self.url.port)]);
         }
-        let addrs: Vec<SocketAddr> = tokio::net::lookup_host((self.url.host.as_str(), self.url.port))
-            .await
-            .map_err(|e| self.fail(format!("cannot resolve host: {e}")))?
-            .collect();
+        let addrs: Vec<SocketAddr> =
+            tokio::net::lookup_host((self.url.host.as_str(), self.url.port))
+                .await
+                .map_err(|e| self.fail(format!("cannot resolve host: {e}")))?
+                .collect();
         if addrs.is_empty() {
             return Err(self.fail("host has no addresses"));
         }
@@ -85,11 +86,18 @@ impl Upstream {
                     let keepalive = socket2::TcpKeepalive::new()
                         .with_time(Duration::from_secs(30))
                         .with_interval(Duration::from_secs(10));
-                    socket2::SockRef::from(&s).set_tcp_keepalive(&keepalive).ok();
+                    socket2::SockRef::from(&s)
+                        .set_tcp_keepalive(&keepalive)
+                        .ok();
                     return Ok((s, addr));
                 }
                 Ok(Err(e)) => last = Some(format!("{addr}: {e}")),
-                Err(_) => last = Some(format!("{addr}: connect timed out after {:?}", self.connect_timeout)),
+                Err(_) => {
+                    last = Some(format!(
+                        "{addr}: connect timed out after {:?}",
+                        self.connect_timeout
+                    ))
+                }
             }
         }
         Err(self.fail(last.unwrap_or_else(|| "no address".into())))
@@ -97,7 +105,11 @@ impl Upstream {
 
     /// Connects and authenticates. `params` are startup parameters to pass on (application_name,
     /// options, client_encoding, ...); user and database come from `user`/`database`.
-    pub async fn connect(&self, database: &str, params: &[(String, String)]) -> Result<ServerConn, PgError> {
+    pub async fn connect(
+        &self,
+        database: &str,
+        params: &[(String, String)],
+    ) -> Result<ServerConn, PgError> {
         let (tcp, addr) = self.tcp().await?;
         let handshake = async {
             let stream = self.negotiate_tls(tcp).await?;
@@ -116,12 +128,17 @@ impl Upstream {
         frontend::ssl_request(&mut req);
         tcp.write_all(&req).await.map_err(|e| self.fail(e))?;
         let mut answer = [0u8; 1];
-        tcp.read_exact(&mut answer).await.map_err(|e| self.fail(e))?;
+        tcp.read_exact(&mut answer)
+            .await
+            .map_err(|e| self.fail(e))?;
         if answer[0] != b'S' {
             if self.url.sslmode == SslMode::Prefer {
                 return Ok(Stream::Plain(tcp));
             }
-            return Err(self.fail(format!("server does not support TLS (sslmode={:?})", self.url.sslmode)));
+            return Err(self.fail(format!(
+                "server does not support TLS (sslmode={:?})",
+                self.url.sslmode
+            )));
         }
         let name = ServerName::try_from(self.url.host.clone())
             .map_err(|_| self.fail("host is not a valid TLS server name"))?;
@@ -152,7 +169,13 @@ impl Upstream {
 
         let mut buf = BytesMut::with_capacity(1024);
         let mut scram: Option<ScramSha256> = None;
-        let mut conn = ServerConn { stream, addr, params: Vec::new(), pid: 0, secret: Vec::new() };
+        let mut conn = ServerConn {
+            stream,
+            addr,
+            params: Vec::new(),
+            pid: 0,
+            secret: Vec::new(),
+        };
         loop {
             let (tag, body) = self.read_frame(&mut conn.stream, &mut buf).await?;
             match tag {
@@ -176,32 +199,51 @@ impl Upstream {
                                 self.password()?.as_bytes(),
                                 salt,
                             );
-                            frontend::password_message(hash.as_bytes(), &mut out).map_err(|e| self.fail(e))?;
+                            frontend::password_message(hash.as_bytes(), &mut out)
+                                .map_err(|e| self.fail(e))?;
                         }
                         10 => {
                             let mechanisms = &body[4..];
                             if !mechanisms.split(|&b| b == 0).any(|m| m == b"SCRAM-SHA-256") {
-                                return Err(self.fail("server offers no SASL mechanism pgnear supports"));
+                                return Err(
+                                    self.fail("server offers no SASL mechanism pgnear supports")
+                                );
                             }
-                            let s = ScramSha256::new(self.password()?.as_bytes(), ChannelBinding::unsupported());
+                            let s = ScramSha256::new(
+                                self.password()?.as_bytes(),
+                                ChannelBinding::unsupported(),
+                            );
                             frontend::sasl_initial_response("SCRAM-SHA-256", s.message(), &mut out)
                                 .map_err(|e| self.fail(e))?;
                             scram = Some(s);
                         }
                         11 => {
-                            let s = scram.as_mut().ok_or_else(|| self.fail("unexpected SASL continue"))?;
-                            s.update(&body[4..]).map_err(|e| self.fail(format!("SCRAM: {e}")))?;
-                            frontend::sasl_response(s.message(), &mut out).map_err(|e| self.fail(e))?;
+                            let s = scram
+                                .as_mut()
+                                .ok_or_else(|| self.fail("unexpected SASL continue"))?;
+                            s.update(&body[4..])
+                                .map_err(|e| self.fail(format!("SCRAM: {e}")))?;
+                            frontend::sasl_response(s.message(), &mut out)
+                                .map_err(|e| self.fail(e))?;
                         }
                         12 => {
-                            let s = scram.as_mut().ok_or_else(|| self.fail("unexpected SASL final"))?;
+                            let s = scram
+                                .as_mut()
+                                .ok_or_else(|| self.fail("unexpected SASL final"))?;
                             s.finish(&body[4..])
                                 .map_err(|e| self.fail(format!("SCRAM server signature: {e}")))?;
                             continue;
                         }
-                        other => return Err(self.fail(format!("unsupported authentication method {other}"))),
+                        other => {
+                            return Err(
+                                self.fail(format!("unsupported authentication method {other}"))
+                            )
+                        }
                     }
-                    conn.stream.write_all(&out).await.map_err(|e| self.fail(e))?;
+                    conn.stream
+                        .write_all(&out)
+                        .await
+                        .map_err(|e| self.fail(e))?;
                 }
                 be::PARAMETER_STATUS => {
                     if let Some((k, v)) = be::parameter_status(&body) {
@@ -216,8 +258,16 @@ impl Upstream {
                 be::ERROR_RESPONSE => {
                     let f = error_fields(&body);
                     let mut e = PgError::new(
-                        if f.code.starts_with("28") { ErrorKind::Auth } else { ErrorKind::Upstream },
-                        format!("{} upstream refused the connection: {}", self.role.name(), f.message),
+                        if f.code.starts_with("28") {
+                            ErrorKind::Auth
+                        } else {
+                            ErrorKind::Upstream
+                        },
+                        format!(
+                            "{} upstream refused the connection: {}",
+                            self.role.name(),
+                            f.message
+                        ),
                     );
                     if f.code.starts_with("28") || f.code == "3D000" || f.code.starts_with("53") {
                         e.code = Some(f.code);
@@ -225,19 +275,33 @@ impl Upstream {
                     return Err(e);
                 }
                 be::NOTICE_RESPONSE | be::NEGOTIATE_PROTOCOL => {}
-                other => return Err(self.fail(format!("unexpected message {:?} during startup", other as char))),
+                other => {
+                    return Err(self.fail(format!(
+                        "unexpected message {:?} during startup",
+                        other as char
+                    )))
+                }
             }
         }
     }
 
     fn password(&self) -> Result<&str, PgError> {
-        self.url
-            .password
-            .as_deref()
-            .ok_or_else(|| PgError::new(ErrorKind::Auth, format!("{} upstream asks for a password and the upstream URL has none", self.role.name())))
+        self.url.password.as_deref().ok_or_else(|| {
+            PgError::new(
+                ErrorKind::Auth,
+                format!(
+                    "{} upstream asks for a password and the upstream URL has none",
+                    self.role.name()
+                ),
+            )
+        })
     }
 
-    async fn read_frame(&self, stream: &mut Stream, buf: &mut BytesMut) -> Result<(u8, BytesMut), PgError> {
+    async fn read_frame(
+        &self,
+        stream: &mut Stream,
+        buf: &mut BytesMut,
+    ) -> Result<(u8, BytesMut), PgError> {
         loop {
             if let Some((tag, len)) = header(buf) {
                 if len < 5 || len > 1 << 20 {

@@ -1,9 +1,102 @@
-//! The local multi-region lab: a real Postgres primary, streaming replicas, a latency relay
-//! between regions and one pgnear per region.
+//! The local multi-region lab: a real Postgres primary, a streaming replica per other region,
+//! latency relays between regions (see `cluster`), and one pgnear per region wired to them.
 
+pub mod cluster;
+pub mod postgres;
+pub mod relay;
+
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::time::Duration;
 
-pub async fn run_cli(_regions: Vec<String>, _one_way: Duration, _stop: impl Future<Output = ()>) -> anyhow::Result<()> {
-    anyhow::bail!("lab not built yet")
+use self::cluster::{Cluster, ClusterOptions};
+use crate::config::Config;
+use crate::Proxy;
+
+/// The config of a pgnear running in `region` of `cluster`: the primary through the region's
+/// relay, the region's replica directly, ephemeral listen ports.
+pub fn proxy_config(cluster: &Cluster, region: &str) -> Config {
+    let mut env = BTreeMap::new();
+    env.insert("DATABASE_URL".to_string(), cluster.primary_url_from(region));
+    if let Some(url) = cluster.replica_url(region) {
+        env.insert("PGNEAR_REPLICA_URL".to_string(), url);
+    }
+    env.insert("FLY_REGION".to_string(), region.to_string());
+    env.insert(
+        "PRIMARY_REGION".to_string(),
+        cluster.primary_region().to_string(),
+    );
+    env.insert("PGNEAR_LISTEN".to_string(), "127.0.0.1:0".to_string());
+    env.insert("PGNEAR_ADMIN_LISTEN".to_string(), "127.0.0.1:0".to_string());
+    Config::from_toml_and_env("", "lab", &env).expect("the lab's config is valid")
+}
+
+/// A client URL for a pgnear of the lab.
+pub fn proxy_url(cluster: &Cluster, proxy: &Proxy) -> String {
+    let o = cluster.options();
+    format!(
+        "postgres://{}:{}@{}/{}?sslmode=disable",
+        o.app_user,
+        o.app_password,
+        proxy.addr(),
+        o.database
+    )
+}
+
+/// `pgnear lab`: starts everything, prints where things run, waits for `stop`, tears down.
+pub async fn run_cli(
+    regions: Vec<String>,
+    one_way: Duration,
+    stop: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    if regions.is_empty() || regions.iter().any(|r| r.is_empty()) {
+        anyhow::bail!("--regions needs at least one region name, primary first (e.g. iad,syd)");
+    }
+    println!(
+        "starting a {}-region lab ({} ms between regions, one way)...",
+        regions.len(),
+        one_way.as_millis()
+    );
+    let cluster = Cluster::start(ClusterOptions {
+        regions: regions.clone(),
+        one_way_delay: one_way,
+        ..ClusterOptions::default()
+    })
+    .await?;
+    let mut proxies = Vec::new();
+    for region in &regions {
+        let proxy = Proxy::start(proxy_config(&cluster, region)).await?;
+        proxies.push((region.clone(), proxy));
+    }
+    println!("\nlab ready (files in {}):", cluster.dir().display());
+    println!(
+        "  primary   {:<6} postgres on {}",
+        cluster.primary_region(),
+        cluster.primary().addr()
+    );
+    for r in cluster.replicas() {
+        println!(
+            "  replica   {:<6} postgres on {} (streams from the primary through relay {})",
+            r.region,
+            r.node.addr(),
+            r.relay.addr()
+        );
+    }
+    println!();
+    for (region, proxy) in &proxies {
+        let role = if region == cluster.primary_region() {
+            "primary region"
+        } else {
+            "replica region"
+        };
+        println!("  {region} ({role}): psql '{}'", proxy_url(&cluster, proxy));
+    }
+    println!("\nTry: SELECT pg_is_in_recovery(); SHOW pgnear.region;  Ctrl-C stops everything.");
+    stop.await;
+    println!("stopping...");
+    for (_, proxy) in proxies {
+        proxy.shutdown().await;
+    }
+    cluster.shutdown().await;
+    Ok(())
 }

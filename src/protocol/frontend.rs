@@ -50,7 +50,9 @@ pub async fn read_startup_packet<R: AsyncRead + Unpin>(
     }
     let len = u32::from_be_bytes(len) as usize;
     if !(8..=MAX_STARTUP_PACKET).contains(&len) {
-        return Err(PgError::protocol(format!("invalid length of startup packet: {len}")));
+        return Err(PgError::protocol(format!(
+            "invalid length of startup packet: {len}"
+        )));
     }
     let mut body = vec![0u8; len - 4];
     r.read_exact(&mut body)
@@ -88,26 +90,41 @@ pub fn parse_startup_body(body: &[u8]) -> Result<StartupPacket, PgError> {
             let mut params = Vec::new();
             let mut pos = 0;
             loop {
-                let (key, used) = cstr(&rest[pos..])
-                    .ok_or_else(|| PgError::protocol("invalid startup packet layout: expected terminator as last byte"))?;
+                let (key, used) = cstr(&rest[pos..]).ok_or_else(|| {
+                    PgError::protocol(
+                        "invalid startup packet layout: expected terminator as last byte",
+                    )
+                })?;
                 pos += used;
                 if key.is_empty() {
                     break;
                 }
-                let (value, used) = cstr(&rest[pos..])
-                    .ok_or_else(|| PgError::protocol("invalid startup packet layout: expected terminator as last byte"))?;
+                let (value, used) = cstr(&rest[pos..]).ok_or_else(|| {
+                    PgError::protocol(
+                        "invalid startup packet layout: expected terminator as last byte",
+                    )
+                })?;
                 pos += used;
                 params.push((key.to_string(), value.to_string()));
             }
             if pos != rest.len() {
-                return Err(PgError::protocol("invalid startup packet layout: expected terminator as last byte"));
+                return Err(PgError::protocol(
+                    "invalid startup packet layout: expected terminator as last byte",
+                ));
             }
             let startup = Startup { minor, params };
             if startup.get("user").is_none_or(str::is_empty) {
-                return Err(PgError::protocol("no PostgreSQL user name specified in startup packet"));
+                return Err(PgError::protocol(
+                    "no PostgreSQL user name specified in startup packet",
+                ));
             }
-            if startup.get("replication").is_some_and(|v| v != "false" && v != "0" && v != "off") {
-                return Err(PgError::protocol("replication connections are not supported by pgnear"));
+            if startup
+                .get("replication")
+                .is_some_and(|v| v != "false" && v != "0" && v != "off")
+            {
+                return Err(PgError::protocol(
+                    "replication connections are not supported by pgnear",
+                ));
             }
             Ok(StartupPacket::Startup(startup))
         }
@@ -160,28 +177,42 @@ mod tests {
 
     #[test]
     fn startup_packets() {
-        let p = parse_startup_body(&startup(&[("user", "app"), ("database", "db")], 196608)).unwrap();
-        let StartupPacket::Startup(s) = p else { panic!() };
-        assert_eq!((s.minor, s.get("user"), s.get("database")), (0, Some("app"), Some("db")));
+        let p =
+            parse_startup_body(&startup(&[("user", "app"), ("database", "db")], 196608)).unwrap();
+        let StartupPacket::Startup(s) = p else {
+            panic!()
+        };
+        assert_eq!(
+            (s.minor, s.get("user"), s.get("database")),
+            (0, Some("app"), Some("db"))
+        );
         let p = parse_startup_body(&startup(&[("user", "a"), ("_pq_.x", "1")], 196610)).unwrap();
-        let StartupPacket::Startup(s) = p else { panic!() };
+        let StartupPacket::Startup(s) = p else {
+            panic!()
+        };
         assert_eq!(s.minor, 2);
-        assert_eq!(parse_startup_body(&SSL_REQUEST.to_be_bytes()).unwrap(), StartupPacket::SslRequest);
+        assert_eq!(
+            parse_startup_body(&SSL_REQUEST.to_be_bytes()).unwrap(),
+            StartupPacket::SslRequest
+        );
         let mut cancel = CANCEL_REQUEST.to_be_bytes().to_vec();
         cancel.extend_from_slice(&7i32.to_be_bytes());
         cancel.extend_from_slice(&9i32.to_be_bytes());
         assert_eq!(
             parse_startup_body(&cancel).unwrap(),
-            StartupPacket::Cancel { pid: 7, secret: 9i32.to_be_bytes().to_vec() }
+            StartupPacket::Cancel {
+                pid: 7,
+                secret: 9i32.to_be_bytes().to_vec()
+            }
         );
     }
 
     #[test]
     fn bad_startup_packets_are_protocol_errors() {
         let bad: Vec<Vec<u8>> = vec![
-            startup(&[("database", "db")], 196608),          // no user
-            startup(&[("user", "")], 196608),                 // empty user
-            startup(&[("user", "a")], 2 << 16),               // protocol 2
+            startup(&[("database", "db")], 196608), // no user
+            startup(&[("user", "")], 196608),       // empty user
+            startup(&[("user", "a")], 2 << 16),     // protocol 2
             {
                 let mut b = startup(&[("user", "a")], 196608);
                 b.pop(); // unterminated

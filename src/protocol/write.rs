@@ -34,7 +34,10 @@ pub fn error_response(out: &mut BytesMut, e: &PgError) {
 }
 
 pub fn parameter_status(out: &mut BytesMut, name: &str, value: &str) {
-    encode(out, ParameterStatus::new(name.to_string(), value.to_string()));
+    encode(
+        out,
+        ParameterStatus::new(name.to_string(), value.to_string()),
+    );
 }
 
 pub fn backend_key_data(out: &mut BytesMut, pid: i32, secret: i32) {
@@ -59,11 +62,17 @@ pub fn auth_sasl(out: &mut BytesMut) {
 }
 
 pub fn auth_sasl_continue(out: &mut BytesMut, data: &[u8]) {
-    encode(out, Authentication::SASLContinue(bytes::Bytes::copy_from_slice(data)));
+    encode(
+        out,
+        Authentication::SASLContinue(bytes::Bytes::copy_from_slice(data)),
+    );
 }
 
 pub fn auth_sasl_final(out: &mut BytesMut, data: &[u8]) {
-    encode(out, Authentication::SASLFinal(bytes::Bytes::copy_from_slice(data)));
+    encode(
+        out,
+        Authentication::SASLFinal(bytes::Bytes::copy_from_slice(data)),
+    );
 }
 
 pub fn auth_md5(out: &mut BytesMut, salt: [u8; 4]) {
@@ -127,7 +136,8 @@ mod tests {
     #[test]
     fn error_roundtrip() {
         let mut out = BytesMut::new();
-        let e = PgError::new(ErrorKind::Replay, "write must run in iad").with_hint("fly-replay: region=iad");
+        let e = PgError::new(ErrorKind::Replay, "write must run in iad")
+            .with_hint("fly-replay: region=iad");
         error_response(&mut out, &e);
         let (tag, len) = header(&out).unwrap();
         assert_eq!((tag, len), (b'E', out.len()));

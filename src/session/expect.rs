@@ -43,7 +43,10 @@ impl Pending {
             Pending::Bind => frame == be::BIND_COMPLETE,
             Pending::Close => frame == be::CLOSE_COMPLETE,
             Pending::Describe => frame == be::ROW_DESCRIPTION || frame == be::NO_DATA,
-            Pending::Execute => matches!(frame, be::COMMAND_COMPLETE | be::EMPTY_QUERY | be::PORTAL_SUSPENDED),
+            Pending::Execute => matches!(
+                frame,
+                be::COMMAND_COMPLETE | be::EMPTY_QUERY | be::PORTAL_SUSPENDED
+            ),
             Pending::FunctionCall => frame == be::FUNCTION_RESULT,
             Pending::Sync | Pending::Query => frame == be::READY_FOR_QUERY,
         }
@@ -58,8 +61,17 @@ impl Pending {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Owner {
     Client,
+    /// The client's, but held back until it is clear the replica will not refuse it as a write
+    /// (SQLSTATE 25006), in which case it runs again on the primary.
+    Tentative,
     /// pgnear's own request (a re-prepare, an LSN lookup, a state sync): answer swallowed.
     Internal(Purpose),
+}
+
+impl Owner {
+    pub fn is_client(self) -> bool {
+        matches!(self, Owner::Client | Owner::Tentative)
+    }
 }
 
 /// Why pgnear sent a request of its own.
@@ -95,6 +107,19 @@ impl Expectations {
         self.queue.front().map(|(_, o)| *o)
     }
 
+    /// Turns a tentative front entry into a plain client one (its answer is being released).
+    pub fn confirm_front(&mut self) {
+        if let Some((_, o)) = self.queue.front_mut() {
+            if *o == Owner::Tentative {
+                *o = Owner::Client;
+            }
+        }
+    }
+
+    pub fn has_tentative(&self) -> bool {
+        self.queue.iter().any(|(_, o)| *o == Owner::Tentative)
+    }
+
     pub fn is_empty(&self) -> bool {
         self.queue.is_empty()
     }
@@ -105,7 +130,9 @@ impl Expectations {
 
     /// Whether any request of pgnear's own with this purpose is still pending.
     pub fn has_internal(&self, purpose: Purpose) -> bool {
-        self.queue.iter().any(|(_, o)| *o == Owner::Internal(purpose))
+        self.queue
+            .iter()
+            .any(|(_, o)| *o == Owner::Internal(purpose))
     }
 
     pub fn clear(&mut self) {
@@ -119,15 +146,27 @@ impl Expectations {
             be::NOTICE_RESPONSE | be::NOTIFICATION => {
                 let owner = self.queue.front().map(|(_, o)| *o);
                 let forward = owner != Some(Owner::Internal(Purpose::WriteLsn));
-                Matched { forward, completed: None, owner }
+                Matched {
+                    forward,
+                    completed: None,
+                    owner,
+                }
             }
             be::PARAMETER_STATUS => {
                 let owner = self.queue.front().map(|(_, o)| *o);
-                Matched { forward: !matches!(owner, Some(Owner::Internal(_))), completed: None, owner }
+                Matched {
+                    forward: !matches!(owner, Some(Owner::Internal(_))),
+                    completed: None,
+                    owner,
+                }
             }
             be::ERROR_RESPONSE => {
                 let Some(&(front, owner)) = self.queue.front() else {
-                    return Matched { forward: true, completed: None, owner: None };
+                    return Matched {
+                        forward: true,
+                        completed: None,
+                        owner: None,
+                    };
                 };
                 if !front.is_sync_point() {
                     // Extended protocol: the server now skips everything up to the next Sync.
@@ -138,24 +177,36 @@ impl Expectations {
                 // An error caused by pgnear's state replay matters to the client; only the LSN
                 // lookup's failure (e.g. after an aborted transaction) is pgnear's own business.
                 let forward = owner != Owner::Internal(Purpose::WriteLsn);
-                Matched { forward, completed: None, owner: Some(owner) }
+                Matched {
+                    forward,
+                    completed: None,
+                    owner: Some(owner),
+                }
             }
             be::READY_FOR_QUERY => {
                 // Completes the oldest sync point; anything before it was skipped by the server.
                 while let Some((p, o)) = self.queue.pop_front() {
                     if p.is_sync_point() {
                         return Matched {
-                            forward: o == Owner::Client,
+                            forward: o.is_client(),
                             completed: Some((p, o)),
                             owner: Some(o),
                         };
                     }
                 }
-                Matched { forward: true, completed: None, owner: None }
+                Matched {
+                    forward: true,
+                    completed: None,
+                    owner: None,
+                }
             }
             _ => {
                 let Some(&(front, owner)) = self.queue.front() else {
-                    return Matched { forward: true, completed: None, owner: None };
+                    return Matched {
+                        forward: true,
+                        completed: None,
+                        owner: None,
+                    };
                 };
                 let completed = if front.ends_with(frame) {
                     self.queue.pop_front();
@@ -163,7 +214,11 @@ impl Expectations {
                 } else {
                     None
                 };
-                Matched { forward: owner == Owner::Client, completed, owner: Some(owner) }
+                Matched {
+                    forward: owner.is_client(),
+                    completed,
+                    owner: Some(owner),
+                }
             }
         }
     }
@@ -192,7 +247,10 @@ mod tests {
         for p in [Pending::Bind, Pending::Execute, Pending::Sync] {
             e.push(p, Owner::Client);
         }
-        assert_eq!(run(&mut e, b"12DDCZ"), vec![false, true, true, true, true, true]);
+        assert_eq!(
+            run(&mut e, b"12DDCZ"),
+            vec![false, true, true, true, true, true]
+        );
         assert!(e.is_empty());
     }
 
@@ -211,7 +269,14 @@ mod tests {
     #[test]
     fn error_skips_to_sync() {
         let mut e = Expectations::default();
-        for p in [Pending::Parse, Pending::Bind, Pending::Execute, Pending::Sync, Pending::Parse, Pending::Sync] {
+        for p in [
+            Pending::Parse,
+            Pending::Bind,
+            Pending::Execute,
+            Pending::Sync,
+            Pending::Parse,
+            Pending::Sync,
+        ] {
             e.push(p, Owner::Client);
         }
         // Parse fails: Bind and Execute are skipped by the server.

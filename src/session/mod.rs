@@ -2,8 +2,10 @@
 //! decides where each request goes and relays the answers back as raw frames.
 
 pub mod expect;
+mod route;
 pub mod server;
 pub mod startup;
+pub mod state;
 
 use std::sync::Arc;
 
@@ -11,8 +13,8 @@ use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 
-use self::expect::Pending;
 use self::server::{Seen, Server};
+use self::state::SessionState;
 use crate::backend::conn::Role;
 use crate::cancel::{CancelKey, CancelTarget};
 use crate::error::{ErrorKind, PgError};
@@ -40,6 +42,12 @@ pub struct Session {
     last: Role,
     cancel: CancelKey,
     cancel_role: Option<Role>,
+    state: SessionState,
+    /// The server holding the client's open transaction, as predicted from what was sent and
+    /// corrected by each ReadyForQuery.
+    open_tx: Option<Role>,
+    /// Where the last unnamed statement was parsed.
+    unnamed_role: Option<Role>,
 }
 
 enum Flow {
@@ -69,12 +77,19 @@ impl Session {
             write::parameter_status(&mut out, k, v);
         }
         if !shared.config.regions.primary.is_empty() {
-            write::parameter_status(&mut out, "pgnear.primary_region", &shared.config.regions.primary);
+            write::parameter_status(
+                &mut out,
+                "pgnear.primary_region",
+                &shared.config.regions.primary,
+            );
         }
         write::backend_key_data(&mut out, cancel.pid, cancel.secret);
         write::ready_for_query(&mut out, b'I');
         if let Err(e) = client.write_all(&out).await {
-            return Err((client, PgError::protocol(format!("client connection lost: {e}"))));
+            return Err((
+                client,
+                PgError::protocol(format!("client connection lost: {e}")),
+            ));
         }
         Ok(Session {
             shared,
@@ -90,6 +105,9 @@ impl Session {
             last: Role::Primary,
             cancel,
             cancel_role: None,
+            state: SessionState::default(),
+            open_tx: None,
+            unnamed_role: None,
         })
     }
 
@@ -104,7 +122,10 @@ impl Session {
             let _ = self.client.write_all(&out).await;
         }
         let _ = self.client.shutdown().await;
-        for s in [self.primary.as_mut(), self.replica.as_mut()].into_iter().flatten() {
+        for s in [self.primary.as_mut(), self.replica.as_mut()]
+            .into_iter()
+            .flatten()
+        {
             // Terminate, so the server ends the session (and rolls back) at once.
             let _ = s.conn.stream.write_all(b"X\0\0\0\x04").await;
         }
@@ -122,8 +143,15 @@ impl Session {
             }
             tokio::select! {
                 r = read_opt(&mut self.primary) => { r?; self.on_server(Role::Primary).await?; }
-                r = read_opt(&mut self.replica) => { r?; self.on_server(Role::Replica).await?; }
-                r = self.client.read_buf(&mut self.cbuf) => {
+                r = read_opt(&mut self.replica) => {
+                    r?;
+                    self.on_server(Role::Replica).await?;
+                    // Frames held back behind a tentative request can go now.
+                    if !self.tentative_in_flight() && !self.cbuf.is_empty() {
+                        if let Flow::Terminate = self.on_client().await? { return Ok(()) }
+                    }
+                }
+                r = self.client.read_buf(&mut self.cbuf), if !self.tentative_in_flight() => {
                     match r {
                         Ok(0) | Err(_) => return Ok(()),
                         Ok(_) => if let Flow::Terminate = self.on_client().await? { return Ok(()) },
@@ -139,21 +167,32 @@ impl Session {
 
     fn is_idle(&self) -> bool {
         self.batch.is_empty()
-            && [&self.primary, &self.replica].into_iter().flatten().all(Server::is_idle)
+            && [&self.primary, &self.replica]
+                .into_iter()
+                .flatten()
+                .all(Server::is_idle)
     }
 
-    /// Handles every complete frame the client sent, then writes to the servers.
+    /// Handles every complete frame the client sent, then writes to the servers. Stops early
+    /// while a tentative request is in flight (what follows must not overtake its retry).
     async fn on_client(&mut self) -> Result<Flow, PgError> {
         let max = self.shared.config.proxy.max_message_size;
-        while let Some((t, len)) = next_frame(&self.cbuf, max)? {
+        while !self.tentative_in_flight() {
+            let Some((t, len)) = next_frame(&self.cbuf, max)? else {
+                break;
+            };
             let frame = self.cbuf.split_to(len);
             match t {
                 tag::QUERY => {
                     self.dispatch_batch().await?;
-                    let role = self.route_query(&frame[5..])?;
-                    self.server(role).await?.send_client_frame(t, &frame);
+                    self.on_query(frame).await?;
                 }
-                tag::PARSE | tag::BIND | tag::DESCRIBE | tag::EXECUTE | tag::CLOSE | tag::FUNCTION_CALL => {
+                tag::PARSE
+                | tag::BIND
+                | tag::DESCRIBE
+                | tag::EXECUTE
+                | tag::CLOSE
+                | tag::FUNCTION_CALL => {
                     self.batch.extend_from_slice(&frame);
                     self.batch_tags.push(t);
                 }
@@ -169,47 +208,30 @@ impl Session {
                 }
                 tag::TERMINATE => return Ok(Flow::Terminate),
                 other => {
-                    return Err(PgError::protocol(format!("invalid frontend message type {other}")));
+                    return Err(PgError::protocol(format!(
+                        "invalid frontend message type {other}"
+                    )));
                 }
             }
         }
-        for s in [self.primary.as_mut(), self.replica.as_mut()].into_iter().flatten() {
-            s.flush().await?;
-        }
+        self.flush_servers().await?;
         Ok(Flow::Continue)
     }
 
-    /// Sends the pending extended-protocol messages to the server chosen for them.
-    async fn dispatch_batch(&mut self) -> Result<(), PgError> {
-        if self.batch.is_empty() {
-            return Ok(());
+    async fn flush_servers(&mut self) -> Result<(), PgError> {
+        for s in [self.primary.as_mut(), self.replica.as_mut()]
+            .into_iter()
+            .flatten()
+        {
+            s.flush().await?;
         }
-        let role = self.route_batch();
-        let batch = std::mem::take(&mut self.batch);
-        let tags = std::mem::take(&mut self.batch_tags);
-        let server = self.server(role).await?;
-        server.out.extend_from_slice(&batch);
-        for t in &tags {
-            if let Some(p) = Pending::for_tag(*t) {
-                server.expect.push(p, expect::Owner::Client);
-            }
-        }
-        // Keep the allocations for the next batch.
-        self.batch = batch;
-        self.batch.clear();
-        self.batch_tags = tags;
-        self.batch_tags.clear();
         Ok(())
     }
 
-    /// Where a simple query goes.
-    fn route_query(&mut self, _body: &[u8]) -> Result<Role, PgError> {
-        Ok(Role::Primary)
-    }
-
-    /// Where the pending extended-protocol batch goes.
-    fn route_batch(&mut self) -> Role {
-        Role::Primary
+    fn tentative_in_flight(&self) -> bool {
+        self.replica
+            .as_ref()
+            .is_some_and(|s| s.expect.has_tentative())
     }
 
     /// The server for `role`, connected on first use. Before switching away from a server that
@@ -219,28 +241,71 @@ impl Session {
             Role::Primary => Role::Replica,
             Role::Replica => Role::Primary,
         };
-        while self.slot(other).as_ref().is_some_and(|s| !s.expect.is_empty()) {
-            read_opt(self.slot(other)).await?;
-            self.on_server(other).await?;
-        }
+        self.drain(other).await?;
         if self.slot(role).is_none() {
             let upstream = match role {
                 Role::Primary => &self.shared.primary,
                 Role::Replica => self.shared.replica.as_ref().unwrap_or(&self.shared.primary),
             };
-            let conn = upstream.connect(&self.database, &self.startup.params).await?;
+            let conn = upstream
+                .connect(&self.database, &self.startup.params)
+                .await?;
             *self.slot(role) = Some(Server::new(conn, role));
         }
         self.last = role;
+        let seq = self.state.seq();
+        let synced = self.slot_ref(role).map_or(seq, |s| s.synced);
+        if synced < seq {
+            let replay = self.state.replay_since(synced);
+            let server = self.slot(role).as_mut().expect("connected above");
+            if let Some(sql) = replay {
+                server.send_internal_query(&sql, expect::Purpose::Sync);
+            }
+            server.synced = seq;
+        }
         if self.cancel_role != Some(role) {
             self.cancel_role = Some(role);
             let s = self.slot(role).as_ref().expect("connected above");
-            let target = CancelTarget { addr: s.conn.addr, pid: s.conn.pid, secret: s.conn.secret.clone() };
+            let target = CancelTarget {
+                addr: s.conn.addr,
+                pid: s.conn.pid,
+                secret: s.conn.secret.clone(),
+            };
             if let Ok(mut slot) = self.cancel.slot.lock() {
                 *slot = Some(target);
             }
         }
         Ok(self.slot(role).as_mut().expect("connected above"))
+    }
+
+    /// Relays everything `role` still owes the client.
+    async fn drain(&mut self, role: Role) -> Result<(), PgError> {
+        if let Some(s) = self.slot(role).as_mut() {
+            s.flush().await?;
+        }
+        while self
+            .slot(role)
+            .as_ref()
+            .is_some_and(|s| !s.expect.is_empty())
+        {
+            read_opt(self.slot(role)).await?;
+            self.on_server(role).await?;
+        }
+        Ok(())
+    }
+
+    async fn write_client(&mut self, out: &[u8]) -> Result<(), PgError> {
+        self.client
+            .write_all(out)
+            .await
+            .map_err(|_| PgError::protocol("client connection lost"))
+    }
+
+    fn slot_ref(&self, role: Role) -> Option<&Server> {
+        match role {
+            Role::Primary => self.primary.as_ref(),
+            Role::Replica => self.replica.as_ref(),
+        }
     }
 
     fn slot(&mut self, role: Role) -> &mut Option<Server> {
@@ -257,7 +322,20 @@ impl Session {
             Role::Primary => self.primary.as_mut(),
             Role::Replica => self.replica.as_mut(),
         };
-        server.expect("read from a connected server").scan(&mut self.cout, &mut seen)?;
+        let server = server.expect("read from a connected server");
+        server.scan(&mut self.cout, &mut seen)?;
+        let (idle, tx) = (server.expect.is_empty(), server.tx);
+        for request in seen.done {
+            if let Some(change) = request.change.filter(|_| !request.failed) {
+                let seq = self.state.commit_change(change);
+                if let Some(s) = self.slot(role).as_mut() {
+                    s.synced = seq;
+                }
+            }
+        }
+        if idle {
+            self.open_tx = (tx != b'I').then_some(role);
+        }
         if !self.cout.is_empty() {
             let r = self.client.write_all(&self.cout).await;
             self.cout.clear();
@@ -265,6 +343,10 @@ impl Session {
                 // The client is gone; the caller's next client read sees it.
                 return Err(PgError::protocol("client connection lost"));
             }
+        }
+        if let Some(frame) = seen.retry {
+            // Boxed: retrying goes through server(), which may relay (and so re-enter this function).
+            Box::pin(self.retry_on_primary(frame)).await?;
         }
         Ok(())
     }
@@ -291,6 +373,9 @@ pub async fn stopped(rx: &mut tokio::sync::watch::Receiver<bool>) {
 }
 
 fn shutting_down() -> PgError {
-    PgError::new(ErrorKind::Shutdown, "terminating connection due to administrator command")
-        .with_detail("pgnear is shutting down")
+    PgError::new(
+        ErrorKind::Shutdown,
+        "terminating connection due to administrator command",
+    )
+    .with_detail("pgnear is shutting down")
 }

@@ -2,10 +2,13 @@
 //! status, and the scan that turns its bytes into frames forwarded to the client (raw) or
 //! consumed by pgnear.
 
-use bytes::{Buf, BytesMut};
+use std::collections::{HashSet, VecDeque};
+
+use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::expect::{Expectations, Owner, Pending, Purpose};
+use super::state::PendingState;
 use crate::backend::conn::{Role, ServerConn};
 use crate::error::PgError;
 use crate::protocol::backend::{self as be, header};
@@ -14,6 +17,19 @@ use crate::protocol::backend::{self as be, header};
 const STREAM_THRESHOLD: usize = 64 * 1024;
 /// Read-buffer growth step.
 const READ_CHUNK: usize = 16 * 1024;
+/// Most bytes of a tentative answer held back before it is released anyway.
+const HOLD_LIMIT: usize = 16 * 1024;
+
+/// A client request (a Query, or a batch ending in Sync) in flight on a server.
+#[derive(Debug, Default)]
+pub struct Request {
+    /// A session-state change to record if the request succeeds.
+    pub change: Option<PendingState>,
+    /// The Query frame, when a 25006 from the replica may send it to the primary instead.
+    pub retry: Option<Bytes>,
+    /// The server answered with an error.
+    pub failed: bool,
+}
 
 pub struct Server {
     pub conn: ServerConn,
@@ -25,15 +41,27 @@ pub struct Server {
     pub tx: u8,
     /// Bytes of a partially forwarded frame that still have to pass through.
     skip: usize,
+    /// Client requests in flight, oldest first.
+    pub requests: VecDeque<Request>,
+    /// Named prepared statements this server has.
+    pub prepared: HashSet<String>,
+    /// Statements the client closed elsewhere, to close here before the next use.
+    pub to_close: Vec<String>,
+    /// Sequence number of the session state this server has applied.
+    pub synced: u64,
+    /// A tentative answer's first frames.
+    held: BytesMut,
+    /// The replica refused the tentative request; its remaining answer is dropped.
+    retrying: bool,
 }
 
 /// What a scan saw that the session cares about.
 #[derive(Default, Debug)]
 pub struct Seen {
-    /// A client's request completed (its ReadyForQuery went out).
-    pub client_ready: bool,
-    /// SQLSTATE of errors answered to the client in this scan.
-    pub errors: Vec<String>,
+    /// Client requests that completed (their ReadyForQuery went out).
+    pub done: Vec<Request>,
+    /// A query the replica refused as a write, to run on the primary.
+    pub retry: Option<Bytes>,
     /// Value captured from pgnear's own commit-position lookup.
     pub write_lsn: Option<String>,
 }
@@ -48,11 +76,21 @@ impl Server {
             expect: Expectations::default(),
             tx: b'I',
             skip: 0,
+            requests: VecDeque::new(),
+            prepared: HashSet::new(),
+            to_close: Vec::new(),
+            synced: 0,
+            held: BytesMut::new(),
+            retrying: false,
         }
     }
 
     fn lost(&self, what: impl std::fmt::Display) -> PgError {
-        PgError::upstream(format!("lost connection to {} upstream {}: {what}", self.role.name(), self.conn.addr))
+        PgError::upstream(format!(
+            "lost connection to {} upstream {}: {what}",
+            self.role.name(),
+            self.conn.addr
+        ))
     }
 
     /// Idle: nothing owed and no transaction open.
@@ -68,16 +106,42 @@ impl Server {
         }
     }
 
+    /// Queues a client Query; with `request.retry` set its answer is held until it is clear the
+    /// server does not refuse it as a write.
+    pub fn send_query(&mut self, frame: &[u8], request: Request) {
+        self.out.extend_from_slice(frame);
+        let owner = if request.retry.is_some() {
+            Owner::Tentative
+        } else {
+            Owner::Client
+        };
+        self.expect.push(Pending::Query, owner);
+        self.requests.push_back(request);
+    }
+
+    /// Queues frames of pgnear's own whose answers are swallowed (re-prepares, closes).
+    pub fn send_internal_frame(&mut self, tag: u8, frame: &[u8]) {
+        self.out.extend_from_slice(frame);
+        if let Some(p) = Pending::for_tag(tag) {
+            self.expect.push(p, Owner::Internal(Purpose::Sync));
+        }
+    }
+
     /// Queues a simple query of pgnear's own; its answer is swallowed.
     pub fn send_internal_query(&mut self, sql: &str, purpose: Purpose) {
-        postgres_protocol::message::frontend::query(sql, &mut self.out).expect("query text has no NUL");
+        postgres_protocol::message::frontend::query(sql, &mut self.out)
+            .expect("query text has no NUL");
         self.expect.push(Pending::Query, Owner::Internal(purpose));
     }
 
     /// Writes everything queued. Not cancel-safe (a partial write would be lost).
     pub async fn flush(&mut self) -> Result<(), PgError> {
         if !self.out.is_empty() {
-            self.conn.stream.write_all(&self.out).await.map_err(|e| self.lost(e))?;
+            self.conn
+                .stream
+                .write_all(&self.out)
+                .await
+                .map_err(|e| self.lost(e))?;
             self.out.clear();
         }
         Ok(())
@@ -117,7 +181,10 @@ impl Server {
             let avail = buf.len() - pos;
             if avail < total {
                 let bulk = matches!(tag, be::DATA_ROW | be::COPY_DATA | be::FUNCTION_RESULT);
-                if bulk && total > STREAM_THRESHOLD && self.expect.front_owner() != Some(Owner::Internal(Purpose::WriteLsn)) {
+                if bulk
+                    && total > STREAM_THRESHOLD
+                    && self.expect.front_owner() != Some(Owner::Internal(Purpose::WriteLsn))
+                {
                     // Stream the frame: its header and what we have go now, the rest as it comes.
                     self.expect.on_frame(tag);
                     self.skip = total - avail;
@@ -127,22 +194,58 @@ impl Server {
                 }
                 break;
             }
-            let body = &buf[pos + 5..pos + total];
+            let frame = &buf[pos..pos + total];
+            let body = &frame[5..];
             let m = self.expect.on_frame(tag);
+            let mut forward = m.forward;
+            if m.owner == Some(Owner::Tentative) {
+                forward = false;
+                if self.retrying {
+                    if tag == be::READY_FOR_QUERY {
+                        self.retrying = false;
+                        seen.retry = self.requests.pop_front().and_then(|r| r.retry);
+                    }
+                } else if tag == be::ERROR_RESPONSE && be::error_fields(body).code == "25006" {
+                    self.retrying = true;
+                    self.held.clear();
+                } else if matches!(
+                    tag,
+                    be::ROW_DESCRIPTION | be::NOTICE_RESPONSE | be::PARAMETER_STATUS
+                ) && self.held.len() < HOLD_LIMIT
+                {
+                    self.held.extend_from_slice(frame);
+                } else {
+                    // Past the point where a refusal could come: release what was held.
+                    cout.extend_from_slice(&buf[run_start..pos]);
+                    cout.extend_from_slice(&self.held);
+                    self.held.clear();
+                    run_start = pos;
+                    forward = true;
+                    if m.completed.is_none() {
+                        self.expect.confirm_front();
+                    }
+                }
+            }
             match tag {
                 be::READY_FOR_QUERY => {
                     self.tx = body.first().copied().unwrap_or(b'I');
-                    if m.forward {
-                        seen.client_ready = true;
+                    if forward && m.completed.is_some() {
+                        if let Some(r) = self.requests.pop_front() {
+                            seen.done.push(r);
+                        }
                     }
                 }
-                be::ERROR_RESPONSE if m.forward => seen.errors.push(be::error_fields(body).code),
+                be::ERROR_RESPONSE if forward => {
+                    if let Some(r) = self.requests.front_mut() {
+                        r.failed = true;
+                    }
+                }
                 be::DATA_ROW if m.owner == Some(Owner::Internal(Purpose::WriteLsn)) => {
                     seen.write_lsn = be::first_column(body).map(str::to_string);
                 }
                 _ => {}
             }
-            if !m.forward {
+            if !forward {
                 cout.extend_from_slice(&buf[run_start..pos]);
                 run_start = pos + total;
             }
@@ -154,4 +257,3 @@ impl Server {
         Ok(())
     }
 }
-

@@ -57,7 +57,13 @@ pub async fn handshake(shared: &Shared, slot: &mut Option<Stream>) -> Result<Han
                 match shared.cancels.lookup(pid, &secret) {
                     Some(t) => {
                         tracing::debug!(server = %t.addr, "forwarding cancel request");
-                        send_cancel(t.addr, t.pid, &t.secret, shared.config.upstream.connect_timeout.0).await;
+                        send_cancel(
+                            t.addr,
+                            t.pid,
+                            &t.secret,
+                            shared.config.upstream.connect_timeout.0,
+                        )
+                        .await;
                     }
                     None => tracing::debug!("cancel request for an unknown or idle key ignored"),
                 }

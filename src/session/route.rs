@@ -1,0 +1,496 @@
+//! Routing inside a session: a simple Query or an extended-protocol batch is classified, the
+//! policy picks a server, and the server is brought up to date (session state, prepared
+//! statements) before the request goes out. Also pgnear's own in-band commands.
+
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+
+use super::server::Request;
+use super::Session;
+use crate::backend::conn::Role;
+use crate::error::PgError;
+use crate::protocol::frontend::query_text;
+use crate::protocol::{cstr, tag, write};
+use crate::router::classify::{Classified, Hint, Kind};
+use crate::router::route::{decide, Context, Reason, Request as RouteRequest, RouteSetting};
+
+/// What an extended-protocol batch does, as far as routing is concerned.
+#[derive(Default)]
+struct BatchPlan {
+    read: bool,
+    hint: Option<Hint>,
+    starts_read_only_tx: bool,
+    /// Runs a portal bound by an earlier batch: must stay where that portal lives.
+    sticky: bool,
+    /// Named statements used but not parsed in this batch.
+    needs: Vec<String>,
+    /// The unnamed statement is used but not parsed in this batch.
+    needs_unnamed: bool,
+    parsed: Vec<String>,
+    closed: Vec<String>,
+    parsed_unnamed: bool,
+    syncs: usize,
+    tx: Option<TxEffect>,
+}
+
+#[derive(Clone, Copy)]
+enum TxEffect {
+    Begin,
+    End,
+}
+
+fn tx_effect(c: &Classified) -> Option<TxEffect> {
+    c.statements.iter().fold(None, |acc, s| match s.kind {
+        Kind::Begin { .. } => Some(TxEffect::Begin),
+        Kind::Commit | Kind::Rollback | Kind::PrepareTransaction => Some(TxEffect::End),
+        _ => acc,
+    })
+}
+
+fn is_state_only(c: &Classified) -> bool {
+    !c.statements.is_empty()
+        && c.statements.iter().all(|s| {
+            matches!(
+                s.kind,
+                Kind::Set { local: false, .. } | Kind::Reset { .. } | Kind::Empty
+            )
+        })
+}
+
+fn is_pgnear(c: &Classified) -> bool {
+    c.statements.iter().any(|s| {
+        matches!(
+            s.kind,
+            Kind::PgnearSet { .. } | Kind::PgnearShow { .. } | Kind::PgnearReset { .. }
+        )
+    })
+}
+
+impl Session {
+    fn context(&self) -> Context {
+        Context {
+            in_transaction: self.open_tx,
+            pinned: self.state.pins.any(),
+            setting: self.state.setting,
+            replica_available: self.shared.replica.is_some(),
+        }
+    }
+
+    fn classify(&self, sql: &str) -> Arc<Classified> {
+        self.shared.classifier.get_or_classify(sql)
+    }
+
+    /// Routes and sends one simple Query.
+    pub(super) async fn on_query(&mut self, frame: BytesMut) -> Result<(), PgError> {
+        let sql = query_text(&frame[5..])?;
+        let c = self.classify(sql);
+        if is_pgnear(&c) {
+            return self.answer_pgnear(&c).await;
+        }
+        let change = self.state.prepare_change(sql, &c);
+        if let Some(change) = &change {
+            self.state.apply_pins(change);
+        }
+        let starts_read_only_tx = c.statements.first().is_some_and(|s| {
+            matches!(s.kind, Kind::Begin { read_only } if read_only || self.state.read_only_default)
+        });
+        let (mut role, mut reason) = if self.open_tx.is_none() && is_state_only(&c) {
+            // SET and RESET run where the session is; other servers get them replayed later.
+            (self.last, Reason::Read)
+        } else {
+            let request = RouteRequest {
+                read: c.is_read(),
+                hint: c.hint,
+                starts_read_only_tx,
+            };
+            decide(request, self.context())
+        };
+        if role == Role::Replica && self.ensure_replica().await.is_err() {
+            (role, reason) = (Role::Primary, Reason::Fallback);
+        }
+        tracing::debug!(route = role.name(), reason = reason.label(), "query routed");
+        match tx_effect(&c) {
+            Some(TxEffect::Begin) => self.open_tx = Some(role),
+            Some(TxEffect::End) => self.open_tx = None,
+            None => {}
+        }
+        let retry = (role == Role::Replica && reason == Reason::Read && self.open_tx.is_none())
+            .then(|| Bytes::copy_from_slice(&frame));
+        let request = Request {
+            change,
+            retry,
+            failed: false,
+        };
+        self.server(role).await?.send_query(&frame, request);
+        Ok(())
+    }
+
+    /// Connects the replica if it is not yet connected.
+    async fn ensure_replica(&mut self) -> Result<(), PgError> {
+        if self.replica.is_some() {
+            return Ok(());
+        }
+        let last = self.last;
+        let result = self.server(Role::Replica).await.map(|_| ());
+        if let Err(e) = &result {
+            tracing::warn!(error = %e, "replica unavailable; reads go to the primary");
+            self.last = last;
+        }
+        result
+    }
+
+    /// The replica refused a query as a write (25006): run it on the primary, once, and remember
+    /// that this text writes.
+    pub(super) async fn retry_on_primary(&mut self, frame: Bytes) -> Result<(), PgError> {
+        if let Ok(sql) = query_text(&frame[5..]) {
+            self.shared.classifier.mark_write(sql);
+        }
+        tracing::debug!("replica refused a read-only query; running it on the primary");
+        self.server(Role::Primary)
+            .await?
+            .send_query(&frame, Request::default());
+        self.flush_servers().await
+    }
+
+    /// Sends the pending extended-protocol messages to the server chosen for them.
+    pub(super) async fn dispatch_batch(&mut self) -> Result<(), PgError> {
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        let plan = self.plan_batch()?;
+        let (mut role, mut reason) = if plan.sticky {
+            (self.last, Reason::Transaction)
+        } else {
+            let request = RouteRequest {
+                read: plan.read,
+                hint: plan.hint,
+                starts_read_only_tx: plan.starts_read_only_tx,
+            };
+            decide(request, self.context())
+        };
+        if role == Role::Replica && self.ensure_replica().await.is_err() {
+            (role, reason) = (Role::Primary, Reason::Fallback);
+        }
+        tracing::debug!(route = role.name(), reason = reason.label(), "batch routed");
+        match plan.tx {
+            Some(TxEffect::Begin) => self.open_tx = Some(role),
+            Some(TxEffect::End) => self.open_tx = None,
+            None => {}
+        }
+        let batch = std::mem::take(&mut self.batch);
+        let unnamed = self
+            .state
+            .unnamed
+            .clone()
+            .filter(|_| plan.needs_unnamed && self.unnamed_role != Some(role));
+        let statements: Vec<(String, Bytes)> = plan
+            .needs
+            .iter()
+            .filter_map(|n| self.state.statements.get(n).map(|f| (n.clone(), f.clone())))
+            .collect();
+        let server = self.server(role).await?;
+        for name in std::mem::take(&mut server.to_close) {
+            server.send_internal_frame(tag::CLOSE, &close_frame(&name));
+        }
+        for (name, parse) in statements {
+            if server.prepared.insert(name) {
+                server.send_internal_frame(tag::PARSE, &parse);
+            }
+        }
+        if let Some(parse) = &unnamed {
+            server.send_internal_frame(tag::PARSE, parse);
+        }
+        let mut pos = 0;
+        while pos < batch.len() {
+            let len = 1 + u32::from_be_bytes([
+                batch[pos + 1],
+                batch[pos + 2],
+                batch[pos + 3],
+                batch[pos + 4],
+            ]) as usize;
+            server.send_client_frame(batch[pos], &batch[pos..pos + len]);
+            pos += len;
+        }
+        for _ in 0..plan.syncs {
+            server.requests.push_back(Request::default());
+        }
+        server.prepared.extend(plan.parsed.iter().cloned());
+        for name in &plan.closed {
+            server.prepared.remove(name);
+        }
+        let other = match role {
+            Role::Primary => self.replica.as_mut(),
+            Role::Replica => self.primary.as_mut(),
+        };
+        if let Some(other) = other {
+            for name in &plan.closed {
+                if other.prepared.remove(name) {
+                    other.to_close.push(name.clone());
+                }
+            }
+        }
+        for name in &plan.closed {
+            self.state.statements.remove(name);
+        }
+        if plan.parsed_unnamed || unnamed.is_some() {
+            self.unnamed_role = Some(role);
+        }
+        self.batch = batch;
+        self.batch.clear();
+        self.batch_tags.clear();
+        Ok(())
+    }
+
+    /// Reads the batch: which statements it parses, binds, runs and closes.
+    fn plan_batch(&mut self) -> Result<BatchPlan, PgError> {
+        let mut plan = BatchPlan {
+            read: true,
+            ..BatchPlan::default()
+        };
+        let mut parsed_unnamed = false;
+        let mut bound_portals: Vec<&str> = Vec::new();
+        let batch = std::mem::take(&mut self.batch);
+        let mut pos = 0;
+        let bad = |what: &str| PgError::protocol(format!("invalid {what} message"));
+        while pos < batch.len() {
+            let t = batch[pos];
+            let len = 1 + u32::from_be_bytes([
+                batch[pos + 1],
+                batch[pos + 2],
+                batch[pos + 3],
+                batch[pos + 4],
+            ]) as usize;
+            let frame = &batch[pos..pos + len];
+            let body = &frame[5..];
+            pos += len;
+            match t {
+                tag::PARSE => {
+                    let (name, used) = cstr(body).ok_or_else(|| bad("Parse"))?;
+                    let (sql, _) = cstr(&body[used..]).ok_or_else(|| bad("Parse"))?;
+                    let c = self.classify(sql);
+                    self.note_statement(&c, &mut plan);
+                    let frame = Bytes::copy_from_slice(frame);
+                    if name.is_empty() {
+                        parsed_unnamed = true;
+                        self.state.unnamed = Some(frame);
+                    } else {
+                        self.state.statements.insert(name.to_string(), frame);
+                        plan.parsed.push(name.to_string());
+                    }
+                }
+                tag::BIND => {
+                    let (portal, used) = cstr(body).ok_or_else(|| bad("Bind"))?;
+                    let (stmt, _) = cstr(&body[used..]).ok_or_else(|| bad("Bind"))?;
+                    bound_portals.push(portal);
+                    self.note_use(stmt, parsed_unnamed, &mut plan);
+                }
+                tag::DESCRIBE | tag::CLOSE => {
+                    let kind = *body.first().ok_or_else(|| bad("Describe/Close"))?;
+                    let (name, _) = cstr(&body[1..]).ok_or_else(|| bad("Describe/Close"))?;
+                    match (t, kind) {
+                        (tag::CLOSE, b'S') if !name.is_empty() => {
+                            plan.closed.push(name.to_string())
+                        }
+                        (tag::DESCRIBE, b'S') => self.note_use(name, parsed_unnamed, &mut plan),
+                        (tag::DESCRIBE, b'P') if !bound_portals.contains(&name) => {
+                            plan.sticky = true
+                        }
+                        _ => {}
+                    }
+                }
+                tag::EXECUTE => {
+                    let (portal, _) = cstr(body).ok_or_else(|| bad("Execute"))?;
+                    if !bound_portals.contains(&portal) {
+                        plan.sticky = true;
+                    }
+                }
+                tag::FUNCTION_CALL => plan.read = false,
+                tag::SYNC => plan.syncs += 1,
+                _ => {}
+            }
+        }
+        self.batch = batch;
+        plan.parsed_unnamed = parsed_unnamed;
+        Ok(plan)
+    }
+
+    /// A statement used (Bind, Describe) in the batch: it must exist where the batch runs.
+    fn note_use(&mut self, stmt: &str, parsed_unnamed: bool, plan: &mut BatchPlan) {
+        if stmt.is_empty() {
+            if !parsed_unnamed {
+                plan.needs_unnamed = true;
+                if let Some(c) = self.statement_class(None) {
+                    self.note_statement(&c, plan);
+                }
+            }
+        } else if !plan.parsed.iter().any(|p| p == stmt) {
+            if !plan.needs.iter().any(|n| n == stmt) {
+                plan.needs.push(stmt.to_string());
+            }
+            match self.statement_class(Some(stmt)) {
+                Some(c) => self.note_statement(&c, plan),
+                // Unknown to pgnear: let the server report it, on the primary.
+                None => plan.read = false,
+            }
+        }
+    }
+
+    fn statement_class(&self, name: Option<&str>) -> Option<Arc<Classified>> {
+        let frame = match name {
+            Some(n) => self.state.statements.get(n)?,
+            None => self.state.unnamed.as_ref()?,
+        };
+        let body = &frame[5..];
+        let (_, used) = cstr(body)?;
+        let (sql, _) = cstr(&body[used..])?;
+        Some(self.classify(sql))
+    }
+
+    fn note_statement(&mut self, c: &Classified, plan: &mut BatchPlan) {
+        plan.read &= c.is_read();
+        plan.hint = plan.hint.or(c.hint);
+        if let Some(effect) = tx_effect(c) {
+            plan.tx = Some(effect);
+        }
+        if c.statements.iter().any(|s| {
+            matches!(s.kind, Kind::Begin { read_only } if read_only || self.state.read_only_default)
+        }) {
+            plan.starts_read_only_tx = true;
+        }
+        // Session state changed through the extended protocol stays on the primary.
+        let changes_state = c.statements.iter().any(|s| {
+            !matches!(
+                s.kind,
+                Kind::Read
+                    | Kind::Write
+                    | Kind::Empty
+                    | Kind::Begin { .. }
+                    | Kind::Commit
+                    | Kind::Rollback
+                    | Kind::Savepoint
+                    | Kind::Release
+                    | Kind::RollbackTo
+                    | Kind::SetTransaction { .. }
+                    | Kind::Set { local: true, .. }
+            )
+        });
+        if changes_state {
+            self.state.pins.extended_state = true;
+            plan.read = false;
+        }
+    }
+
+    /// Answers SHOW/SET/RESET pgnear.* itself, after everything sent before it was answered.
+    async fn answer_pgnear(&mut self, c: &Classified) -> Result<(), PgError> {
+        for role in [Role::Primary, Role::Replica] {
+            self.drain(role).await?;
+        }
+        let mut out = BytesMut::new();
+        if c.statements
+            .iter()
+            .filter(|s| !matches!(s.kind, Kind::Empty))
+            .count()
+            != 1
+        {
+            let e = PgError::new(
+                crate::error::ErrorKind::Protocol,
+                "pgnear commands must be sent alone, one per query",
+            )
+            .non_fatal();
+            write::error_response(
+                &mut out,
+                &PgError {
+                    code: Some("0A000".into()),
+                    ..e
+                },
+            );
+        } else {
+            for s in &c.statements {
+                match &s.kind {
+                    Kind::PgnearShow { name } => match self.show(name) {
+                        Some(value) => write::single_text_row(
+                            &mut out,
+                            &format!("pgnear.{name}"),
+                            value.as_deref(),
+                        ),
+                        None => write::error_response(&mut out, &unknown_setting(name)),
+                    },
+                    Kind::PgnearSet { name, value } => match self.set(name, Some(value)) {
+                        Ok(()) => write::command_complete(&mut out, "SET"),
+                        Err(e) => write::error_response(&mut out, &e),
+                    },
+                    Kind::PgnearReset { name } => {
+                        match self.set(name.as_deref().unwrap_or("route"), None) {
+                            Ok(()) => write::command_complete(&mut out, "RESET"),
+                            Err(e) => write::error_response(&mut out, &e),
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        let status = self
+            .open_tx
+            .and_then(|r| self.slot_ref(r).map(|s| s.tx))
+            .unwrap_or(b'I');
+        write::ready_for_query(&mut out, status);
+        self.write_client(&out).await
+    }
+
+    fn show(&self, name: &str) -> Option<Option<String>> {
+        let regions = &self.shared.config.regions;
+        Some(match name {
+            "route" => Some(self.state.setting.name().to_string()),
+            "region" => Some(regions.current.clone()),
+            "primary_region" => Some(regions.primary.clone()),
+            _ => return None,
+        })
+    }
+
+    fn set(&mut self, name: &str, value: Option<&str>) -> Result<(), PgError> {
+        match name {
+            "route" => {
+                let v = value.unwrap_or("auto");
+                self.state.setting = RouteSetting::parse(v)
+                    .ok_or_else(|| invalid_value(name, v, "auto, primary, replica"))?;
+                Ok(())
+            }
+            _ => Err(unknown_setting(name)),
+        }
+    }
+}
+
+fn close_frame(name: &str) -> Vec<u8> {
+    let mut f = vec![tag::CLOSE];
+    f.extend_from_slice(&((4 + 1 + name.len() + 1) as u32).to_be_bytes());
+    f.push(b'S');
+    f.extend_from_slice(name.as_bytes());
+    f.push(0);
+    f
+}
+
+fn unknown_setting(name: &str) -> PgError {
+    let e = PgError::new(
+        crate::error::ErrorKind::Protocol,
+        format!("unrecognized configuration parameter \"pgnear.{name}\""),
+    )
+    .non_fatal();
+    PgError {
+        code: Some("42704".into()),
+        ..e
+    }
+}
+
+fn invalid_value(name: &str, value: &str, allowed: &str) -> PgError {
+    let e = PgError::new(
+        crate::error::ErrorKind::Protocol,
+        format!("invalid value for parameter \"pgnear.{name}\": \"{value}\""),
+    )
+    .non_fatal()
+    .with_hint(format!("Available values: {allowed}."));
+    PgError {
+        code: Some("22023".into()),
+        ..e
+    }
+}
