@@ -15,7 +15,7 @@ use tokio::time::Instant;
 
 use self::server::{Seen, Server};
 use self::state::SessionState;
-use crate::backend::conn::Role;
+use crate::backend::conn::{send_cancel, Role};
 use crate::cancel::{CancelKey, CancelTarget};
 use crate::error::{ErrorKind, PgError};
 use crate::protocol::frontend::{next_frame, Startup};
@@ -122,6 +122,16 @@ impl Session {
             let _ = self.client.write_all(&out).await;
         }
         let _ = self.client.shutdown().await;
+        for s in [self.primary.as_ref(), self.replica.as_ref()]
+            .into_iter()
+            .flatten()
+        {
+            if !s.expect.is_empty() {
+                // The client left with a query running: stop the server's work now.
+                let timeout = self.shared.config.upstream.connect_timeout.0;
+                send_cancel(s.conn.addr, s.conn.pid, &s.conn.secret, timeout).await;
+            }
+        }
         for s in [self.primary.as_mut(), self.replica.as_mut()]
             .into_iter()
             .flatten()

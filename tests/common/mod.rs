@@ -1,0 +1,159 @@
+//! Shared test harness: one lab cluster per test binary (a real primary and a streaming replica),
+//! one runtime, and helpers to start pgnear instances on ephemeral ports.
+
+#![allow(dead_code)] // each test binary uses its own subset of these helpers
+
+use std::future::Future;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use pgnear::config::Config;
+use pgnear::lab::cluster::{Cluster, ClusterOptions};
+use pgnear::Proxy;
+use tokio::runtime::Runtime;
+use tokio_postgres::{Client, NoTls};
+
+pub const PRIMARY: &str = "iad";
+pub const REPLICA: &str = "syd";
+
+pub fn rt() -> &'static Runtime {
+    static RT: OnceLock<Runtime> = OnceLock::new();
+    RT.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("test runtime")
+    })
+}
+
+/// Runs a test body on the shared runtime, bounded so that a hang fails instead of blocking CI.
+pub fn run<F: Future<Output = ()>>(f: F) {
+    cluster();
+    rt().block_on(async {
+        tokio::time::timeout(Duration::from_secs(120), f)
+            .await
+            .expect("test timed out after 120 s");
+    })
+}
+
+/// The binary's cluster: primary in `iad`, replica in `syd`, no added latency.
+/// Stopped by the lab's watchdog when the test process exits.
+pub fn cluster() -> &'static Cluster {
+    static CLUSTER: OnceLock<Cluster> = OnceLock::new();
+    CLUSTER.get_or_init(|| {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+        rt().block_on(async {
+            Cluster::start(ClusterOptions {
+                regions: vec![PRIMARY.into(), REPLICA.into()],
+                one_way_delay: Duration::ZERO,
+                ..ClusterOptions::default()
+            })
+            .await
+            .expect("starting the lab cluster")
+        })
+    })
+}
+
+/// The lab config for a pgnear in `region`, adjusted by `tweak`.
+pub fn config(region: &str, tweak: impl FnOnce(&mut Config)) -> Config {
+    let mut c = pgnear::lab::proxy_config(cluster(), region);
+    tweak(&mut c);
+    c.validate().expect("test config is valid");
+    c
+}
+
+pub async fn proxy(region: &str, tweak: impl FnOnce(&mut Config)) -> Proxy {
+    Proxy::start(config(region, tweak))
+        .await
+        .expect("starting pgnear")
+}
+
+pub fn url(proxy: &Proxy) -> String {
+    pgnear::lab::proxy_url(cluster(), proxy)
+}
+
+pub fn url_with(proxy: &Proxy, user: &str, password: &str, extra: &str) -> String {
+    let o = cluster().options();
+    format!(
+        "postgres://{user}:{password}@{}/{}?sslmode=disable{extra}",
+        proxy.addr(),
+        o.database
+    )
+}
+
+pub async fn connect(url: &str) -> Client {
+    let (client, conn) = tokio_postgres::connect(url, NoTls)
+        .await
+        .expect("connecting");
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    client
+}
+
+/// A superuser connection straight to the primary (no pgnear).
+pub async fn primary_admin() -> Client {
+    let c = cluster();
+    let url = format!(
+        "postgres://postgres:{}@{}/postgres?sslmode=disable",
+        c.superuser_password(),
+        c.primary().addr()
+    );
+    connect(&url).await
+}
+
+/// Runs psql with `url` and the given extra arguments; returns (success, stdout, stderr).
+pub fn psql(url: &str, args: &[&str], stdin: Option<&str>) -> (bool, String, String) {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new("psql")
+        .arg(url)
+        .args(["-X", "-v", "ON_ERROR_STOP=1"])
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("psql is installed");
+    if let Some(input) = stdin {
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+    }
+    drop(child.stdin.take());
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Polls `check` every 50 ms until it returns true; panics with `what` after `limit`.
+pub async fn eventually<F, Fut>(what: &str, limit: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub fn sqlstate(e: &tokio_postgres::Error) -> String {
+    e.code()
+        .map(|c| c.code().to_string())
+        .unwrap_or_else(|| format!("no sqlstate: {e}"))
+}
