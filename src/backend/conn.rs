@@ -304,7 +304,7 @@ impl Upstream {
     ) -> Result<(u8, BytesMut), PgError> {
         loop {
             if let Some((tag, len)) = header(buf) {
-                if len < 5 || len > 1 << 20 {
+                if !(5..=1 << 20).contains(&len) {
                     return Err(self.fail("malformed message during startup"));
                 }
                 if buf.len() >= len {

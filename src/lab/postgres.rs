@@ -275,7 +275,7 @@ fn find_bin_dir() -> Option<PathBuf> {
                 continue;
             };
             let bin = entry.path().join("bin");
-            if bin.join("initdb").is_file() && best.as_ref().map_or(true, |(v, _)| version > *v) {
+            if bin.join("initdb").is_file() && best.as_ref().is_none_or(|(v, _)| version > *v) {
                 best = Some((version, bin));
             }
         }
@@ -481,6 +481,8 @@ fn postmaster_pid_in(lock_file: &Path) -> Option<u32> {
 }
 
 /// Settings appended to the primary's `postgresql.conf` (copied to replicas by the base backup).
+/// `dynamic_shared_memory_type = mmap` keeps DSM segments in PGDATA/pg_dynshmem instead of
+/// /dev/shm, so removing the directory frees them even after a node was SIGKILLed.
 fn server_conf() -> String {
     format!(
         "\n# --- pgnear lab ---\n\
@@ -498,6 +500,7 @@ fn server_conf() -> String {
          wal_receiver_status_interval = 1s\n\
          wal_retrieve_retry_interval = 1s\n\
          password_encryption = 'scram-sha-256'\n\
+         dynamic_shared_memory_type = mmap\n\
          logging_collector = off\n\
          log_line_prefix = '%m [%p] %q%u@%d '\n\
          include_if_exists = '{NODE_CONF}'\n"

@@ -469,7 +469,7 @@ fn call(name: &str, qual: Option<&str>, wf: &[String], sc: &mut Scan) {
 fn user_fn_matches(entry: &str, name: &str, qual: Option<&str>) -> bool {
     let same = |a: &str, b: &str| a.trim().trim_matches('"').eq_ignore_ascii_case(b);
     match entry.trim().rsplit_once('.') {
-        Some((schema, f)) => same(f, name) && qual.map_or(true, |q| same(schema, q)),
+        Some((schema, f)) => same(f, name) && qual.is_none_or(|q| same(schema, q)),
         None => same(entry, name),
     }
 }

@@ -1,0 +1,371 @@
+//! Routing against the lab: reads on the replica, writes and read-write transactions on the
+//! primary, prepared statements and session state on both, pins, the 25006 retry, pgbench.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use tokio_postgres::{AsyncMessage, Client, SimpleQueryMessage};
+
+/// `pg_is_in_recovery()` on whichever server ran it: true on the replica.
+async fn on_replica_simple(c: &Client, prefix: &str) -> bool {
+    let rows = c
+        .simple_query(&format!("{prefix}SELECT pg_is_in_recovery()"))
+        .await
+        .unwrap();
+    rows.iter()
+        .find_map(|m| match m {
+            SimpleQueryMessage::Row(r) => Some(r.get(0) == Some("t")),
+            _ => None,
+        })
+        .unwrap()
+}
+
+async fn on_replica(c: &Client) -> bool {
+    c.query_one("SELECT pg_is_in_recovery()", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[test]
+fn reads_go_to_the_replica_writes_and_transactions_to_the_primary() {
+    run(async {
+        let p = proxy(REPLICA, |_| {}).await;
+        let c = connect(&url(&p)).await;
+        assert!(on_replica_simple(&c, "").await, "plain read");
+        assert!(on_replica(&c).await, "extended-protocol read");
+        assert!(
+            !on_replica_simple(&c, "/* pgnear:primary */ ").await,
+            "primary hint"
+        );
+        c.batch_execute("BEGIN").await.unwrap();
+        assert!(
+            !on_replica(&c).await,
+            "read inside a read-write transaction"
+        );
+        c.batch_execute("COMMIT").await.unwrap();
+        c.batch_execute("BEGIN READ ONLY").await.unwrap();
+        assert!(on_replica(&c).await, "read-only transaction");
+        c.batch_execute("COMMIT").await.unwrap();
+        // A write inside a read-only transaction fails like on Postgres, and the client sees the
+        // failed transaction status.
+        c.batch_execute("START TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            .await
+            .unwrap();
+        let e = c
+            .batch_execute("CREATE TABLE nope (a int)")
+            .await
+            .unwrap_err();
+        assert_eq!(sqlstate(&e), "25006");
+        let e = c.simple_query("SELECT 1").await.unwrap_err();
+        assert_eq!(sqlstate(&e), "25P02", "{e}");
+        c.batch_execute("ROLLBACK").await.unwrap();
+        assert!(on_replica(&c).await);
+        // Writes work and are visible once replayed.
+        c.batch_execute("CREATE TABLE IF NOT EXISTS routed (a int); INSERT INTO routed VALUES (1)")
+            .await
+            .unwrap();
+        let n: i64 = c
+            .query_one("/* pgnear:primary */ SELECT count(*) FROM routed", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert!(n >= 1);
+        // SET pgnear.route pins the session.
+        c.batch_execute("SET pgnear.route = 'primary'")
+            .await
+            .unwrap();
+        assert!(!on_replica_simple(&c, "").await);
+        let rows = c.simple_query("SHOW pgnear.route").await.unwrap();
+        assert!(matches!(&rows[1], SimpleQueryMessage::Row(r) if r.get(0) == Some("primary")));
+        c.batch_execute("SET pgnear.route = 'auto'").await.unwrap();
+        assert!(on_replica_simple(&c, "").await);
+        let e = c
+            .batch_execute("SET pgnear.route = 'sideways'")
+            .await
+            .unwrap_err();
+        assert_eq!(sqlstate(&e), "22023");
+        let rows = c.simple_query("SHOW pgnear.region").await.unwrap();
+        assert!(matches!(&rows[1], SimpleQueryMessage::Row(r) if r.get(0) == Some(REPLICA)));
+        let rows = c.simple_query("SHOW pgnear.primary_region").await.unwrap();
+        assert!(matches!(&rows[1], SimpleQueryMessage::Row(r) if r.get(0) == Some(PRIMARY)));
+        p.shutdown().await;
+    });
+}
+
+#[test]
+fn prepared_statements_run_on_both_servers() {
+    run(async {
+        let p = proxy(REPLICA, |_| {}).await;
+        let c = connect(&url(&p)).await;
+        let stmt = c
+            .prepare("SELECT pg_is_in_recovery(), $1::int + 1")
+            .await
+            .unwrap();
+        let row = c.query_one(&stmt, &[&1i32]).await.unwrap();
+        assert!(row.get::<_, bool>(0));
+        assert_eq!(row.get::<_, i32>(1), 2);
+        // Inside a read-write transaction the same statement runs on the primary: re-prepared there.
+        c.batch_execute("BEGIN").await.unwrap();
+        for i in 0..20 {
+            let row = c.query_one(&stmt, &[&i]).await.unwrap();
+            assert!(!row.get::<_, bool>(0));
+            assert_eq!(row.get::<_, i32>(1), i + 1);
+        }
+        c.batch_execute("COMMIT").await.unwrap();
+        assert!(c
+            .query_one(&stmt, &[&5i32])
+            .await
+            .unwrap()
+            .get::<_, bool>(0));
+        // Closing it closes it everywhere; a new statement with a reused name works.
+        drop(stmt);
+        for _ in 0..3 {
+            let s = c
+                .prepare("SELECT pg_is_in_recovery(), 'again'")
+                .await
+                .unwrap();
+            assert!(c.query_one(&s, &[]).await.unwrap().get::<_, bool>(0));
+            c.batch_execute("BEGIN").await.unwrap();
+            assert!(!c.query_one(&s, &[]).await.unwrap().get::<_, bool>(0));
+            c.batch_execute("COMMIT").await.unwrap();
+        }
+        p.shutdown().await;
+    });
+}
+
+#[test]
+fn session_state_reaches_both_servers_in_order() {
+    run(async {
+        let p = proxy(REPLICA, |_| {}).await;
+        let u = format!(
+            "{}&options=-c%20statement_timeout%3D4321&application_name=state_test",
+            url(&p)
+        );
+        let c = connect(&u).await;
+        let show = |name: &'static str| {
+            let c = &c;
+            async move {
+                c.query_one(&format!("SHOW {name}"), &[])
+                    .await
+                    .unwrap()
+                    .get::<_, String>(0)
+            }
+        };
+        // Startup parameters on the replica (a read) and the primary (in a transaction).
+        assert_eq!(show("statement_timeout").await, "4321ms");
+        assert_eq!(show("application_name").await, "state_test");
+        c.batch_execute("SET search_path = 'first'").await.unwrap();
+        c.batch_execute("SET search_path = 'second', public")
+            .await
+            .unwrap();
+        c.batch_execute("SET DateStyle = 'SQL, DMY'").await.unwrap();
+        assert!(on_replica(&c).await);
+        assert_eq!(show("search_path").await, "second, public");
+        c.batch_execute("BEGIN").await.unwrap();
+        assert!(!on_replica(&c).await);
+        assert_eq!(show("search_path").await, "second, public");
+        assert_eq!(show("DateStyle").await, "SQL, DMY");
+        assert_eq!(show("statement_timeout").await, "4321ms");
+        c.batch_execute("SET LOCAL work_mem = '7MB'").await.unwrap();
+        assert_eq!(show("work_mem").await, "7MB");
+        c.batch_execute("COMMIT").await.unwrap();
+        // SET LOCAL stayed inside its transaction.
+        assert_ne!(show("work_mem").await, "7MB");
+        c.batch_execute("RESET search_path").await.unwrap();
+        assert_eq!(show("search_path").await, "\"$user\", public");
+        c.batch_execute("BEGIN").await.unwrap();
+        assert_eq!(show("search_path").await, "\"$user\", public");
+        c.batch_execute("COMMIT").await.unwrap();
+        // A failed SET is not replayed anywhere.
+        assert!(c
+            .batch_execute("SET statement_timeout = 'soon'")
+            .await
+            .is_err());
+        c.batch_execute("BEGIN").await.unwrap();
+        assert_eq!(show("statement_timeout").await, "4321ms");
+        c.batch_execute("COMMIT").await.unwrap();
+        p.shutdown().await;
+    });
+}
+
+#[test]
+fn pins_keep_the_session_on_the_primary_until_released() {
+    run(async {
+        let p = proxy(REPLICA, |_| {}).await;
+        let (c, mut conn) = tokio_postgres::connect(&url(&p), tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        let (tx, mut notes) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Some(Ok(m)) = std::future::poll_fn(|cx| conn.poll_message(cx))
+                .await
+                .map(Some)
+                .unwrap_or(None)
+            {
+                if let AsyncMessage::Notification(n) = m {
+                    let _ = tx.send(n.payload().to_string());
+                }
+            }
+        });
+        assert!(on_replica(&c).await);
+        c.batch_execute("LISTEN jobs").await.unwrap();
+        assert!(!on_replica(&c).await, "LISTEN pins");
+        let other = connect(&url(&p)).await;
+        other.batch_execute("NOTIFY jobs, 'job-1'").await.unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(10), notes.recv())
+            .await
+            .unwrap();
+        assert_eq!(got.as_deref(), Some("job-1"));
+        c.batch_execute("UNLISTEN *").await.unwrap();
+        assert!(on_replica(&c).await, "UNLISTEN * releases");
+
+        c.batch_execute("CREATE TEMP TABLE scratch (a int); INSERT INTO scratch VALUES (1)")
+            .await
+            .unwrap();
+        let n: i64 = c
+            .query_one("SELECT count(*) FROM scratch", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n, 1, "temp table readable: the session is on the primary");
+        c.batch_execute("DISCARD ALL").await.unwrap();
+        assert!(on_replica(&c).await, "DISCARD ALL releases");
+
+        c.batch_execute("SELECT pg_advisory_lock(42)")
+            .await
+            .unwrap();
+        assert!(!on_replica(&c).await, "advisory lock pins");
+        c.batch_execute("SELECT pg_advisory_unlock_all()")
+            .await
+            .unwrap();
+        assert!(on_replica(&c).await, "unlock releases");
+        p.shutdown().await;
+    });
+}
+
+#[test]
+fn a_write_hidden_in_a_function_is_retried_on_the_primary_once() {
+    run(async {
+        let direct = connect(&cluster().primary_url_from(PRIMARY)).await;
+        direct
+            .batch_execute(
+                "DROP TABLE IF EXISTS hidden_t; CREATE TABLE hidden_t (a int);
+                 CREATE OR REPLACE FUNCTION write_hidden() RETURNS int LANGUAGE sql AS
+                 $$ INSERT INTO hidden_t VALUES (1) RETURNING 1 $$;",
+            )
+            .await
+            .unwrap();
+        cluster().wait_replicas_caught_up().await.unwrap();
+        let p = proxy(REPLICA, |_| {}).await;
+        let c = connect(&url(&p)).await;
+        for _ in 0..3 {
+            let rows = c.simple_query("SELECT write_hidden()").await.unwrap();
+            assert!(matches!(&rows[1], SimpleQueryMessage::Row(r) if r.get(0) == Some("1")));
+        }
+        let n: i64 = direct
+            .query_one("SELECT count(*) FROM hidden_t", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n, 3, "each call ran exactly once");
+        // A read after it still goes to the replica.
+        assert!(on_replica_simple(&c, "").await);
+        p.shutdown().await;
+    });
+}
+
+#[test]
+fn pgbench_tpcb_through_pgnear_adds_up() {
+    run(async {
+        let p = proxy(REPLICA, |_| {}).await;
+        let o = cluster().options();
+        let direct = cluster().primary().addr();
+        let init = std::process::Command::new("pgbench")
+            .args([
+                "-i",
+                "-s",
+                "1",
+                "-q",
+                "-h",
+                &direct.ip().to_string(),
+                "-p",
+                &direct.port().to_string(),
+                "-U",
+                &o.app_user,
+                &o.database,
+            ])
+            .env("PGPASSWORD", &o.app_password)
+            .output()
+            .unwrap();
+        assert!(
+            init.status.success(),
+            "{}",
+            String::from_utf8_lossy(&init.stderr)
+        );
+        for mode in ["simple", "extended", "prepared"] {
+            let out = std::process::Command::new("pgbench")
+                .args([
+                    "-n",
+                    "-M",
+                    mode,
+                    "-c",
+                    "4",
+                    "-j",
+                    "2",
+                    "-t",
+                    "100",
+                    "-h",
+                    "127.0.0.1",
+                ])
+                .args([
+                    "-p",
+                    &p.addr().port().to_string(),
+                    "-U",
+                    &o.app_user,
+                    &o.database,
+                ])
+                .env("PGPASSWORD", &o.app_password)
+                .output()
+                .unwrap();
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                out.status.success(),
+                "{mode}: {stdout} {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(
+                stdout.contains("number of transactions actually processed: 400/400"),
+                "{mode}: {stdout}"
+            );
+            assert!(
+                stdout.contains("number of failed transactions: 0"),
+                "{mode}: {stdout}"
+            );
+        }
+        let admin = connect(&cluster().primary_url_from(PRIMARY)).await;
+        let sums = admin
+            .query_one(
+                "SELECT (SELECT sum(abalance) FROM pgbench_accounts)::bigint,
+                        (SELECT sum(tbalance) FROM pgbench_tellers)::bigint,
+                        (SELECT sum(bbalance) FROM pgbench_branches)::bigint,
+                        (SELECT sum(delta) FROM pgbench_history)::bigint,
+                        (SELECT count(*) FROM pgbench_history)",
+                &[],
+            )
+            .await
+            .unwrap();
+        let (a, t, b, h, n): (i64, i64, i64, i64, i64) = (
+            sums.get(0),
+            sums.get(1),
+            sums.get(2),
+            sums.get(3),
+            sums.get(4),
+        );
+        assert_eq!(n, 1200);
+        assert_eq!((a, t, b), (h, h, h));
+        p.shutdown().await;
+    });
+}
