@@ -7,6 +7,7 @@ pub mod auth;
 pub mod backend;
 pub mod cancel;
 pub mod config;
+pub mod consistency;
 pub mod error;
 pub mod lab;
 pub mod listener;
@@ -34,8 +35,10 @@ const CLASSIFY_CACHE_ENTRIES: usize = 16 * 1024;
 /// What every session shares: configuration, upstreams, credentials, and the shutdown signal.
 pub struct Shared {
     pub config: Config,
-    pub primary: Upstream,
-    pub replica: Option<Upstream>,
+    pub primary: Arc<Upstream>,
+    pub replica: Option<Arc<Upstream>>,
+    /// The replica's replay position and health (present when a replica is configured).
+    pub watcher: Option<Arc<consistency::watcher::Watcher>>,
     pub creds: Credentials,
     pub auth_method: AuthMethod,
     pub tls: Option<Arc<rustls::ServerConfig>>,
@@ -98,7 +101,7 @@ impl Proxy {
         } else {
             let url =
                 upstream_url::UpstreamUrl::parse(&config.upstream.replica_url).expect("validated");
-            Some(upstream(Role::Replica, url)?)
+            Some(Arc::new(upstream(Role::Replica, url)?))
         };
         let creds = Credentials::new(&primary_url.user, primary_url.password.as_deref());
         let listener = TcpListener::bind(&config.proxy.listen)
@@ -112,9 +115,17 @@ impl Proxy {
             source,
         })?;
         let (stop, shutdown) = watch::channel(false);
+        let primary = Arc::new(upstream(Role::Primary, primary_url)?);
+        let watcher = replica.as_ref().map(|r| {
+            consistency::watcher::Watcher::spawn(r.clone(), primary.clone(), shutdown.clone())
+        });
+        if let Some(w) = &watcher {
+            w.first_contact(connect_timeout).await;
+        }
         let shared = Arc::new(Shared {
-            primary: upstream(Role::Primary, primary_url)?,
+            primary,
             replica,
+            watcher,
             creds,
             auth_method,
             tls,

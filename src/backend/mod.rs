@@ -1,3 +1,4 @@
 //! The server side: connections to upstreams (startup, auth, TLS) and cancel forwarding.
 
 pub mod conn;
+pub mod control;

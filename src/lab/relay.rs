@@ -595,11 +595,13 @@ mod tests {
             .await
             .unwrap();
         let mut a = connect(&relay).await;
-        relay.set_target(echo_server(Some(b'B')).await);
-        let mut b = connect(&relay).await;
         let mut byte = [0u8; 1];
+        // Read A's greeting first: the relay accepts asynchronously, so only now is `a` known to
+        // be attached to the first target.
         a.read_exact(&mut byte).await.unwrap();
         assert_eq!(byte[0], b'A');
+        relay.set_target(echo_server(Some(b'B')).await);
+        let mut b = connect(&relay).await;
         b.read_exact(&mut byte).await.unwrap();
         assert_eq!(byte[0], b'B');
         roundtrip(&mut a, b"still A").await;

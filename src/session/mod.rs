@@ -17,6 +17,7 @@ use self::server::{Seen, Server};
 use self::state::SessionState;
 use crate::backend::conn::{send_cancel, Role};
 use crate::cancel::{CancelKey, CancelTarget};
+use crate::consistency::Lsn;
 use crate::error::{ErrorKind, PgError};
 use crate::protocol::frontend::{next_frame, Startup};
 use crate::protocol::{tag, write};
@@ -48,6 +49,12 @@ pub struct Session {
     open_tx: Option<Role>,
     /// Where the last unnamed statement was parsed.
     unnamed_role: Option<Role>,
+    /// Commit position of the session's last write.
+    write_lsn: Option<Lsn>,
+    /// `SET pgnear.min_lsn`: a position reads must see (a causal token from elsewhere).
+    min_lsn: Option<Lsn>,
+    /// A read the consistency gate refused (`on_timeout = "error"`), answered instead of run.
+    refused: Option<PgError>,
 }
 
 enum Flow {
@@ -108,6 +115,9 @@ impl Session {
             state: SessionState::default(),
             open_tx: None,
             unnamed_role: None,
+            write_lsn: None,
+            min_lsn: None,
+            refused: None,
         })
     }
 
@@ -335,7 +345,9 @@ impl Session {
         let server = server.expect("read from a connected server");
         server.scan(&mut self.cout, &mut seen)?;
         let (idle, tx) = (server.expect.is_empty(), server.tx);
+        let mut capture = false;
         for request in seen.done {
+            capture |= request.capture_after && !request.failed;
             if let Some(change) = request.change.filter(|_| !request.failed) {
                 let seq = self.state.commit_change(change);
                 if let Some(s) = self.slot(role).as_mut() {
@@ -346,12 +358,30 @@ impl Session {
         if idle {
             self.open_tx = (tx != b'I').then_some(role);
         }
+        if let Some(lsn) = seen
+            .write_lsn
+            .as_deref()
+            .and_then(|v| v.parse::<Lsn>().ok())
+        {
+            if self.write_lsn.is_none_or(|w| lsn > w) {
+                self.write_lsn = Some(lsn);
+                if self.shared.config.consistency.report_write_lsn {
+                    write::parameter_status(&mut self.cout, "pgnear.write_lsn", &lsn.to_string());
+                }
+            }
+        }
         if !self.cout.is_empty() {
             let r = self.client.write_all(&self.cout).await;
             self.cout.clear();
             if r.is_err() {
                 // The client is gone; the caller's next client read sees it.
                 return Err(PgError::protocol("client connection lost"));
+            }
+        }
+        if capture {
+            if let Some(s) = self.slot(role).as_mut() {
+                s.send_internal_query(route::WRITE_LSN_QUERY, expect::Purpose::WriteLsn);
+                s.flush().await?;
             }
         }
         if let Some(frame) = seen.retry {

@@ -6,10 +6,14 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 
+use super::expect;
 use super::server::Request;
 use super::Session;
 use crate::backend::conn::Role;
-use crate::error::PgError;
+use crate::config::OnTimeout;
+use crate::consistency::gate::{self, Gate};
+use crate::consistency::Lsn;
+use crate::error::{ErrorKind, PgError};
 use crate::protocol::frontend::query_text;
 use crate::protocol::{cstr, tag, write};
 use crate::router::classify::{Classified, Hint, Kind};
@@ -30,6 +34,8 @@ struct BatchPlan {
     parsed: Vec<String>,
     closed: Vec<String>,
     parsed_unnamed: bool,
+    /// A statement in the batch may be a COPY.
+    copy: bool,
     syncs: usize,
     tx: Option<TxEffect>,
 }
@@ -73,7 +79,7 @@ impl Session {
             in_transaction: self.open_tx,
             pinned: self.state.pins.any(),
             setting: self.state.setting,
-            replica_available: self.shared.replica.is_some(),
+            replica_available: self.replica_gate() != Gate::Unavailable,
         }
     }
 
@@ -106,8 +112,17 @@ impl Session {
             };
             decide(request, self.context())
         };
-        if role == Role::Replica && self.ensure_replica().await.is_err() {
-            (role, reason) = (Role::Primary, Reason::Fallback);
+        if role == Role::Replica {
+            match self.consistent_read().await? {
+                Some(fallback) => (role, reason) = (Role::Primary, fallback),
+                None if self.ensure_replica().await.is_err() => {
+                    (role, reason) = (Role::Primary, Reason::Fallback)
+                }
+                None => {}
+            }
+            if let Some(e) = self.refused.take() {
+                return self.refuse_request(e, 1).await;
+            }
         }
         tracing::debug!(route = role.name(), reason = reason.label(), "query routed");
         match tx_effect(&c) {
@@ -117,13 +132,88 @@ impl Session {
         }
         let retry = (role == Role::Replica && reason == Reason::Read && self.open_tx.is_none())
             .then(|| Bytes::copy_from_slice(&frame));
+        let capture = role == Role::Primary
+            && self.open_tx.is_none()
+            && !c.is_read()
+            && !is_state_only(&c)
+            && self.captures_lsn();
+        let capture_after = capture && may_copy(sql);
+        let capture = capture && !capture_after;
         let request = Request {
             change,
             retry,
             failed: false,
+            capture_after,
         };
-        self.server(role).await?.send_query(&frame, request);
+        let server = self.server(role).await?;
+        server.send_query(&frame, request);
+        if capture {
+            server.send_internal_query(WRITE_LSN_QUERY, expect::Purpose::WriteLsn);
+        }
         Ok(())
+    }
+
+    /// Whether commit positions are worth learning: a replica to wait for, or tokens to report.
+    fn captures_lsn(&self) -> bool {
+        self.shared.watcher.is_some() || self.shared.config.consistency.report_write_lsn
+    }
+
+    fn replica_gate(&self) -> Gate {
+        let Some(w) = &self.shared.watcher else {
+            return Gate::Unavailable;
+        };
+        let c = &self.shared.config.consistency;
+        let target = self.write_lsn.max(self.min_lsn);
+        gate::decide(c.mode, target, &w.current(), c.max_replica_lag.0)
+    }
+
+    /// Makes a replica read consistent: waits until the replica has replayed the session's
+    /// writes. Returns a reason to use the primary instead, or sets `self.refused` when
+    /// `on_timeout = "error"`.
+    async fn consistent_read(&mut self) -> Result<Option<Reason>, PgError> {
+        // A commit position still on its way back from the primary must be known first.
+        if self
+            .primary
+            .as_ref()
+            .is_some_and(|p| p.expect.has_internal(expect::Purpose::WriteLsn))
+        {
+            self.drain(Role::Primary).await?;
+        }
+        let Some(watcher) = self.shared.watcher.clone() else {
+            return Ok(Some(Reason::Fallback));
+        };
+        match self.replica_gate() {
+            Gate::Go => Ok(None),
+            Gate::Unavailable => Ok(Some(Reason::Fallback)),
+            Gate::Wait(target) => {
+                let c = &self.shared.config.consistency;
+                let (timeout, on_timeout) = (c.wait_timeout.0, c.on_timeout);
+                match watcher.wait_for(target, timeout).await {
+                    Ok(()) => Ok(None),
+                    Err(_) if on_timeout == OnTimeout::Primary => Ok(Some(Reason::Fallback)),
+                    Err(reached) => {
+                        self.refused = Some(not_consistent(target, reached, timeout));
+                        Ok(None)
+                    }
+                }
+            }
+        }
+    }
+
+    /// Answers a request pgnear will not run: the error, then ReadyForQuery per Sync.
+    async fn refuse_request(&mut self, e: PgError, syncs: usize) -> Result<(), PgError> {
+        let mut out = BytesMut::new();
+        for _ in 0..syncs.max(1) {
+            write::error_response(&mut out, &e);
+            write::ready_for_query(&mut out, self.client_tx_status());
+        }
+        self.write_client(&out).await
+    }
+
+    fn client_tx_status(&self) -> u8 {
+        self.open_tx
+            .and_then(|r| self.slot_ref(r).map(|s| s.tx))
+            .unwrap_or(b'I')
     }
 
     /// Connects the replica if it is not yet connected.
@@ -169,8 +259,19 @@ impl Session {
             };
             decide(request, self.context())
         };
-        if role == Role::Replica && self.ensure_replica().await.is_err() {
-            (role, reason) = (Role::Primary, Reason::Fallback);
+        if role == Role::Replica {
+            match self.consistent_read().await? {
+                Some(fallback) => (role, reason) = (Role::Primary, fallback),
+                None if self.ensure_replica().await.is_err() => {
+                    (role, reason) = (Role::Primary, Reason::Fallback)
+                }
+                None => {}
+            }
+            if let Some(e) = self.refused.take() {
+                self.batch.clear();
+                self.batch_tags.clear();
+                return self.refuse_request(e, plan.syncs).await;
+            }
         }
         tracing::debug!(route = role.name(), reason = reason.label(), "batch routed");
         match plan.tx {
@@ -178,6 +279,12 @@ impl Session {
             Some(TxEffect::End) => self.open_tx = None,
             None => {}
         }
+        let capture_lsn = role == Role::Primary
+            && self.open_tx.is_none()
+            && !plan.read
+            && plan.syncs > 0
+            && !self.state.pins.extended_state
+            && self.captures_lsn();
         let batch = std::mem::take(&mut self.batch);
         let unnamed = self
             .state
@@ -212,8 +319,15 @@ impl Session {
             server.send_client_frame(batch[pos], &batch[pos..pos + len]);
             pos += len;
         }
-        for _ in 0..plan.syncs {
-            server.requests.push_back(Request::default());
+        for i in 0..plan.syncs {
+            let last = i + 1 == plan.syncs;
+            server.requests.push_back(Request {
+                capture_after: last && capture_lsn && plan.copy,
+                ..Request::default()
+            });
+        }
+        if capture_lsn && !plan.copy {
+            server.send_internal_query(WRITE_LSN_QUERY, expect::Purpose::WriteLsn);
         }
         server.prepared.extend(plan.parsed.iter().cloned());
         for name in &plan.closed {
@@ -268,6 +382,7 @@ impl Session {
                 tag::PARSE => {
                     let (name, used) = cstr(body).ok_or_else(|| bad("Parse"))?;
                     let (sql, _) = cstr(&body[used..]).ok_or_else(|| bad("Parse"))?;
+                    plan.copy |= may_copy(sql);
                     let c = self.classify(sql);
                     self.note_statement(&c, &mut plan);
                     let frame = Bytes::copy_from_slice(frame);
@@ -442,6 +557,8 @@ impl Session {
         let regions = &self.shared.config.regions;
         Some(match name {
             "route" => Some(self.state.setting.name().to_string()),
+            "write_lsn" => Some(self.write_lsn.map(|l| l.to_string()).unwrap_or_default()),
+            "min_lsn" => Some(self.min_lsn.map(|l| l.to_string()).unwrap_or_default()),
             "region" => Some(regions.current.clone()),
             "primary_region" => Some(regions.primary.clone()),
             _ => return None,
@@ -456,9 +573,45 @@ impl Session {
                     .ok_or_else(|| invalid_value(name, v, "auto, primary, replica"))?;
                 Ok(())
             }
+            "min_lsn" => {
+                self.min_lsn = match value.map(str::trim).filter(|v| !v.is_empty()) {
+                    None => None,
+                    Some(v) => Some(
+                        v.parse::<Lsn>()
+                            .map_err(|e| invalid_value(name, v, &e.to_string()))?,
+                    ),
+                };
+                Ok(())
+            }
             _ => Err(unknown_setting(name)),
         }
     }
+}
+
+/// Whether a statement may be a COPY (then nothing may be pipelined behind it).
+fn may_copy(sql: &str) -> bool {
+    sql.as_bytes()
+        .windows(4)
+        .any(|w| w.eq_ignore_ascii_case(b"copy"))
+}
+
+/// pgnear's commit-position lookup, pipelined behind a write on the same connection.
+pub(super) const WRITE_LSN_QUERY: &str = "SELECT pg_current_wal_insert_lsn()";
+
+fn not_consistent(target: Lsn, reached: Option<Lsn>, timeout: std::time::Duration) -> PgError {
+    let reached = reached.map_or("nothing yet".to_string(), |l| l.to_string());
+    let e = PgError::new(
+        ErrorKind::Consistency,
+        format!("the replica did not replay this session's writes within {timeout:?}"),
+    )
+    .non_fatal()
+    .with_detail(format!(
+        "The session needs WAL position {target}; the replica has replayed {reached}."
+    ))
+    .with_hint(
+        "Retry, or raise consistency.wait_timeout, or set consistency.on_timeout = \"primary\".",
+    );
+    e
 }
 
 fn close_frame(name: &str) -> Vec<u8> {

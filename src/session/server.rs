@@ -29,6 +29,9 @@ pub struct Request {
     pub retry: Option<Bytes>,
     /// The server answered with an error.
     pub failed: bool,
+    /// Learn the commit position once this completes (it may enter COPY IN mode, during which
+    /// nothing else can be pipelined behind it).
+    pub capture_after: bool,
 }
 
 pub struct Server {

@@ -1,0 +1,976 @@
+//! End-to-end benchmark against the lab cluster: `cargo bench --bench regions`.
+//!
+//! One run starts a two-region lab (primary `iad`, replica `syd`) and measures, side by side:
+//! A. local overhead: pgbench read-only against the syd replica directly, through pgnear and
+//!    through PgBouncer (transaction mode); TPC-B against the primary directly and through pgnear;
+//! B. multi-region latency at 100 ms RTT: an app in syd talking to the primary vs through pgnear;
+//! C. memory of the real `pgnear` binary (`target/release/pgnear`, which cargo builds alongside
+//!    this bench): idle, with many idle clients, and while one client streams 100 MB.
+//!
+//! The Markdown report goes to stdout and `target/bench-report.md`; progress goes to stderr.
+//! `PGNEAR_BENCH_SECS` sets the pgbench run length (default 10 s), `PGNEAR_BENCH_SAMPLES` the
+//! latency samples per measurement (default 200). Each pgbench configuration runs 3 times with the
+//! targets interleaved, and the median is reported: this machine is small and shared.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use pgnear::lab::cluster::{Cluster, ClusterOptions};
+use pgnear::lab::{proxy_config, proxy_url};
+use pgnear::Proxy;
+use tokio::process::{Child, Command};
+use tokio_postgres::{Client, NoTls};
+
+const PRIMARY: &str = "iad";
+const REPLICA: &str = "syd";
+const REPS: usize = 3;
+const ONE_WAY: Duration = Duration::from_millis(50);
+const IDLE_CLIENTS: usize = 2_000;
+const PGBOUNCER: &str = "/usr/sbin/pgbouncer";
+const READ_SQL: &str = "SELECT abalance FROM pgbench_accounts WHERE aid = $1";
+const WRITE_SQL: &str = "UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid = $1";
+const STREAM_SQL: &str =
+    "COPY (SELECT repeat('x', 1000) FROM generate_series(1, 100000)) TO STDOUT";
+
+struct Settings {
+    secs: u64,
+    samples: usize,
+}
+
+fn main() -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+    let settings = Settings {
+        secs: env_num("PGNEAR_BENCH_SECS", 10).max(1),
+        samples: env_num("PGNEAR_BENCH_SAMPLES", 200).max(1),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let report = runtime.block_on(run(&settings))?;
+    print!("{report}");
+    let path = target_dir().join("bench-report.md");
+    std::fs::write(&path, &report).with_context(|| format!("writing {}", path.display()))?;
+    progress(format!("report written to {}", path.display()));
+    Ok(())
+}
+
+/// Starts the lab, runs every section, always shuts the lab down.
+async fn run(s: &Settings) -> anyhow::Result<String> {
+    let began = Instant::now();
+    progress("starting the lab: primary in iad, replica in syd");
+    let cluster = Cluster::start(ClusterOptions {
+        regions: vec![PRIMARY.into(), REPLICA.into()],
+        ..ClusterOptions::default()
+    })
+    .await?;
+    let mut report = String::new();
+    let result = sections(&cluster, s, &mut report).await;
+    progress("stopping the lab");
+    cluster.shutdown().await;
+    result?;
+    let total = began.elapsed().as_secs_f64();
+    writeln!(report, "\n_Total bench run time: {total:.0} s._")?;
+    Ok(report)
+}
+
+async fn sections(cluster: &Cluster, s: &Settings, out: &mut String) -> anyhow::Result<()> {
+    let bouncer = ensure_pgbouncer().await;
+    out.push_str(&header(cluster, s, &bouncer).await?);
+    progress("pgbench -i -s 10 on the primary");
+    let o = cluster.options();
+    let init = ["-i", "-s", "10", "-q"];
+    pgbench(o, cluster.primary().addr(), &init, None)
+        .await
+        .map_err(|e| anyhow::anyhow!("pgbench -i failed: {e}"))?;
+    cluster.wait_replicas_caught_up().await?;
+    let a = section_local(cluster, s, bouncer.as_deref().ok()).await;
+    push_section(out, "A. Local overhead (pgbench, zero added latency)", a);
+    let b = section_regions(cluster, s).await;
+    push_section(out, "B. Multi-region latency (syd, 100 ms RTT to iad)", b);
+    let c = section_memory(cluster).await;
+    push_section(out, "C. Memory of the pgnear process", c);
+    Ok(())
+}
+
+fn push_section(out: &mut String, title: &str, body: anyhow::Result<String>) {
+    let _ = writeln!(out, "\n## {title}\n");
+    match body {
+        Ok(text) => out.push_str(&text),
+        Err(e) => {
+            progress(format!("section failed: {e:#}"));
+            let _ = writeln!(out, "**Section failed:** {e:#}");
+        }
+    }
+}
+
+async fn header(
+    cluster: &Cluster,
+    s: &Settings,
+    bouncer: &Result<PathBuf, String>,
+) -> anyhow::Result<String> {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines().find_map(|l| {
+                Some(
+                    l.strip_prefix("model name")?
+                        .trim_start_matches([' ', '\t', ':'])
+                        .to_string(),
+                )
+            })
+        })
+        .unwrap_or_else(|| "unknown".into());
+    let nproc = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let date = first_line("date", &["-u", "+%Y-%m-%d %H:%M:%S UTC"]).await;
+    let rev = first_line(
+        "git",
+        &[
+            "-C",
+            env!("CARGO_MANIFEST_DIR"),
+            "describe",
+            "--always",
+            "--dirty",
+        ],
+    )
+    .await;
+    let client = connect(&cluster.primary_url_from(PRIMARY)).await?;
+    let postgres: String = client.query_one("SELECT version()", &[]).await?.get(0);
+    let pgbench = first_line("pgbench", &["--version"]).await;
+    let pgbouncer = match bouncer {
+        Ok(bin) => first_line(bin.as_os_str(), &["--version"]).await,
+        Err(e) => e.clone(),
+    };
+    Ok(format!(
+        "# pgnear end-to-end benchmark\n\n\
+         | | |\n|---|---|\n\
+         | date | {date} |\n| machine | {nproc} CPUs, {cpu} |\n\
+         | pgnear | {} (git {rev}), in-process for A and B, release binary for C |\n\
+         | Postgres | {postgres} |\n| pgbench | {pgbench} |\n| PgBouncer | {pgbouncer} |\n\
+         | settings | {} s per pgbench run, median of {REPS} interleaved runs; {} latency samples |\n",
+        env!("CARGO_PKG_VERSION"),
+        s.secs,
+        s.samples
+    ))
+}
+
+// ---------------------------------------------------------------------------------------------
+// A. Local overhead
+
+#[derive(Debug, Clone, Copy)]
+struct Run {
+    tps: f64,
+    lat_ms: f64,
+}
+
+/// The runs of one target in one configuration; the first failure ends its repetitions.
+#[derive(Default)]
+struct Cell {
+    runs: Vec<Run>,
+    error: Option<String>,
+}
+
+impl Cell {
+    fn median(&self) -> Option<Run> {
+        if self.error.is_some() || self.runs.is_empty() {
+            return None;
+        }
+        let tps: Vec<f64> = self.runs.iter().map(|r| r.tps).collect();
+        let lat: Vec<f64> = self.runs.iter().map(|r| r.lat_ms).collect();
+        Some(Run {
+            tps: percentile(&tps, 50.0),
+            lat_ms: percentile(&lat, 50.0),
+        })
+    }
+}
+
+async fn section_local(
+    cluster: &Cluster,
+    s: &Settings,
+    bouncer_bin: Option<&Path>,
+) -> anyhow::Result<String> {
+    let replica = cluster
+        .replica(REPLICA)
+        .context("no syd replica")?
+        .node
+        .addr();
+    let syd = Proxy::start(proxy_config(cluster, REPLICA)).await?;
+    let iad = Proxy::start(proxy_config(cluster, PRIMARY)).await?;
+    let mut notes = String::new();
+    let bouncer = match bouncer_bin {
+        Some(bin) => match Bouncer::start(bin, replica, cluster.options()).await {
+            Ok(b) => Some(b),
+            Err(e) => {
+                writeln!(
+                    notes,
+                    "PgBouncer did not start, its rows are skipped: {e:#}\n"
+                )?;
+                None
+            }
+        },
+        None => {
+            writeln!(notes, "PgBouncer is not available, its rows are skipped.\n")?;
+            None
+        }
+    };
+    let mut targets = vec![("direct", replica), ("pgnear", syd.addr())];
+    if let Some(b) = &bouncer {
+        targets.push(("pgbouncer", b.addr));
+    }
+    let reads = read_only_table(cluster, s, &targets).await;
+    let tpcb = tpcb_table(cluster, s, iad.addr()).await;
+    if let Some(b) = bouncer {
+        b.stop().await;
+    }
+    syd.shutdown().await;
+    iad.shutdown().await;
+    Ok(format!(
+        "{notes}### Read-only (`pgbench -S`) against the syd replica\n\n{}\n\
+         ### TPC-B (`pgbench -c 8 -j 2`) against the iad primary\n\n{}",
+        reads?, tpcb?
+    ))
+}
+
+async fn read_only_table(
+    cluster: &Cluster,
+    s: &Settings,
+    targets: &[(&'static str, SocketAddr)],
+) -> anyhow::Result<String> {
+    let mut table = String::from(
+        "| mode | clients | target | TPS | avg latency (ms) | TPS vs direct | added latency (µs) |\n\
+         |---|---:|---|---:|---:|---:|---:|\n",
+    );
+    let mut notes = String::new();
+    for mode in ["simple", "extended", "prepared"] {
+        for (clients, threads) in [("1", "1"), ("8", "2")] {
+            let args = ["-S", "-M", mode, "-c", clients, "-j", threads];
+            let what = format!("-S -M {mode} -c {clients}");
+            let cells = interleaved(cluster, s, targets, &args, &what).await;
+            let direct = cells[0].median();
+            for ((name, _), cell) in targets.iter().zip(&cells) {
+                let (m, d) = match (cell.median(), direct) {
+                    (Some(m), Some(d)) => (m, d),
+                    _ => {
+                        writeln!(
+                            table,
+                            "| {mode} | {clients} | {name} | n/a | n/a | n/a | n/a |"
+                        )?;
+                        if let Some(e) = &cell.error {
+                            writeln!(notes, "- {name}, `{what}`: {e}")?;
+                        }
+                        continue;
+                    }
+                };
+                let added = if clients == "1" && *name != "direct" {
+                    format!("{:+.0}", (m.lat_ms - d.lat_ms) * 1000.0)
+                } else {
+                    String::new()
+                };
+                writeln!(
+                    table,
+                    "| {mode} | {clients} | {name} | {:.0} | {:.3} | {:.2} | {added} |",
+                    m.tps,
+                    m.lat_ms,
+                    m.tps / d.tps
+                )?;
+            }
+        }
+    }
+    if !notes.is_empty() {
+        write!(table, "\nFailed runs (reported as n/a):\n{notes}")?;
+    }
+    Ok(table)
+}
+
+async fn tpcb_table(cluster: &Cluster, s: &Settings, iad: SocketAddr) -> anyhow::Result<String> {
+    let targets = [("direct", cluster.primary().addr()), ("pgnear (iad)", iad)];
+    let cells = interleaved(cluster, s, &targets, &["-c", "8", "-j", "2"], "TPC-B").await;
+    let direct = cells[0].median();
+    let mut table =
+        String::from("| target | TPS | avg latency (ms) | TPS vs direct |\n|---|---:|---:|---:|\n");
+    for ((name, _), cell) in targets.iter().zip(&cells) {
+        match (cell.median(), direct) {
+            (Some(m), Some(d)) => writeln!(
+                table,
+                "| {name} | {:.0} | {:.3} | {:.2} |",
+                m.tps,
+                m.lat_ms,
+                m.tps / d.tps
+            )?,
+            _ => writeln!(
+                table,
+                "| {name} | n/a ({}) | | |",
+                cell.error.as_deref().unwrap_or("no run")
+            )?,
+        }
+    }
+    Ok(table)
+}
+
+/// Runs `args` against every target, target after target, `REPS` times over.
+async fn interleaved(
+    cluster: &Cluster,
+    s: &Settings,
+    targets: &[(&'static str, SocketAddr)],
+    args: &[&str],
+    what: &str,
+) -> Vec<Cell> {
+    let mut cells: Vec<Cell> = targets.iter().map(|_| Cell::default()).collect();
+    for rep in 1..=REPS {
+        for ((name, addr), cell) in targets.iter().zip(cells.iter_mut()) {
+            if cell.error.is_some() {
+                continue;
+            }
+            progress(format!("pgbench {what} -> {name} ({rep}/{REPS})"));
+            match pgbench(cluster.options(), *addr, args, Some(s.secs)).await {
+                Ok(run) => cell.runs.push(run),
+                Err(e) => cell.error = Some(e),
+            }
+        }
+    }
+    cells
+}
+
+/// Runs pgbench as the app user; with `secs`, a timed `-n` run whose result is parsed.
+async fn pgbench(
+    o: &ClusterOptions,
+    addr: SocketAddr,
+    args: &[&str],
+    secs: Option<u64>,
+) -> Result<Run, String> {
+    let mut cmd = Command::new("pgbench");
+    cmd.arg("-h")
+        .arg(addr.ip().to_string())
+        .arg("-p")
+        .arg(addr.port().to_string())
+        .args(["-U", &o.app_user])
+        .args(args);
+    if let Some(secs) = secs {
+        cmd.args(["-n", "-T", &secs.to_string()]);
+    }
+    cmd.arg(&o.database)
+        .env("PGPASSWORD", &o.app_password)
+        .env("PGSSLMODE", "disable")
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    let limit = Duration::from_secs(secs.unwrap_or(300) + 60);
+    let out = match tokio::time::timeout(limit, cmd.output()).await {
+        Err(_) => return Err(format!("timed out after {limit:?}")),
+        Ok(Err(e)) => return Err(format!("cannot run pgbench: {e}")),
+        Ok(Ok(out)) => out,
+    };
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() {
+        let line = stderr
+            .lines()
+            .find(|l| l.contains("error") || l.contains("ERROR"))
+            .or_else(|| stderr.lines().rev().find(|l| !l.trim().is_empty()))
+            .unwrap_or("no output");
+        return Err(format!(
+            "pgbench exited with {}: {}",
+            out.status,
+            line.trim()
+        ));
+    }
+    if secs.is_none() {
+        return Ok(Run {
+            tps: 0.0,
+            lat_ms: 0.0,
+        });
+    }
+    let field = |prefix: &str, suffix: &str| {
+        stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(prefix)?.strip_suffix(suffix)?.parse().ok())
+    };
+    match (
+        field("tps = ", " (without initial connection time)"),
+        field("latency average = ", " ms"),
+    ) {
+        (Some(tps), Some(lat_ms)) => Ok(Run { tps, lat_ms }),
+        _ => Err(format!("unexpected pgbench output: {}", stdout.trim())),
+    }
+}
+
+/// `/usr/sbin/pgbouncer`, installed with apt-get when missing; Err is the reason it is skipped.
+async fn ensure_pgbouncer() -> Result<PathBuf, String> {
+    let bin = PathBuf::from(PGBOUNCER);
+    if bin.is_file() {
+        return Ok(bin);
+    }
+    progress("PgBouncer is missing: apt-get install -y pgbouncer");
+    let install = || async {
+        Command::new("apt-get")
+            .args(["install", "-y", "-q", "pgbouncer"])
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .status()
+            .await
+            .is_ok_and(|s| s.success())
+    };
+    if !install().await {
+        progress("apt-get install failed; trying again after apt-get update");
+        let _ = Command::new("apt-get")
+            .args(["update", "-q"])
+            .stdout(Stdio::null())
+            .status()
+            .await;
+        install().await;
+    }
+    if bin.is_file() {
+        Ok(bin)
+    } else {
+        Err("not installed (`apt-get install -y pgbouncer` failed): PgBouncer rows skipped".into())
+    }
+}
+
+/// A PgBouncer in transaction mode in front of the replica, in its own temporary directory.
+/// Killed on drop (by the pid in its pidfile: under `runuser` it is not our direct child).
+struct Bouncer {
+    child: Child,
+    dir: tempfile::TempDir,
+    addr: SocketAddr,
+    stopped: bool,
+}
+
+impl Bouncer {
+    async fn start(bin: &Path, replica: SocketAddr, o: &ClusterOptions) -> anyhow::Result<Bouncer> {
+        let dir = tempfile::Builder::new()
+            .prefix("pgnear-bench-pgbouncer-")
+            .tempdir()?;
+        let d = dir.path();
+        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+        let ini = format!(
+            "[databases]\n{db} = host={} port={} dbname={db}\n\n[pgbouncer]\n\
+             listen_addr = 127.0.0.1\nlisten_port = {}\nunix_socket_dir =\n\
+             auth_type = scram-sha-256\nauth_file = {}\npool_mode = transaction\n\
+             default_pool_size = 20\nmax_client_conn = 200\npidfile = {}\n\
+             ignore_startup_parameters = extra_float_digits\n",
+            replica.ip(),
+            replica.port(),
+            addr.port(),
+            d.join("userlist.txt").display(),
+            d.join("pgbouncer.pid").display(),
+            db = o.database,
+        );
+        std::fs::write(d.join("pgbouncer.ini"), ini)?;
+        let users = format!("\"{}\" \"{}\"\n", o.app_user, o.app_password);
+        std::fs::write(d.join("userlist.txt"), users)?;
+        let log = std::fs::File::create(d.join("pgbouncer.log"))?;
+        let mut cmd = if running_as_root() {
+            // PgBouncer refuses to run as root; hand it the directory and run it as postgres.
+            let chown = Command::new("chown")
+                .arg("-R")
+                .arg("postgres")
+                .arg(d)
+                .status()
+                .await?;
+            if !chown.success() {
+                bail!("chown -R postgres {} failed", d.display());
+            }
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(bin);
+            c
+        } else {
+            Command::new(bin)
+        };
+        cmd.arg(d.join("pgbouncer.ini"))
+            .current_dir("/")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .kill_on_drop(true);
+        let mut bouncer = Bouncer {
+            child: cmd.spawn()?,
+            dir,
+            addr,
+            stopped: false,
+        };
+        if let Err(e) = wait_listening(addr, &mut bouncer.child).await {
+            let log = std::fs::read_to_string(bouncer.dir.path().join("pgbouncer.log"));
+            bail!("{e:#}; log: {}", log.unwrap_or_default().trim());
+        }
+        Ok(bouncer)
+    }
+
+    fn signal(&self, sig: &str) {
+        let pid = std::fs::read_to_string(self.dir.path().join("pgbouncer.pid"));
+        if let Some(pid) = pid.ok().and_then(|p| p.trim().parse::<u32>().ok()) {
+            let _ = std::process::Command::new("kill")
+                .arg(sig)
+                .arg(pid.to_string())
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+
+    /// SIGTERM (immediate shutdown), then SIGKILL if it has not exited within 5 s.
+    async fn stop(mut self) {
+        self.signal("-TERM");
+        if tokio::time::timeout(Duration::from_secs(5), self.child.wait())
+            .await
+            .is_err()
+        {
+            self.signal("-KILL");
+            let _ = self.child.kill().await;
+        }
+        self.stopped = true;
+    }
+}
+
+impl Drop for Bouncer {
+    fn drop(&mut self) {
+        if !self.stopped {
+            self.signal("-KILL");
+            let _ = self.child.start_kill();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// B. Multi-region latency
+
+/// Latencies in ms.
+#[derive(Default)]
+struct Samples {
+    read: Vec<f64>,
+    write: Vec<f64>,
+    read_after_write: Vec<f64>,
+    connect: Vec<f64>,
+}
+
+async fn section_regions(cluster: &Cluster, s: &Settings) -> anyhow::Result<String> {
+    let relay = &cluster.replica(REPLICA).context("no syd replica")?.relay;
+    relay.set_delay(ONE_WAY);
+    let result = regions_measure(cluster, s).await;
+    relay.set_delay(Duration::ZERO);
+    result
+}
+
+async fn regions_measure(cluster: &Cluster, s: &Settings) -> anyhow::Result<String> {
+    let proxy = Proxy::start(proxy_config(cluster, REPLICA)).await?;
+    progress(format!(
+        "latency samples: direct to the primary from syd ({} each)",
+        s.samples
+    ));
+    let direct = latency_samples(&cluster.primary_url_from(REPLICA), s.samples).await;
+    progress("latency samples: through pgnear in syd");
+    let near = latency_samples(&proxy_url(cluster, &proxy), s.samples).await;
+    proxy.shutdown().await;
+    let (direct, near) = (direct.context("direct")?, near.context("through pgnear")?);
+    let mut out = format!(
+        "The syd relay adds {} ms each way, so syd is 100 ms RTT from the primary. The app in syd \
+         either talks to the primary directly (`primary_url_from(\"syd\")`) or to pgnear in syd \
+         (forward mode, session consistency). Prepared statements; {} samples each; ms.\n\n\
+         | sample | direct p50 | direct p99 | pgnear p50 | pgnear p99 |\n|---|---:|---:|---:|---:|\n",
+        ONE_WAY.as_millis(),
+        s.samples
+    );
+    let rows: [(&str, fn(&Samples) -> &Vec<f64>); 4] = [
+        ("read (`SELECT abalance ... WHERE aid = $1`)", |x| &x.read),
+        ("write (`UPDATE pgbench_accounts ...`)", |x| &x.write),
+        ("read right after a write, same session", |x| {
+            &x.read_after_write
+        }),
+        ("new connection + `SELECT 1`", |x| &x.connect),
+    ];
+    for (name, get) in rows {
+        let (d, n) = (get(&direct), get(&near));
+        writeln!(
+            out,
+            "| {name} | {:.2} | {:.2} | {:.2} | {:.2} |",
+            percentile(d, 50.0),
+            percentile(d, 99.0),
+            percentile(n, 50.0),
+            percentile(n, 99.0)
+        )?;
+    }
+    let p50 = |v: &Vec<f64>| percentile(v, 50.0);
+    let (dr, nr) = (p50(&direct.read), p50(&near.read));
+    let (nraw, dconn, nconn) = (
+        p50(&near.read_after_write),
+        p50(&direct.connect),
+        p50(&near.connect),
+    );
+    write!(
+        out,
+        "\n- Reads: {dr:.2} ms direct to the primary vs {nr:.2} ms through pgnear (local replica): \
+         {:.0}x faster at p50.\n\
+         - Writes: pgnear adds {:+.2} ms at p50 over writing to the primary directly.\n\
+         - Read after write through pgnear: {nraw:.2} ms vs {nr:.2} ms for a plain read \
+         ({:+.2} ms: waiting for the replica to replay the write).\n\
+         - New connection + first query: {dconn:.2} ms direct vs {nconn:.2} ms through pgnear \
+         ({:+.2} ms).\n",
+        dr / nr.max(1e-9),
+        p50(&near.write) - p50(&direct.write),
+        nraw - nr,
+        nconn - dconn
+    )?;
+    Ok(out)
+}
+
+/// `n` timed reads in a session that never writes; `n` timed writes each followed by a timed
+/// read of the same row in another session; `n` timed connect + `SELECT 1`.
+async fn latency_samples(url: &str, n: usize) -> anyhow::Result<Samples> {
+    let aid = |i: usize| (i * 7919 % 1_000_000 + 1) as i32;
+    let reader = connect(url).await?;
+    let read = reader.prepare(READ_SQL).await?;
+    let writer = connect(url).await?;
+    let (update, reread) = (
+        writer.prepare(WRITE_SQL).await?,
+        writer.prepare(READ_SQL).await?,
+    );
+    for i in 0..5 {
+        reader.query_one(&read, &[&aid(i)]).await?;
+    }
+    let mut out = Samples::default();
+    for i in 0..n {
+        let t = Instant::now();
+        reader.query_one(&read, &[&aid(i)]).await?;
+        out.read.push(ms(t));
+    }
+    for i in 0..n {
+        let t = Instant::now();
+        writer.execute(&update, &[&aid(i + n)]).await?;
+        out.write.push(ms(t));
+        let t = Instant::now();
+        writer.query_one(&reread, &[&aid(i + n)]).await?;
+        out.read_after_write.push(ms(t));
+    }
+    for _ in 0..n {
+        let t = Instant::now();
+        let client = connect(url).await?;
+        client.simple_query("SELECT 1").await?;
+        out.connect.push(ms(t));
+    }
+    Ok(out)
+}
+
+// ---------------------------------------------------------------------------------------------
+// C. Memory
+
+/// The release binary: cargo builds it for benches (`CARGO_BIN_EXE_pgnear`); otherwise next to
+/// the bench's `deps` directory.
+fn pgnear_binary() -> Option<PathBuf> {
+    let built = option_env!("CARGO_BIN_EXE_pgnear").map(PathBuf::from);
+    let beside = std::env::current_exe()
+        .ok()
+        .and_then(|exe| Some(exe.parent()?.parent()?.join("pgnear")));
+    built.into_iter().chain(beside).find(|p| p.is_file())
+}
+
+async fn section_memory(cluster: &Cluster) -> anyhow::Result<String> {
+    let Some(bin) = pgnear_binary() else {
+        return Ok(
+            "Skipped: `target/release/pgnear` is missing; build it with \
+                   `cargo build --release --bin pgnear`.\n"
+                .into(),
+        );
+    };
+    let listen = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+    let log = tempfile::NamedTempFile::new()?;
+    let replica_url = cluster.replica_url(REPLICA).context("no syd replica")?;
+    let mut child = Command::new(&bin)
+        .env_clear()
+        .env("DATABASE_URL", cluster.primary_url_from(REPLICA))
+        .env("PGNEAR_REPLICA_URL", replica_url)
+        .env("PGNEAR_LISTEN", listen.to_string())
+        .env("PGNEAR_ADMIN_LISTEN", "127.0.0.1:0")
+        .env("FLY_REGION", REPLICA)
+        .env("PRIMARY_REGION", PRIMARY)
+        .env("PGNEAR_LOG_LEVEL", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log.reopen()?)
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting {}", bin.display()))?;
+    let pid = child.id().context("pgnear exited at once")?;
+    let result = match wait_listening(listen, &mut child).await {
+        Ok(()) => memory_measure(cluster, pid, listen).await,
+        Err(e) => Err(e),
+    };
+    let _ = child.kill().await;
+    result
+        .map(|text| {
+            format!(
+                "Binary: `{}` (pid {pid}), syd, zero added latency.\n\n{text}",
+                bin.display()
+            )
+        })
+        .map_err(|e| {
+            let log = std::fs::read_to_string(log.path()).unwrap_or_default();
+            e.context(format!("pgnear log: {}", log.trim()))
+        })
+}
+
+async fn memory_measure(cluster: &Cluster, pid: u32, listen: SocketAddr) -> anyhow::Result<String> {
+    let o = cluster.options();
+    let url = format!(
+        "postgres://{}:{}@{listen}/{}?sslmode=disable",
+        o.app_user, o.app_password, o.database
+    );
+    connect(&url).await?.simple_query("SELECT 1").await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let idle = rss_kb(pid)?;
+    let mut out = String::from("| state | VmRSS (MB) |\n|---|---:|\n");
+    writeln!(
+        out,
+        "| idle after startup (one query served) | {:.1} |",
+        mb(idle)
+    )?;
+
+    let (target, why) = client_budget(cluster).await?;
+    progress(format!(
+        "opening {target} idle clients through the pgnear binary"
+    ));
+    let mut clients = Vec::with_capacity(target);
+    let mut failed = None;
+    while clients.len() < target && failed.is_none() {
+        let mut batch = tokio::task::JoinSet::new();
+        for _ in 0..(target - clients.len()).min(25) {
+            let url = url.clone();
+            batch.spawn(async move { connect(&url).await });
+        }
+        while let Some(joined) = batch.join_next().await {
+            match joined? {
+                Ok(c) => clients.push(c),
+                Err(e) => failed = Some(format!("{e:#}")),
+            }
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let held = rss_kb(pid)?;
+    let n = clients.len();
+    writeln!(out, "| {n} idle authenticated clients | {:.1} |", mb(held))?;
+    drop(clients);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = rss_kb(pid)?;
+    writeln!(out, "| after those clients left | {:.1} |", mb(after))?;
+
+    progress("streaming 100 MB through the pgnear binary");
+    let (peak, secs, result) = stream_peak(pid, &url).await?;
+    writeln!(
+        out,
+        "| peak while one client streams 100 MB (COPY TO STDOUT) | {:.1} |",
+        mb(peak)
+    )?;
+    let per_client = held.saturating_sub(idle) as f64 / n.max(1) as f64;
+    write!(
+        out,
+        "\n- Per idle client: {per_client:.1} KB ((RSS with {n} clients - idle) / {n}).\n\
+         - Streaming 100 MB: peak {:+.1} MB over the RSS before it, {secs:.1} s ({:.0} MB/s), {result}.\n",
+        mb(peak.saturating_sub(after)),
+        100.0 / secs.max(1e-9)
+    )?;
+    if let Some(w) = why {
+        writeln!(out, "- Scaled down from {IDLE_CLIENTS} clients: {w}")?;
+    }
+    if let Some(e) = failed {
+        writeln!(out, "- Connecting stopped after {n} clients: {e}")?;
+    }
+    Ok(out)
+}
+
+/// How many idle clients to open, and why fewer than `IDLE_CLIENTS` if so. pgnear opens one
+/// primary connection per client at startup, so the primary's free slots bound it, as does the
+/// fd limit (this process holds 3 sockets per client: the client and both ends of the relay).
+async fn client_budget(cluster: &Cluster) -> anyhow::Result<(usize, Option<String>)> {
+    let admin = connect(&format!(
+        "postgres://postgres:{}@{}/postgres?sslmode=disable",
+        cluster.superuser_password(),
+        cluster.primary().addr()
+    ))
+    .await?;
+    let free: i32 = admin
+        .query_one(
+            "SELECT current_setting('max_connections')::int \
+             - current_setting('superuser_reserved_connections')::int \
+             - (SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend')::int",
+            &[],
+        )
+        .await?
+        .get(0);
+    let pg_cap = usize::try_from(free - 10).unwrap_or(0);
+    let limits = std::fs::read_to_string("/proc/self/limits").unwrap_or_default();
+    let fds: usize = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3)?.parse().ok())
+        .unwrap_or(1024);
+    let fd_cap = fds.saturating_sub(256) / 3;
+    let n = IDLE_CLIENTS.min(pg_cap).min(fd_cap);
+    let why = (n < IDLE_CLIENTS).then(|| {
+        format!(
+            "pgnear opens one primary server connection per client at startup and the lab primary \
+             has {free} free connection slots (max_connections 300), so {pg_cap} fit; the open-files \
+             limit ({fds}) allows {fd_cap}."
+        )
+    });
+    Ok((n, why))
+}
+
+/// Streams 100 MB through pgnear with psql while sampling RSS every 50 ms: (peak kB, seconds,
+/// outcome).
+async fn stream_peak(pid: u32, url: &str) -> anyhow::Result<(u64, f64, String)> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let sampler = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            let mut peak = 0;
+            while !stop.load(Ordering::Relaxed) {
+                peak = rss_kb(pid).unwrap_or(0).max(peak);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            peak
+        }
+    });
+    let began = Instant::now();
+    let out = Command::new("psql")
+        .arg(url)
+        .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-c", STREAM_SQL])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .output()
+        .await;
+    let secs = began.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    let peak = sampler.await?;
+    let outcome = match out {
+        Ok(o) if o.status.success() => "psql finished".to_string(),
+        Ok(o) => format!("psql FAILED: {}", String::from_utf8_lossy(&o.stderr).trim()),
+        Err(e) => format!("psql did not run: {e}"),
+    };
+    Ok((peak, secs, outcome))
+}
+
+fn rss_kb(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("VmRSS:")?
+                .trim()
+                .strip_suffix("kB")?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .context("no VmRSS in /proc/<pid>/status")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+
+async fn connect(url: &str) -> anyhow::Result<Client> {
+    let (client, conn) = tokio_postgres::connect(url, NoTls).await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(client)
+}
+
+/// Waits until `addr` accepts connections; fails if `child` exits first or after 15 s.
+async fn wait_listening(addr: SocketAddr, child: &mut Child) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Some(status) = child.try_wait()? {
+            bail!("exited with {status} before listening on {addr}");
+        }
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("not listening on {addr} after 15 s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Nearest-rank percentile.
+fn percentile(values: &[f64], p: f64) -> f64 {
+    if values.is_empty() {
+        return f64::NAN;
+    }
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    let rank = (p / 100.0 * v.len() as f64).ceil() as usize;
+    v[rank.clamp(1, v.len()) - 1]
+}
+
+fn ms(since: Instant) -> f64 {
+    since.elapsed().as_secs_f64() * 1000.0
+}
+
+fn mb(kb: u64) -> f64 {
+    kb as f64 / 1024.0
+}
+
+fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+fn running_as_root() -> bool {
+    std::fs::read_to_string("/proc/self/status").is_ok_and(|s| {
+        s.lines()
+            .find_map(|l| l.strip_prefix("Uid:"))
+            .and_then(|ids| ids.split_whitespace().next())
+            == Some("0")
+    })
+}
+
+fn env_num<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(default)
+}
+
+/// The first line a command prints, or why there is none.
+async fn first_line(program: impl AsRef<std::ffi::OsStr>, args: &[&str]) -> String {
+    match Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .await
+    {
+        Ok(o) if o.status.success() => {
+            let text = String::from_utf8_lossy(&o.stdout);
+            text.lines().next().unwrap_or("").trim().to_string()
+        }
+        Ok(o) => format!("unknown ({})", o.status),
+        Err(e) => format!("unknown ({e})"),
+    }
+}
+
+/// `target/`: the bench runs as `target/<profile>/deps/regions-<hash>`.
+fn target_dir() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.ancestors().nth(3).map(Path::to_path_buf))
+        .filter(|d| d.join("CACHEDIR.TAG").is_file())
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target"))
+}
+
+fn progress(msg: impl std::fmt::Display) {
+    static START: OnceLock<Instant> = OnceLock::new();
+    let t = START.get_or_init(Instant::now).elapsed().as_secs_f64();
+    eprintln!("[bench {t:6.1}s] {msg}");
+}

@@ -1,0 +1,125 @@
+//! A control connection: pgnear's own simple queries to an upstream (LSN polling, probes).
+//! It reuses the proxy's upstream connector, so TLS and authentication behave exactly as for
+//! client traffic.
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::conn::{ServerConn, Upstream};
+use crate::error::PgError;
+use crate::protocol::backend::{self as be, error_fields, header};
+
+pub struct ControlConn {
+    conn: ServerConn,
+    buf: BytesMut,
+    out: BytesMut,
+}
+
+impl ControlConn {
+    pub async fn connect(upstream: &Upstream) -> Result<ControlConn, PgError> {
+        let params = [("application_name".to_string(), "pgnear-control".to_string())];
+        let conn = upstream.connect(&upstream.url.database, &params).await?;
+        Ok(ControlConn {
+            conn,
+            buf: BytesMut::new(),
+            out: BytesMut::new(),
+        })
+    }
+
+    /// Runs `sql` and returns the text columns of its first row (`None` for NULL).
+    /// Not cancel-safe: drop the connection if the future is dropped.
+    pub async fn query_row(&mut self, sql: &str) -> Result<Vec<Option<String>>, PgError> {
+        self.out.clear();
+        postgres_protocol::message::frontend::query(sql, &mut self.out)
+            .expect("no NUL in pgnear's SQL");
+        self.conn.stream.write_all(&self.out).await.map_err(lost)?;
+        let mut row = None;
+        let mut error = None;
+        loop {
+            let (tag, body) = self.read_frame().await?;
+            match tag {
+                be::DATA_ROW if row.is_none() => row = Some(columns(&body)),
+                be::ERROR_RESPONSE => error = Some(error_fields(&body)),
+                be::READY_FOR_QUERY => break,
+                _ => {}
+            }
+        }
+        if let Some(e) = error {
+            return Err(PgError::upstream(format!(
+                "control query failed: {} ({})",
+                e.message, e.code
+            )));
+        }
+        row.ok_or_else(|| PgError::upstream("control query returned no row"))
+    }
+
+    async fn read_frame(&mut self) -> Result<(u8, BytesMut), PgError> {
+        loop {
+            if let Some((tag, len)) = header(&self.buf) {
+                if len < 5 {
+                    return Err(PgError::upstream("malformed message on control connection"));
+                }
+                if self.buf.len() >= len {
+                    let mut frame = self.buf.split_to(len);
+                    frame.advance(5);
+                    return Ok((tag, frame));
+                }
+            }
+            if self
+                .conn
+                .stream
+                .read_buf(&mut self.buf)
+                .await
+                .map_err(lost)?
+                == 0
+            {
+                return Err(PgError::upstream("control connection closed by the server"));
+            }
+        }
+    }
+}
+
+fn lost(e: std::io::Error) -> PgError {
+    PgError::upstream(format!("control connection lost: {e}"))
+}
+
+fn columns(body: &[u8]) -> Vec<Option<String>> {
+    let mut out = Vec::new();
+    let mut b = body;
+    if b.len() < 2 {
+        return out;
+    }
+    let n = b.get_i16();
+    for _ in 0..n.max(0) {
+        if b.len() < 4 {
+            break;
+        }
+        let len = b.get_i32();
+        if len < 0 {
+            out.push(None);
+            continue;
+        }
+        let len = (len as usize).min(b.len());
+        out.push(Some(String::from_utf8_lossy(&b[..len]).into_owned()));
+        b.advance(len);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn columns() {
+        let body = b"\0\x03\0\0\0\x030/1\xff\xff\xff\xff\0\0\0\x01t";
+        assert_eq!(
+            super::columns(body),
+            vec![Some("0/1".into()), None, Some("t".into())]
+        );
+        assert!(super::columns(b"\0").is_empty());
+        // Truncated rows yield what is there, never a panic.
+        assert_eq!(
+            super::columns(b"\0\x02\0\0\0\x09ab"),
+            vec![Some("ab".into())]
+        );
+    }
+}

@@ -1,0 +1,209 @@
+//! One watcher per replica: a control connection polls `pg_last_wal_replay_lsn()` (every
+//! millisecond while a session waits, every `SLOW_POLL` otherwise) and publishes the replica's
+//! state through a `watch` channel. Sessions wait on the channel; they never poll themselves.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{watch, Notify};
+
+use super::Lsn;
+use crate::backend::conn::Upstream;
+use crate::backend::control::ControlConn;
+
+const FAST_POLL: Duration = Duration::from_millis(1);
+const SLOW_POLL: Duration = Duration::from_millis(100);
+/// How often the primary's position is read (it may be a cross-region round trip away).
+const PRIMARY_POLL: Duration = Duration::from_secs(1);
+const RECONNECT: Duration = Duration::from_millis(500);
+
+/// What pgnear knows about the replica.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ReplicaState {
+    /// The watcher can talk to the replica.
+    pub up: bool,
+    /// The replica is still a standby (false: it was promoted).
+    pub in_recovery: bool,
+    pub replay: Option<Lsn>,
+    /// The primary's WAL position when last read.
+    pub primary: Option<Lsn>,
+    /// How far replay is behind the primary, in bytes and seconds (0 when caught up).
+    pub lag_bytes: u64,
+    pub lag_seconds: f64,
+}
+
+pub struct Watcher {
+    state: watch::Sender<ReplicaState>,
+    waiters: AtomicUsize,
+    wake: Notify,
+}
+
+/// Counts a session as waiting while it lives, so the watcher polls fast.
+struct Waiting<'a>(&'a Watcher);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.waiters.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Watcher {
+    /// Starts the watcher task; it stops when `shutdown` turns true.
+    pub fn spawn(
+        replica: Arc<Upstream>,
+        primary: Arc<Upstream>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Arc<Watcher> {
+        let watcher = Arc::new(Watcher {
+            state: watch::channel(ReplicaState::default()).0,
+            waiters: AtomicUsize::new(0),
+            wake: Notify::new(),
+        });
+        tokio::spawn(watcher.clone().run(replica, primary, shutdown));
+        watcher
+    }
+
+    /// Waits (at most `limit`) until the replica has been reached once, so a fresh pgnear does
+    /// not send its first reads to the primary just because it has not looked yet.
+    pub async fn first_contact(&self, limit: Duration) {
+        let mut rx = self.state.subscribe();
+        let _ = tokio::time::timeout(limit, rx.wait_for(|s| s.up)).await;
+    }
+
+    pub fn current(&self) -> ReplicaState {
+        self.state.borrow().clone()
+    }
+
+    /// Waits until the replica has replayed `target`, at most `timeout`. Returns the replay
+    /// position reached when it gave up.
+    pub async fn wait_for(&self, target: Lsn, timeout: Duration) -> Result<(), Option<Lsn>> {
+        let mut rx = self.state.subscribe();
+        if rx.borrow().replay.is_some_and(|r| r >= target) {
+            return Ok(());
+        }
+        self.waiters.fetch_add(1, Ordering::Relaxed);
+        let _waiting = Waiting(self);
+        self.wake.notify_one();
+        let reached = tokio::time::timeout(
+            timeout,
+            rx.wait_for(|s| s.replay.is_some_and(|r| r >= target)),
+        )
+        .await;
+        match reached {
+            Ok(Ok(_)) => Ok(()),
+            _ => Err(self.state.borrow().replay),
+        }
+    }
+
+    async fn run(
+        self: Arc<Self>,
+        replica: Arc<Upstream>,
+        primary: Arc<Upstream>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let mut conn: Option<ControlConn> = None;
+        let mut primary_conn: Option<ControlConn> = None;
+        let mut last_primary_poll: Option<Instant> = None;
+        let mut was_in_recovery = true;
+        loop {
+            if *shutdown.borrow() {
+                return;
+            }
+            if conn.is_none() {
+                match ControlConn::connect(&replica).await {
+                    Ok(c) => {
+                        tracing::info!(replica = %replica.url, "replica watcher connected");
+                        conn = Some(c);
+                    }
+                    Err(e) => {
+                        if self.state.borrow().up {
+                            tracing::warn!(error = %e, "replica unreachable; reads go to the primary");
+                        }
+                        self.state.send_modify(|s| s.up = false);
+                        tokio::select! {
+                            _ = tokio::time::sleep(RECONNECT) => continue,
+                            _ = crate::session::stopped(&mut shutdown) => return,
+                        }
+                    }
+                }
+            }
+            // The primary's position, for lag in bytes.
+            if last_primary_poll.is_none_or(|t| t.elapsed() >= PRIMARY_POLL) {
+                last_primary_poll = Some(Instant::now());
+                if primary_conn.is_none() {
+                    primary_conn = ControlConn::connect(&primary).await.ok();
+                }
+                if let Some(pc) = primary_conn.as_mut() {
+                    match pc.query_row("SELECT pg_current_wal_lsn()").await {
+                        Ok(row) => {
+                            let lsn = row.first().cloned().flatten().and_then(|v| v.parse().ok());
+                            self.state.send_modify(|s| s.primary = lsn);
+                        }
+                        Err(_) => primary_conn = None,
+                    }
+                }
+            }
+            let polled = conn
+                .as_mut()
+                .expect("connected above")
+                .query_row(
+                    "SELECT pg_last_wal_replay_lsn(), pg_is_in_recovery(), \
+                     COALESCE(extract(epoch FROM now() - pg_last_xact_replay_timestamp()), 0)",
+                )
+                .await;
+            match polled {
+                Ok(row) => {
+                    let replay: Option<Lsn> =
+                        row.first().cloned().flatten().and_then(|v| v.parse().ok());
+                    let in_recovery = row.get(1).cloned().flatten().as_deref() == Some("t");
+                    let since_replay: f64 = row
+                        .get(2)
+                        .cloned()
+                        .flatten()
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(0.0);
+                    if was_in_recovery && !in_recovery {
+                        tracing::warn!(replica = %replica.url, "the replica was promoted; reads go to the primary");
+                    }
+                    was_in_recovery = in_recovery;
+                    self.state.send_if_modified(|s| {
+                        let (lag_bytes, lag_seconds) = match (s.primary, replay) {
+                            (Some(p), Some(r)) if p > r => {
+                                (p.bytes_since(r), since_replay.max(0.0))
+                            }
+                            _ => (0, 0.0),
+                        };
+                        let next = ReplicaState {
+                            up: true,
+                            in_recovery,
+                            replay,
+                            primary: s.primary,
+                            lag_bytes,
+                            lag_seconds,
+                        };
+                        let changed = *s != next;
+                        *s = next;
+                        changed
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "replica watcher lost its connection");
+                    conn = None;
+                    self.state.send_modify(|s| s.up = false);
+                    continue;
+                }
+            }
+            let interval = if self.waiters.load(Ordering::Relaxed) > 0 {
+                FAST_POLL
+            } else {
+                SLOW_POLL
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(interval) => {}
+                _ = self.wake.notified() => {}
+                _ = crate::session::stopped(&mut shutdown) => return,
+            }
+        }
+    }
+}
