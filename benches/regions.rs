@@ -1,6 +1,6 @@
 //! End-to-end benchmark against the lab cluster: `cargo bench --bench regions`.
 //!
-//! One run starts a two-region lab (primary `iad`, replica `syd`) and measures, side by side:
+//! One run starts a two-region lab (primary `iad`, replica `syd`) and measures side by side:
 //! A. local overhead: pgbench read-only against the syd replica directly, through pgnear and
 //!    through PgBouncer (transaction mode); TPC-B against the primary directly and through pgnear;
 //! B. multi-region latency at 100 ms RTT: an app in syd talking to the primary vs through pgnear;
@@ -9,8 +9,8 @@
 //!
 //! The Markdown report goes to stdout and `target/bench-report.md`; progress goes to stderr.
 //! `PGNEAR_BENCH_SECS` sets the pgbench run length (default 10 s), `PGNEAR_BENCH_SAMPLES` the
-//! latency samples per measurement (default 200). Each pgbench configuration runs 3 times with the
-//! targets interleaved, and the median is reported: this machine is small and shared.
+//! latency samples per measurement (default 200). Each pgbench configuration runs 3 times with
+//! the targets interleaved and reports the median: this machine is small and shared.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -43,21 +43,19 @@ struct Settings {
     samples: usize,
 }
 
+type Targets = [(&'static str, SocketAddr)];
+
 fn main() -> anyhow::Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+    let subscriber = tracing_subscriber::fmt().with_env_filter(filter);
+    let _ = subscriber.with_writer(std::io::stderr).try_init();
     let settings = Settings {
         secs: env_num("PGNEAR_BENCH_SECS", 10).max(1),
         samples: env_num("PGNEAR_BENCH_SAMPLES", 200).max(1),
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    let runtime = runtime.worker_threads(2).enable_all().build()?;
     let report = runtime.block_on(run(&settings))?;
     print!("{report}");
     let path = target_dir().join("bench-report.md");
@@ -66,7 +64,7 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Starts the lab, runs every section, always shuts the lab down.
+/// Starts the lab, runs every section, and shuts the lab down whatever happened.
 async fn run(s: &Settings) -> anyhow::Result<String> {
     let began = Instant::now();
     progress("starting the lab: primary in iad, replica in syd");
@@ -85,18 +83,19 @@ async fn run(s: &Settings) -> anyhow::Result<String> {
     Ok(report)
 }
 
+/// A failing section is reported as such; the others still run.
 async fn sections(cluster: &Cluster, s: &Settings, out: &mut String) -> anyhow::Result<()> {
     let bouncer = ensure_pgbouncer().await;
     out.push_str(&header(cluster, s, &bouncer).await?);
     progress("pgbench -i -s 10 on the primary");
-    let o = cluster.options();
-    let init = ["-i", "-s", "10", "-q"];
-    pgbench(o, cluster.primary().addr(), &init, None)
-        .await
-        .map_err(|e| anyhow::anyhow!("pgbench -i failed: {e}"))?;
+    let (o, primary) = (cluster.options(), cluster.primary().addr());
+    if let Err(e) = pgbench(o, primary, &["-i", "-s", "10", "-q"], None).await {
+        bail!("pgbench -i failed: {e}");
+    }
     cluster.wait_replicas_caught_up().await?;
-    let a = section_local(cluster, s, bouncer.as_deref().ok()).await;
-    push_section(out, "A. Local overhead (pgbench, zero added latency)", a);
+    let bouncer = bouncer.as_deref().ok();
+    let a = section_local(cluster, s, bouncer).await;
+    push_section(out, "A. Local overhead (pgbench, no added latency)", a);
     let b = section_regions(cluster, s).await;
     push_section(out, "B. Multi-region latency (syd, 100 ms RTT to iad)", b);
     let c = section_memory(cluster).await;
@@ -120,49 +119,53 @@ async fn header(
     s: &Settings,
     bouncer: &Result<PathBuf, String>,
 ) -> anyhow::Result<String> {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|t| {
-            t.lines().find_map(|l| {
-                Some(
-                    l.strip_prefix("model name")?
-                        .trim_start_matches([' ', '\t', ':'])
-                        .to_string(),
-                )
-            })
-        })
-        .unwrap_or_else(|| "unknown".into());
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cpu = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map_or("unknown", |m| m.trim_start_matches([' ', '\t', ':']));
     let nproc = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let date = first_line("date", &["-u", "+%Y-%m-%d %H:%M:%S UTC"]).await;
-    let rev = first_line(
-        "git",
-        &[
-            "-C",
-            env!("CARGO_MANIFEST_DIR"),
-            "describe",
-            "--always",
-            "--dirty",
-        ],
-    )
-    .await;
+    let git = [
+        "-C",
+        env!("CARGO_MANIFEST_DIR"),
+        "describe",
+        "--always",
+        "--dirty",
+    ];
     let client = connect(&cluster.primary_url_from(PRIMARY)).await?;
     let postgres: String = client.query_one("SELECT version()", &[]).await?.get(0);
-    let pgbench = first_line("pgbench", &["--version"]).await;
     let pgbouncer = match bouncer {
         Ok(bin) => first_line(bin.as_os_str(), &["--version"]).await,
         Err(e) => e.clone(),
     };
-    Ok(format!(
-        "# pgnear end-to-end benchmark\n\n\
-         | | |\n|---|---|\n\
-         | date | {date} |\n| machine | {nproc} CPUs, {cpu} |\n\
-         | pgnear | {} (git {rev}), in-process for A and B, release binary for C |\n\
-         | Postgres | {postgres} |\n| pgbench | {pgbench} |\n| PgBouncer | {pgbouncer} |\n\
-         | settings | {} s per pgbench run, median of {REPS} interleaved runs; {} latency samples |\n",
-        env!("CARGO_PKG_VERSION"),
-        s.secs,
-        s.samples
-    ))
+    let rows = [
+        (
+            "date",
+            first_line("date", &["-u", "+%Y-%m-%d %H:%M UTC"]).await,
+        ),
+        ("machine", format!("{nproc} CPUs ({cpu})")),
+        (
+            "pgnear",
+            format!(
+                "{} (git {})",
+                env!("CARGO_PKG_VERSION"),
+                first_line("git", &git).await
+            ),
+        ),
+        ("Postgres", postgres),
+        ("pgbench", first_line("pgbench", &["--version"]).await),
+        ("PgBouncer", pgbouncer),
+        (
+            "pgbench runs",
+            format!("{} s each, median of {REPS} interleaved", s.secs),
+        ),
+        ("latency samples", s.samples.to_string()),
+    ];
+    let mut out = String::from("# pgnear end-to-end benchmark\n\n| | |\n|---|---|\n");
+    for (k, v) in rows {
+        writeln!(out, "| {k} | {v} |")?;
+    }
+    Ok(out)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -172,27 +175,6 @@ async fn header(
 struct Run {
     tps: f64,
     lat_ms: f64,
-}
-
-/// The runs of one target in one configuration; the first failure ends its repetitions.
-#[derive(Default)]
-struct Cell {
-    runs: Vec<Run>,
-    error: Option<String>,
-}
-
-impl Cell {
-    fn median(&self) -> Option<Run> {
-        if self.error.is_some() || self.runs.is_empty() {
-            return None;
-        }
-        let tps: Vec<f64> = self.runs.iter().map(|r| r.tps).collect();
-        let lat: Vec<f64> = self.runs.iter().map(|r| r.lat_ms).collect();
-        Some(Run {
-            tps: percentile(&tps, 50.0),
-            lat_ms: percentile(&lat, 50.0),
-        })
-    }
 }
 
 async fn section_local(
@@ -207,139 +189,113 @@ async fn section_local(
         .addr();
     let syd = Proxy::start(proxy_config(cluster, REPLICA)).await?;
     let iad = Proxy::start(proxy_config(cluster, PRIMARY)).await?;
-    let mut notes = String::new();
-    let bouncer = match bouncer_bin {
-        Some(bin) => match Bouncer::start(bin, replica, cluster.options()).await {
+    let mut out = String::new();
+    let bouncer = match bouncer_bin.map(|bin| Bouncer::start(bin, replica, cluster.options())) {
+        Some(starting) => match starting.await {
             Ok(b) => Some(b),
             Err(e) => {
                 writeln!(
-                    notes,
-                    "PgBouncer did not start, its rows are skipped: {e:#}\n"
+                    out,
+                    "PgBouncer did not start; its rows are skipped: {e:#}\n"
                 )?;
                 None
             }
         },
-        None => {
-            writeln!(notes, "PgBouncer is not available, its rows are skipped.\n")?;
-            None
-        }
+        None => None,
     };
     let mut targets = vec![("direct", replica), ("pgnear", syd.addr())];
-    if let Some(b) = &bouncer {
-        targets.push(("pgbouncer", b.addr));
-    }
-    let reads = read_only_table(cluster, s, &targets).await;
-    let tpcb = tpcb_table(cluster, s, iad.addr()).await;
-    if let Some(b) = bouncer {
-        b.stop().await;
-    }
+    targets.extend(bouncer.as_ref().map(|b| ("pgbouncer", b.addr)));
+    let tpcb = [
+        ("direct", cluster.primary().addr()),
+        ("pgnear (iad)", iad.addr()),
+    ];
+    let tables = pgbench_tables(cluster.options(), s.secs, &targets, &tpcb).await;
+    drop(bouncer);
     syd.shutdown().await;
     iad.shutdown().await;
-    Ok(format!(
-        "{notes}### Read-only (`pgbench -S`) against the syd replica\n\n{}\n\
-         ### TPC-B (`pgbench -c 8 -j 2`) against the iad primary\n\n{}",
-        reads?, tpcb?
-    ))
+    out.push_str(&tables?);
+    Ok(out)
 }
 
-async fn read_only_table(
-    cluster: &Cluster,
-    s: &Settings,
-    targets: &[(&'static str, SocketAddr)],
+async fn pgbench_tables(
+    o: &ClusterOptions,
+    secs: u64,
+    replica: &Targets,
+    primary: &Targets,
 ) -> anyhow::Result<String> {
-    let mut table = String::from(
-        "| mode | clients | target | TPS | avg latency (ms) | TPS vs direct | added latency (µs) |\n\
-         |---|---:|---|---:|---:|---:|---:|\n",
-    );
+    let head =
+        "| pgbench | target | TPS | avg latency (ms) | TPS vs direct | added latency (µs) |\n\
+                |---|---|---:|---:|---:|---:|\n";
+    let mut out = format!("### Read-only (`pgbench -S`) against the syd replica\n\n{head}");
     let mut notes = String::new();
     for mode in ["simple", "extended", "prepared"] {
         for (clients, threads) in [("1", "1"), ("8", "2")] {
             let args = ["-S", "-M", mode, "-c", clients, "-j", threads];
-            let what = format!("-S -M {mode} -c {clients}");
-            let cells = interleaved(cluster, s, targets, &args, &what).await;
-            let direct = cells[0].median();
-            for ((name, _), cell) in targets.iter().zip(&cells) {
-                let (m, d) = match (cell.median(), direct) {
-                    (Some(m), Some(d)) => (m, d),
-                    _ => {
-                        writeln!(
-                            table,
-                            "| {mode} | {clients} | {name} | n/a | n/a | n/a | n/a |"
-                        )?;
-                        if let Some(e) = &cell.error {
-                            writeln!(notes, "- {name}, `{what}`: {e}")?;
-                        }
-                        continue;
-                    }
-                };
-                let added = if clients == "1" && *name != "direct" {
-                    format!("{:+.0}", (m.lat_ms - d.lat_ms) * 1000.0)
-                } else {
-                    String::new()
-                };
-                writeln!(
-                    table,
-                    "| {mode} | {clients} | {name} | {:.0} | {:.3} | {:.2} | {added} |",
-                    m.tps,
-                    m.lat_ms,
-                    m.tps / d.tps
-                )?;
-            }
+            let rows = pgbench_rows(o, secs, &args, replica, &mut notes).await?;
+            out.push_str(&rows);
         }
     }
+    write!(
+        out,
+        "\n### TPC-B (`pgbench`) against the iad primary\n\n{head}"
+    )?;
+    out.push_str(&pgbench_rows(o, secs, &["-c", "8", "-j", "2"], primary, &mut notes).await?);
     if !notes.is_empty() {
-        write!(table, "\nFailed runs (reported as n/a):\n{notes}")?;
+        write!(out, "\nFailed runs (n/a above):\n{notes}")?;
     }
-    Ok(table)
+    Ok(out)
 }
 
-async fn tpcb_table(cluster: &Cluster, s: &Settings, iad: SocketAddr) -> anyhow::Result<String> {
-    let targets = [("direct", cluster.primary().addr()), ("pgnear (iad)", iad)];
-    let cells = interleaved(cluster, s, &targets, &["-c", "8", "-j", "2"], "TPC-B").await;
-    let direct = cells[0].median();
-    let mut table =
-        String::from("| target | TPS | avg latency (ms) | TPS vs direct |\n|---|---:|---:|---:|\n");
-    for ((name, _), cell) in targets.iter().zip(&cells) {
-        match (cell.median(), direct) {
-            (Some(m), Some(d)) => writeln!(
-                table,
-                "| {name} | {:.0} | {:.3} | {:.2} |",
-                m.tps,
-                m.lat_ms,
-                m.tps / d.tps
-            )?,
-            _ => writeln!(
-                table,
-                "| {name} | n/a ({}) | | |",
-                cell.error.as_deref().unwrap_or("no run")
-            )?,
-        }
-    }
-    Ok(table)
-}
-
-/// Runs `args` against every target, target after target, `REPS` times over.
-async fn interleaved(
-    cluster: &Cluster,
-    s: &Settings,
-    targets: &[(&'static str, SocketAddr)],
+/// Runs `args` against each target in turn, `REPS` times over (a target that fails once is not
+/// run again), and returns one table row per target with the median run.
+async fn pgbench_rows(
+    o: &ClusterOptions,
+    secs: u64,
     args: &[&str],
-    what: &str,
-) -> Vec<Cell> {
-    let mut cells: Vec<Cell> = targets.iter().map(|_| Cell::default()).collect();
+    targets: &Targets,
+    notes: &mut String,
+) -> anyhow::Result<String> {
+    let what = args.join(" ");
+    let mut cells: Vec<Result<Vec<Run>, String>> = vec![Ok(Vec::new()); targets.len()];
     for rep in 1..=REPS {
         for ((name, addr), cell) in targets.iter().zip(cells.iter_mut()) {
-            if cell.error.is_some() {
-                continue;
-            }
+            let Ok(runs) = cell else { continue };
             progress(format!("pgbench {what} -> {name} ({rep}/{REPS})"));
-            match pgbench(cluster.options(), *addr, args, Some(s.secs)).await {
-                Ok(run) => cell.runs.push(run),
-                Err(e) => cell.error = Some(e),
+            match pgbench(o, *addr, args, Some(secs)).await {
+                Ok(run) => runs.push(run),
+                Err(e) => *cell = Err(e),
             }
         }
     }
-    cells
+    let median = |cell: &Result<Vec<Run>, String>| {
+        let runs = cell.as_ref().ok().filter(|r| !r.is_empty())?;
+        let tps: Vec<f64> = runs.iter().map(|r| r.tps).collect();
+        let lat: Vec<f64> = runs.iter().map(|r| r.lat_ms).collect();
+        Some(Run {
+            tps: percentile(&tps, 50.0),
+            lat_ms: percentile(&lat, 50.0),
+        })
+    };
+    let direct = median(&cells[0]);
+    let one_client = args.windows(2).any(|w| w == ["-c", "1"]);
+    let mut out = String::new();
+    for ((name, _), cell) in targets.iter().zip(&cells) {
+        let Some((m, d)) = median(cell).zip(direct) else {
+            writeln!(out, "| `{what}` | {name} | n/a | n/a | n/a | n/a |")?;
+            if let Err(e) = cell {
+                writeln!(notes, "- {name}, `{what}`: {e}")?;
+            }
+            continue;
+        };
+        let added = match one_client && *name != "direct" {
+            true => format!("{:+.0}", (m.lat_ms - d.lat_ms) * 1000.0),
+            false => String::new(),
+        };
+        let (tps, lat, ratio) = (m.tps, m.lat_ms, m.tps / d.tps);
+        let row = format!("{tps:.0} | {lat:.3} | {ratio:.2} | {added}");
+        writeln!(out, "| `{what}` | {name} | {row} |")?;
+    }
+    Ok(out)
 }
 
 /// Runs pgbench as the app user; with `secs`, a timed `-n` run whose result is parsed.
@@ -350,20 +306,14 @@ async fn pgbench(
     secs: Option<u64>,
 ) -> Result<Run, String> {
     let mut cmd = Command::new("pgbench");
-    cmd.arg("-h")
-        .arg(addr.ip().to_string())
-        .arg("-p")
-        .arg(addr.port().to_string())
-        .args(["-U", &o.app_user])
+    let (host, port) = (addr.ip().to_string(), addr.port().to_string());
+    cmd.args(["-h", &host, "-p", &port, "-U", &o.app_user])
         .args(args);
     if let Some(secs) = secs {
         cmd.args(["-n", "-T", &secs.to_string()]);
     }
-    cmd.arg(&o.database)
-        .env("PGPASSWORD", &o.app_password)
-        .env("PGSSLMODE", "disable")
-        .stdin(Stdio::null())
-        .kill_on_drop(true);
+    cmd.arg(&o.database).env("PGPASSWORD", &o.app_password);
+    cmd.stdin(Stdio::null()).kill_on_drop(true);
     let limit = Duration::from_secs(secs.unwrap_or(300) + 60);
     let out = match tokio::time::timeout(limit, cmd.output()).await {
         Err(_) => return Err(format!("timed out after {limit:?}")),
@@ -373,81 +323,63 @@ async fn pgbench(
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     if !out.status.success() {
-        let line = stderr
-            .lines()
-            .find(|l| l.contains("error") || l.contains("ERROR"))
-            .or_else(|| stderr.lines().rev().find(|l| !l.trim().is_empty()))
-            .unwrap_or("no output");
-        return Err(format!(
-            "pgbench exited with {}: {}",
-            out.status,
-            line.trim()
-        ));
-    }
-    if secs.is_none() {
-        return Ok(Run {
-            tps: 0.0,
-            lat_ms: 0.0,
-        });
+        let mut lines = stderr.lines().map(str::trim).filter(|l| !l.is_empty());
+        let line = lines
+            .find(|l| l.contains("error"))
+            .or(stderr.lines().last());
+        return Err(format!("{}: {}", out.status, line.unwrap_or("no output")));
     }
     let field = |prefix: &str, suffix: &str| {
-        stdout
-            .lines()
-            .find_map(|l| l.strip_prefix(prefix)?.strip_suffix(suffix)?.parse().ok())
+        let mut lines = stdout.lines();
+        lines.find_map(|l| l.strip_prefix(prefix)?.strip_suffix(suffix)?.parse().ok())
     };
-    match (
-        field("tps = ", " (without initial connection time)"),
-        field("latency average = ", " ms"),
-    ) {
-        (Some(tps), Some(lat_ms)) => Ok(Run { tps, lat_ms }),
+    let tps = field("tps = ", " (without initial connection time)");
+    match (secs, tps, field("latency average = ", " ms")) {
+        (None, ..) => Ok(Run {
+            tps: 0.0,
+            lat_ms: 0.0,
+        }),
+        (Some(_), Some(tps), Some(lat_ms)) => Ok(Run { tps, lat_ms }),
         _ => Err(format!("unexpected pgbench output: {}", stdout.trim())),
     }
 }
 
-/// `/usr/sbin/pgbouncer`, installed with apt-get when missing; Err is the reason it is skipped.
+/// `/usr/sbin/pgbouncer`, installed with apt-get when missing; Err says why it is skipped.
 async fn ensure_pgbouncer() -> Result<PathBuf, String> {
     let bin = PathBuf::from(PGBOUNCER);
-    if bin.is_file() {
-        return Ok(bin);
-    }
-    progress("PgBouncer is missing: apt-get install -y pgbouncer");
-    let install = || async {
-        Command::new("apt-get")
-            .args(["install", "-y", "-q", "pgbouncer"])
-            .env("DEBIAN_FRONTEND", "noninteractive")
+    for step in [
+        &["install", "-y", "-q", "pgbouncer"][..],
+        &["update", "-q"],
+        &["install", "-y", "-q", "pgbouncer"],
+    ] {
+        if bin.is_file() {
+            return Ok(bin);
+        }
+        progress(format!("PgBouncer is missing: apt-get {}", step.join(" ")));
+        let mut apt = Command::new("apt-get");
+        apt.args(step).env("DEBIAN_FRONTEND", "noninteractive");
+        let _ = apt
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .status()
-            .await
-            .is_ok_and(|s| s.success())
-    };
-    if !install().await {
-        progress("apt-get install failed; trying again after apt-get update");
-        let _ = Command::new("apt-get")
-            .args(["update", "-q"])
-            .stdout(Stdio::null())
-            .status()
             .await;
-        install().await;
     }
-    if bin.is_file() {
-        Ok(bin)
-    } else {
-        Err("not installed (`apt-get install -y pgbouncer` failed): PgBouncer rows skipped".into())
+    match bin.is_file() {
+        true => Ok(bin),
+        false => Err("not installed (`apt-get install -y pgbouncer` failed): skipped".into()),
     }
 }
 
 /// A PgBouncer in transaction mode in front of the replica, in its own temporary directory.
-/// Killed on drop (by the pid in its pidfile: under `runuser` it is not our direct child).
+/// Killed on drop, by the pid in its pidfile: under `runuser` it is not our direct child.
 struct Bouncer {
     child: Child,
     dir: tempfile::TempDir,
     addr: SocketAddr,
-    stopped: bool,
 }
 
 impl Bouncer {
-    async fn start(bin: &Path, replica: SocketAddr, o: &ClusterOptions) -> anyhow::Result<Bouncer> {
+    async fn start(bin: &Path, replica: SocketAddr, o: &ClusterOptions) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("pgnear-bench-pgbouncer-")
             .tempdir()?;
@@ -457,8 +389,7 @@ impl Bouncer {
             "[databases]\n{db} = host={} port={} dbname={db}\n\n[pgbouncer]\n\
              listen_addr = 127.0.0.1\nlisten_port = {}\nunix_socket_dir =\n\
              auth_type = scram-sha-256\nauth_file = {}\npool_mode = transaction\n\
-             default_pool_size = 20\nmax_client_conn = 200\npidfile = {}\n\
-             ignore_startup_parameters = extra_float_digits\n",
+             default_pool_size = 20\nmax_client_conn = 200\npidfile = {}\n",
             replica.ip(),
             replica.port(),
             addr.port(),
@@ -470,34 +401,28 @@ impl Bouncer {
         let users = format!("\"{}\" \"{}\"\n", o.app_user, o.app_password);
         std::fs::write(d.join("userlist.txt"), users)?;
         let log = std::fs::File::create(d.join("pgbouncer.log"))?;
-        let mut cmd = if running_as_root() {
-            // PgBouncer refuses to run as root; hand it the directory and run it as postgres.
+        let mut cmd = Command::new(bin);
+        if running_as_root() {
+            // PgBouncer refuses to run as root: hand it the directory, run it as postgres.
             let chown = Command::new("chown")
                 .arg("-R")
                 .arg("postgres")
                 .arg(d)
-                .status()
-                .await?;
-            if !chown.success() {
+                .status();
+            if !chown.await?.success() {
                 bail!("chown -R postgres {} failed", d.display());
             }
-            let mut c = Command::new("runuser");
-            c.args(["-u", "postgres", "--"]).arg(bin);
-            c
-        } else {
-            Command::new(bin)
-        };
+            cmd = Command::new("runuser");
+            cmd.args(["-u", "postgres", "--"]).arg(bin);
+        }
         cmd.arg(d.join("pgbouncer.ini"))
             .current_dir("/")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .kill_on_drop(true);
+            .stdin(Stdio::null());
+        cmd.stdout(Stdio::null()).stderr(log).kill_on_drop(true);
         let mut bouncer = Bouncer {
             child: cmd.spawn()?,
             dir,
             addr,
-            stopped: false,
         };
         if let Err(e) = wait_listening(addr, &mut bouncer.child).await {
             let log = std::fs::read_to_string(bouncer.dir.path().join("pgbouncer.log"));
@@ -505,38 +430,20 @@ impl Bouncer {
         }
         Ok(bouncer)
     }
-
-    fn signal(&self, sig: &str) {
-        let pid = std::fs::read_to_string(self.dir.path().join("pgbouncer.pid"));
-        if let Some(pid) = pid.ok().and_then(|p| p.trim().parse::<u32>().ok()) {
-            let _ = std::process::Command::new("kill")
-                .arg(sig)
-                .arg(pid.to_string())
-                .stderr(Stdio::null())
-                .status();
-        }
-    }
-
-    /// SIGTERM (immediate shutdown), then SIGKILL if it has not exited within 5 s.
-    async fn stop(mut self) {
-        self.signal("-TERM");
-        if tokio::time::timeout(Duration::from_secs(5), self.child.wait())
-            .await
-            .is_err()
-        {
-            self.signal("-KILL");
-            let _ = self.child.kill().await;
-        }
-        self.stopped = true;
-    }
 }
 
 impl Drop for Bouncer {
     fn drop(&mut self) {
-        if !self.stopped {
-            self.signal("-KILL");
-            let _ = self.child.start_kill();
+        let pid = std::fs::read_to_string(self.dir.path().join("pgbouncer.pid"));
+        if let Some(pid) = pid.ok().and_then(|p| p.trim().parse::<u32>().ok()) {
+            let mut kill = std::process::Command::new("kill");
+            let _ = kill
+                .arg("-KILL")
+                .arg(pid.to_string())
+                .stderr(Stdio::null())
+                .status();
         }
+        let _ = self.child.start_kill();
     }
 }
 
@@ -563,67 +470,72 @@ async fn section_regions(cluster: &Cluster, s: &Settings) -> anyhow::Result<Stri
 async fn regions_measure(cluster: &Cluster, s: &Settings) -> anyhow::Result<String> {
     let proxy = Proxy::start(proxy_config(cluster, REPLICA)).await?;
     progress(format!(
-        "latency samples: direct to the primary from syd ({} each)",
+        "{} latency samples each, direct to the primary",
         s.samples
     ));
     let direct = latency_samples(&cluster.primary_url_from(REPLICA), s.samples).await;
-    progress("latency samples: through pgnear in syd");
+    progress("latency samples through pgnear in syd");
     let near = latency_samples(&proxy_url(cluster, &proxy), s.samples).await;
     proxy.shutdown().await;
-    let (direct, near) = (direct.context("direct")?, near.context("through pgnear")?);
+    let (d, n) = (direct.context("direct")?, near.context("through pgnear")?);
     let mut out = format!(
-        "The syd relay adds {} ms each way, so syd is 100 ms RTT from the primary. The app in syd \
-         either talks to the primary directly (`primary_url_from(\"syd\")`) or to pgnear in syd \
-         (forward mode, session consistency). Prepared statements; {} samples each; ms.\n\n\
+        "The syd relay adds {} ms each way. The app in syd talks either to the primary directly \
+         (`primary_url_from(\"syd\")`) or to pgnear in syd (forward mode, session consistency). \
+         Client-side prepared statements; {} samples each; milliseconds.\n\n\
          | sample | direct p50 | direct p99 | pgnear p50 | pgnear p99 |\n|---|---:|---:|---:|---:|\n",
         ONE_WAY.as_millis(),
         s.samples
     );
-    let rows: [(&str, fn(&Samples) -> &Vec<f64>); 4] = [
-        ("read (`SELECT abalance ... WHERE aid = $1`)", |x| &x.read),
-        ("write (`UPDATE pgbench_accounts ...`)", |x| &x.write),
-        ("read right after a write, same session", |x| {
-            &x.read_after_write
-        }),
-        ("new connection + `SELECT 1`", |x| &x.connect),
+    let rows = [
+        (
+            "read (`SELECT abalance ... WHERE aid = $1`)",
+            &d.read,
+            &n.read,
+        ),
+        ("write (`UPDATE pgbench_accounts ...`)", &d.write, &n.write),
+        (
+            "read right after a write, same session",
+            &d.read_after_write,
+            &n.read_after_write,
+        ),
+        ("new connection + `SELECT 1`", &d.connect, &n.connect),
     ];
-    for (name, get) in rows {
-        let (d, n) = (get(&direct), get(&near));
+    for (name, d, n) in rows {
+        let [d50, d99, n50, n99] =
+            [(d, 50.0), (d, 99.0), (n, 50.0), (n, 99.0)].map(|(v, p)| percentile(v, p));
         writeln!(
             out,
-            "| {name} | {:.2} | {:.2} | {:.2} | {:.2} |",
-            percentile(d, 50.0),
-            percentile(d, 99.0),
-            percentile(n, 50.0),
-            percentile(n, 99.0)
+            "| {name} | {d50:.2} | {d99:.2} | {n50:.2} | {n99:.2} |"
         )?;
     }
     let p50 = |v: &Vec<f64>| percentile(v, 50.0);
-    let (dr, nr) = (p50(&direct.read), p50(&near.read));
-    let (nraw, dconn, nconn) = (
-        p50(&near.read_after_write),
-        p50(&direct.connect),
-        p50(&near.connect),
+    let (dr, nr, nraw) = (p50(&d.read), p50(&n.read), p50(&n.read_after_write));
+    let (dw, nw, dc, nc) = (
+        p50(&d.write),
+        p50(&n.write),
+        p50(&d.connect),
+        p50(&n.connect),
     );
     write!(
         out,
-        "\n- Reads: {dr:.2} ms direct to the primary vs {nr:.2} ms through pgnear (local replica): \
-         {:.0}x faster at p50.\n\
+        "\n- Reads: {dr:.2} ms direct to the primary vs {nr:.2} ms through pgnear (local \
+         replica): {:.0}x faster at p50.\n\
          - Writes: pgnear adds {:+.2} ms at p50 over writing to the primary directly.\n\
          - Read after write through pgnear: {nraw:.2} ms vs {nr:.2} ms for a plain read \
-         ({:+.2} ms: waiting for the replica to replay the write).\n\
-         - New connection + first query: {dconn:.2} ms direct vs {nconn:.2} ms through pgnear \
+         ({:+.2} ms, the wait for the replica to replay the write; {:.1}x).\n\
+         - New connection + first query: {dc:.2} ms direct vs {nc:.2} ms through pgnear \
          ({:+.2} ms).\n",
         dr / nr.max(1e-9),
-        p50(&near.write) - p50(&direct.write),
+        nw - dw,
         nraw - nr,
-        nconn - dconn
+        nraw / nr.max(1e-9),
+        nc - dc
     )?;
     Ok(out)
 }
 
-/// `n` timed reads in a session that never writes; `n` timed writes each followed by a timed
-/// read of the same row in another session; `n` timed connect + `SELECT 1`.
+/// `n` timed reads in a session that never writes; `n` timed writes, each followed by a timed
+/// read of the same row, in a second session; `n` timed connect + `SELECT 1`.
 async fn latency_samples(url: &str, n: usize) -> anyhow::Result<Samples> {
     let aid = |i: usize| (i * 7919 % 1_000_000 + 1) as i32;
     let reader = connect(url).await?;
@@ -642,18 +554,17 @@ async fn latency_samples(url: &str, n: usize) -> anyhow::Result<Samples> {
         reader.query_one(&read, &[&aid(i)]).await?;
         out.read.push(ms(t));
     }
-    for i in 0..n {
+    for i in n..2 * n {
         let t = Instant::now();
-        writer.execute(&update, &[&aid(i + n)]).await?;
+        writer.execute(&update, &[&aid(i)]).await?;
         out.write.push(ms(t));
         let t = Instant::now();
-        writer.query_one(&reread, &[&aid(i + n)]).await?;
+        writer.query_one(&reread, &[&aid(i)]).await?;
         out.read_after_write.push(ms(t));
     }
     for _ in 0..n {
         let t = Instant::now();
-        let client = connect(url).await?;
-        client.simple_query("SELECT 1").await?;
+        connect(url).await?.simple_query("SELECT 1").await?;
         out.connect.push(ms(t));
     }
     Ok(out)
@@ -662,67 +573,56 @@ async fn latency_samples(url: &str, n: usize) -> anyhow::Result<Samples> {
 // ---------------------------------------------------------------------------------------------
 // C. Memory
 
-/// The release binary: cargo builds it for benches (`CARGO_BIN_EXE_pgnear`); otherwise next to
-/// the bench's `deps` directory.
+/// The release binary: cargo builds it for benches (`CARGO_BIN_EXE_pgnear`); else the
+/// `pgnear` next to the bench's `deps` directory.
 fn pgnear_binary() -> Option<PathBuf> {
     let built = option_env!("CARGO_BIN_EXE_pgnear").map(PathBuf::from);
-    let beside = std::env::current_exe()
-        .ok()
-        .and_then(|exe| Some(exe.parent()?.parent()?.join("pgnear")));
+    let exe = std::env::current_exe().ok();
+    let beside = exe.and_then(|e| Some(e.parent()?.parent()?.join("pgnear")));
     built.into_iter().chain(beside).find(|p| p.is_file())
 }
 
 async fn section_memory(cluster: &Cluster) -> anyhow::Result<String> {
     let Some(bin) = pgnear_binary() else {
-        return Ok(
-            "Skipped: `target/release/pgnear` is missing; build it with \
-                   `cargo build --release --bin pgnear`.\n"
-                .into(),
-        );
+        let why = "`target/release/pgnear` is missing: `cargo build --release --bin pgnear`";
+        return Ok(format!("Skipped: {why}.\n"));
     };
     let listen = SocketAddr::from(([127, 0, 0, 1], free_port()?));
     let log = tempfile::NamedTempFile::new()?;
-    let replica_url = cluster.replica_url(REPLICA).context("no syd replica")?;
-    let mut child = Command::new(&bin)
-        .env_clear()
+    let mut cmd = Command::new(&bin);
+    cmd.env_clear()
         .env("DATABASE_URL", cluster.primary_url_from(REPLICA))
-        .env("PGNEAR_REPLICA_URL", replica_url)
+        .env(
+            "PGNEAR_REPLICA_URL",
+            cluster.replica_url(REPLICA).context("no replica")?,
+        )
         .env("PGNEAR_LISTEN", listen.to_string())
         .env("PGNEAR_ADMIN_LISTEN", "127.0.0.1:0")
         .env("FLY_REGION", REPLICA)
         .env("PRIMARY_REGION", PRIMARY)
-        .env("PGNEAR_LOG_LEVEL", "warn")
-        .stdin(Stdio::null())
+        .env("PGNEAR_LOG_LEVEL", "warn");
+    cmd.stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(log.reopen()?)
-        .kill_on_drop(true)
-        .spawn()
-        .with_context(|| format!("starting {}", bin.display()))?;
+        .stderr(log.reopen()?);
+    let mut child = cmd.kill_on_drop(true).spawn().context("starting pgnear")?;
     let pid = child.id().context("pgnear exited at once")?;
     let result = match wait_listening(listen, &mut child).await {
         Ok(()) => memory_measure(cluster, pid, listen).await,
         Err(e) => Err(e),
     };
     let _ = child.kill().await;
-    result
-        .map(|text| {
-            format!(
-                "Binary: `{}` (pid {pid}), syd, zero added latency.\n\n{text}",
-                bin.display()
-            )
-        })
-        .map_err(|e| {
-            let log = std::fs::read_to_string(log.path()).unwrap_or_default();
-            e.context(format!("pgnear log: {}", log.trim()))
-        })
+    let log = std::fs::read_to_string(log.path()).unwrap_or_default();
+    let text = result.with_context(|| format!("pgnear log: {}", log.trim()))?;
+    let bin = bin.display();
+    Ok(format!(
+        "Binary `{bin}` in syd, no added latency.\n\n{text}"
+    ))
 }
 
-async fn memory_measure(cluster: &Cluster, pid: u32, listen: SocketAddr) -> anyhow::Result<String> {
+async fn memory_measure(cluster: &Cluster, pid: u32, addr: SocketAddr) -> anyhow::Result<String> {
     let o = cluster.options();
-    let url = format!(
-        "postgres://{}:{}@{listen}/{}?sslmode=disable",
-        o.app_user, o.app_password, o.database
-    );
+    let (user, password, db) = (&o.app_user, &o.app_password, &o.database);
+    let url = format!("postgres://{user}:{password}@{addr}/{db}?sslmode=disable");
     connect(&url).await?.simple_query("SELECT 1").await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let idle = rss_kb(pid)?;
@@ -737,8 +637,7 @@ async fn memory_measure(cluster: &Cluster, pid: u32, listen: SocketAddr) -> anyh
     progress(format!(
         "opening {target} idle clients through the pgnear binary"
     ));
-    let mut clients = Vec::with_capacity(target);
-    let mut failed = None;
+    let (mut clients, mut failed) = (Vec::with_capacity(target), None);
     while clients.len() < target && failed.is_none() {
         let mut batch = tokio::task::JoinSet::new();
         for _ in 0..(target - clients.len()).min(25) {
@@ -753,8 +652,7 @@ async fn memory_measure(cluster: &Cluster, pid: u32, listen: SocketAddr) -> anyh
         }
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let held = rss_kb(pid)?;
-    let n = clients.len();
+    let (held, n) = (rss_kb(pid)?, clients.len());
     writeln!(out, "| {n} idle authenticated clients | {:.1} |", mb(held))?;
     drop(clients);
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -762,22 +660,22 @@ async fn memory_measure(cluster: &Cluster, pid: u32, listen: SocketAddr) -> anyh
     writeln!(out, "| after those clients left | {:.1} |", mb(after))?;
 
     progress("streaming 100 MB through the pgnear binary");
-    let (peak, secs, result) = stream_peak(pid, &url).await?;
+    let (peak, secs, outcome) = stream_peak(pid, &url).await?;
     writeln!(
         out,
-        "| peak while one client streams 100 MB (COPY TO STDOUT) | {:.1} |",
+        "| peak while one client streams 100 MB | {:.1} |",
         mb(peak)
     )?;
     let per_client = held.saturating_sub(idle) as f64 / n.max(1) as f64;
+    let (growth, rate) = (mb(peak.saturating_sub(after)), 100.0 / secs.max(1e-9));
     write!(
         out,
         "\n- Per idle client: {per_client:.1} KB ((RSS with {n} clients - idle) / {n}).\n\
-         - Streaming 100 MB: peak {:+.1} MB over the RSS before it, {secs:.1} s ({:.0} MB/s), {result}.\n",
-        mb(peak.saturating_sub(after)),
-        100.0 / secs.max(1e-9)
+         - Streaming (`{STREAM_SQL}` by psql): peak {growth:+.1} MB over the RSS before it; \
+         {secs:.1} s, {rate:.0} MB/s; {outcome}.\n"
     )?;
-    if let Some(w) = why {
-        writeln!(out, "- Scaled down from {IDLE_CLIENTS} clients: {w}")?;
+    if let Some(why) = why {
+        writeln!(out, "- Scaled down from {IDLE_CLIENTS} clients: {why}")?;
     }
     if let Some(e) = failed {
         writeln!(out, "- Connecting stopped after {n} clients: {e}")?;
@@ -785,25 +683,16 @@ async fn memory_measure(cluster: &Cluster, pid: u32, listen: SocketAddr) -> anyh
     Ok(out)
 }
 
-/// How many idle clients to open, and why fewer than `IDLE_CLIENTS` if so. pgnear opens one
+/// How many idle clients to open, and why fewer than `IDLE_CLIENTS` if so. pgnear opens a
 /// primary connection per client at startup, so the primary's free slots bound it, as does the
 /// fd limit (this process holds 3 sockets per client: the client and both ends of the relay).
 async fn client_budget(cluster: &Cluster) -> anyhow::Result<(usize, Option<String>)> {
-    let admin = connect(&format!(
-        "postgres://postgres:{}@{}/postgres?sslmode=disable",
-        cluster.superuser_password(),
-        cluster.primary().addr()
-    ))
-    .await?;
-    let free: i32 = admin
-        .query_one(
-            "SELECT current_setting('max_connections')::int \
-             - current_setting('superuser_reserved_connections')::int \
-             - (SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend')::int",
-            &[],
-        )
-        .await?
-        .get(0);
+    let (password, primary) = (cluster.superuser_password(), cluster.primary().addr());
+    let url = format!("postgres://postgres:{password}@{primary}/postgres?sslmode=disable");
+    let sql = "SELECT current_setting('max_connections')::int \
+               - current_setting('superuser_reserved_connections')::int \
+               - (SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend')::int";
+    let free: i32 = connect(&url).await?.query_one(sql, &[]).await?.get(0);
     let pg_cap = usize::try_from(free - 10).unwrap_or(0);
     let limits = std::fs::read_to_string("/proc/self/limits").unwrap_or_default();
     let fds: usize = limits
@@ -813,41 +702,35 @@ async fn client_budget(cluster: &Cluster) -> anyhow::Result<(usize, Option<Strin
         .unwrap_or(1024);
     let fd_cap = fds.saturating_sub(256) / 3;
     let n = IDLE_CLIENTS.min(pg_cap).min(fd_cap);
-    let why = (n < IDLE_CLIENTS).then(|| {
-        format!(
-            "pgnear opens one primary server connection per client at startup and the lab primary \
-             has {free} free connection slots (max_connections 300), so {pg_cap} fit; the open-files \
-             limit ({fds}) allows {fd_cap}."
-        )
-    });
-    Ok((n, why))
+    let why = format!(
+        "pgnear opens one primary server connection per client at startup, and the lab primary \
+         had {free} free connection slots (max_connections = 300), so {pg_cap} fit (10 kept \
+         spare); the open-files limit ({fds}) allows {fd_cap}."
+    );
+    Ok((n, (n < IDLE_CLIENTS).then_some(why)))
 }
 
-/// Streams 100 MB through pgnear with psql while sampling RSS every 50 ms: (peak kB, seconds,
-/// outcome).
+/// Streams 100 MB through pgnear with psql while sampling RSS every 50 ms.
+/// Returns (peak kB, seconds, outcome).
 async fn stream_peak(pid: u32, url: &str) -> anyhow::Result<(u64, f64, String)> {
     let stop = Arc::new(AtomicBool::new(false));
-    let sampler = tokio::spawn({
-        let stop = stop.clone();
-        async move {
-            let mut peak = 0;
-            while !stop.load(Ordering::Relaxed) {
-                peak = rss_kb(pid).unwrap_or(0).max(peak);
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            peak
+    let stopped = stop.clone();
+    let sampler = tokio::spawn(async move {
+        let mut peak = 0;
+        while !stopped.load(Ordering::Relaxed) {
+            peak = rss_kb(pid).unwrap_or(0).max(peak);
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        peak
     });
     let began = Instant::now();
-    let out = Command::new("psql")
-        .arg(url)
-        .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-c", STREAM_SQL])
-        .stdin(Stdio::null())
+    let mut psql = Command::new("psql");
+    psql.arg(url)
+        .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-c", STREAM_SQL]);
+    psql.stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .output()
-        .await;
+        .kill_on_drop(true);
+    let out = psql.output().await;
     let secs = began.elapsed().as_secs_f64();
     stop.store(true, Ordering::Relaxed);
     let peak = sampler.await?;
@@ -861,16 +744,9 @@ async fn stream_peak(pid: u32, url: &str) -> anyhow::Result<(u64, f64, String)> 
 
 fn rss_kb(pid: u32) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("VmRSS:")?
-                .trim()
-                .strip_suffix("kB")?
-                .trim()
-                .parse()
-                .ok()
-        })
+    let mut lines = status.lines();
+    let rss = lines.find_map(|l| l.strip_prefix("VmRSS:")?.trim().strip_suffix(" kB"));
+    rss.and_then(|kb| kb.trim().parse().ok())
         .context("no VmRSS in /proc/<pid>/status")
 }
 
@@ -904,13 +780,12 @@ async fn wait_listening(addr: SocketAddr, child: &mut Child) -> anyhow::Result<(
 
 /// Nearest-rank percentile.
 fn percentile(values: &[f64], p: f64) -> f64 {
-    if values.is_empty() {
-        return f64::NAN;
-    }
     let mut v = values.to_vec();
     v.sort_by(f64::total_cmp);
     let rank = (p / 100.0 * v.len() as f64).ceil() as usize;
-    v[rank.clamp(1, v.len()) - 1]
+    v.get(rank.clamp(1, v.len().max(1)) - 1)
+        .copied()
+        .unwrap_or(f64::NAN)
 }
 
 fn ms(since: Instant) -> f64 {
@@ -928,29 +803,20 @@ fn free_port() -> std::io::Result<u16> {
 }
 
 fn running_as_root() -> bool {
-    std::fs::read_to_string("/proc/self/status").is_ok_and(|s| {
-        s.lines()
-            .find_map(|l| l.strip_prefix("Uid:"))
-            .and_then(|ids| ids.split_whitespace().next())
-            == Some("0")
-    })
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let uid = status.lines().find_map(|l| l.strip_prefix("Uid:"));
+    uid.and_then(|ids| ids.split_whitespace().next()) == Some("0")
 }
 
 fn env_num<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(default)
+    let value = std::env::var(name).ok();
+    value.and_then(|v| v.trim().parse().ok()).unwrap_or(default)
 }
 
 /// The first line a command prints, or why there is none.
 async fn first_line(program: impl AsRef<std::ffi::OsStr>, args: &[&str]) -> String {
-    match Command::new(program)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .await
-    {
+    let mut cmd = Command::new(program);
+    match cmd.args(args).stdin(Stdio::null()).output().await {
         Ok(o) if o.status.success() => {
             let text = String::from_utf8_lossy(&o.stdout);
             text.lines().next().unwrap_or("").trim().to_string()
@@ -962,11 +828,10 @@ async fn first_line(program: impl AsRef<std::ffi::OsStr>, args: &[&str]) -> Stri
 
 /// `target/`: the bench runs as `target/<profile>/deps/regions-<hash>`.
 fn target_dir() -> PathBuf {
-    std::env::current_exe()
-        .ok()
-        .and_then(|exe| exe.ancestors().nth(3).map(Path::to_path_buf))
-        .filter(|d| d.join("CACHEDIR.TAG").is_file())
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target"))
+    let exe = std::env::current_exe().ok();
+    let dir = exe.and_then(|e| e.ancestors().nth(3).map(Path::to_path_buf));
+    let dir = dir.filter(|d| d.join("CACHEDIR.TAG").is_file());
+    dir.unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target"))
 }
 
 fn progress(msg: impl std::fmt::Display) {

@@ -49,44 +49,12 @@ fn simple_and_extended_queries_and_pipelining() {
         let futures = params
             .iter()
             .map(|i| async move { c.query_one("SELECT $1::int", &[i]).await });
-        let results = futures_join_all(futures).await;
+        let results = join_all(futures).await;
         for (i, r) in results.into_iter().enumerate() {
             assert_eq!(r.unwrap().get::<_, i32>(0), i as i32);
         }
         p.shutdown().await;
     });
-}
-
-/// Polls all futures concurrently (tokio-postgres pipelines them on one connection).
-async fn futures_join_all<F: std::future::Future>(
-    futs: impl IntoIterator<Item = F>,
-) -> Vec<F::Output> {
-    let handles: Vec<_> = futs.into_iter().map(Box::pin).collect();
-    let mut out = Vec::with_capacity(handles.len());
-    let mut pending: Vec<_> = handles.into_iter().map(Some).collect();
-    let mut results: Vec<Option<F::Output>> = (0..pending.len()).map(|_| None).collect();
-    std::future::poll_fn(|cx| {
-        let mut done = true;
-        for (i, slot) in pending.iter_mut().enumerate() {
-            if let Some(f) = slot {
-                match f.as_mut().poll(cx) {
-                    std::task::Poll::Ready(v) => {
-                        results[i] = Some(v);
-                        *slot = None;
-                    }
-                    std::task::Poll::Pending => done = false,
-                }
-            }
-        }
-        if done {
-            std::task::Poll::Ready(())
-        } else {
-            std::task::Poll::Pending
-        }
-    })
-    .await;
-    out.extend(results.into_iter().map(|r| r.unwrap()));
-    out
 }
 
 #[test]
