@@ -3,6 +3,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod auth;
 pub mod backend;
 pub mod cancel;
@@ -39,6 +40,8 @@ pub struct Shared {
     pub replica: Option<Arc<Upstream>>,
     /// The replica's replay position and health (present when a replica is configured).
     pub watcher: Option<Arc<consistency::watcher::Watcher>>,
+    pub probe: Arc<backend::health::PrimaryProbe>,
+    pub metrics: Arc<admin::metrics::Metrics>,
     pub creds: Credentials,
     pub auth_method: AuthMethod,
     pub tls: Option<Arc<rustls::ServerConfig>>,
@@ -66,6 +69,7 @@ pub enum StartError {
 /// A running pgnear: its listening address and the handle to stop it.
 pub struct Proxy {
     addr: SocketAddr,
+    admin_addr: SocketAddr,
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
 }
@@ -114,11 +118,33 @@ impl Proxy {
             addr: config.proxy.listen.clone(),
             source,
         })?;
+        let admin = TcpListener::bind(&config.proxy.admin_listen)
+            .await
+            .map_err(|source| StartError::Listen {
+                addr: config.proxy.admin_listen.clone(),
+                source,
+            })?;
+        let admin_addr = admin.local_addr().map_err(|source| StartError::Listen {
+            addr: config.proxy.admin_listen.clone(),
+            source,
+        })?;
         let (stop, shutdown) = watch::channel(false);
         let primary = Arc::new(upstream(Role::Primary, primary_url)?);
+        let metrics = Arc::new(admin::metrics::Metrics::new());
+        let probe = backend::health::PrimaryProbe::spawn(
+            primary.clone(),
+            metrics.clone(),
+            shutdown.clone(),
+        );
         let watcher = replica.as_ref().map(|r| {
-            consistency::watcher::Watcher::spawn(r.clone(), primary.clone(), shutdown.clone())
+            consistency::watcher::Watcher::spawn(
+                r.clone(),
+                probe.clone(),
+                metrics.clone(),
+                shutdown.clone(),
+            )
         });
+        probe.first_contact(connect_timeout).await;
         if let Some(w) = &watcher {
             w.first_contact(connect_timeout).await;
         }
@@ -126,6 +152,8 @@ impl Proxy {
             primary,
             replica,
             watcher,
+            probe,
+            metrics,
             creds,
             auth_method,
             tls,
@@ -137,13 +165,27 @@ impl Proxy {
             shutdown,
             config,
         });
-        tracing::info!(%addr, auth = ?auth_method, "pgnear listening");
-        let task = tokio::spawn(listener::accept_loop(shared, listener));
-        Ok(Proxy { addr, stop, task })
+        tracing::info!(%addr, %admin_addr, auth = ?auth_method, "pgnear listening");
+        let admin_task = tokio::spawn(admin::http::serve(admin, shared.clone()));
+        let task = tokio::spawn(async move {
+            listener::accept_loop(shared, listener).await;
+            let _ = admin_task.await;
+        });
+        Ok(Proxy {
+            addr,
+            admin_addr,
+            stop,
+            task,
+        })
     }
 
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Where `/metrics`, `/healthz`, `/readyz` and `/status` are served.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
     }
 
     /// Stops accepting, lets running transactions finish within `shutdown_grace`, closes the

@@ -61,15 +61,18 @@ pub async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
 }
 
 async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, admitted: bool) {
+    let metrics = shared.metrics.clone();
+    let _counted = crate::admin::metrics::ClientGuard::new(&metrics);
     let mut slot = Some(Stream::Plain(tcp));
     let timeout = shared.config.proxy.startup_timeout.0;
     let outcome = tokio::time::timeout(timeout, handshake(&shared, &mut slot)).await;
     let startup = match outcome {
         Ok(Ok(Handshake::Ready(startup))) => startup,
         Ok(Ok(Handshake::Done)) => return,
-        Ok(Err(e)) => return refuse(slot, e).await,
+        Ok(Err(e)) => return refuse(&shared, slot, e).await,
         Err(_) => {
             return refuse(
+                &shared,
                 slot,
                 PgError::protocol("startup timed out (proxy.startup_timeout)"),
             )
@@ -87,18 +90,20 @@ async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, admitted: 
     if !admitted {
         let e = PgError::new(ErrorKind::Capacity, "sorry, too many clients already")
             .with_detail("proxy.max_client_connections reached");
-        return refuse(Some(stream), e).await;
+        return refuse(&shared, Some(stream), e).await;
     }
     tracing::debug!(%peer, "client authenticated");
-    match Session::establish(shared, stream, startup).await {
+    match Session::establish(shared.clone(), stream, startup).await {
         Ok(session) => session.run().await,
-        Err((stream, e)) => refuse(Some(stream), e).await,
+        Err((stream, e)) => refuse(&shared, Some(stream), e).await,
     }
 }
 
 /// Tells the client why it cannot continue and closes the connection.
-async fn refuse(slot: Option<Stream>, e: PgError) {
+async fn refuse(shared: &Shared, slot: Option<Stream>, e: PgError) {
     tracing::info!(error = %e, kind = e.kind.label(), "client refused");
+    shared.metrics.error(e.kind);
+    shared.metrics.rejected(e.kind.label());
     if let Some(mut stream) = slot {
         let mut out = BytesMut::new();
         write::error_response(&mut out, &e);

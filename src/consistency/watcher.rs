@@ -4,18 +4,18 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::sync::{watch, Notify};
 
 use super::Lsn;
-use crate::backend::conn::Upstream;
+use crate::admin::metrics::Metrics;
+use crate::backend::conn::{Role, Upstream};
 use crate::backend::control::ControlConn;
+use crate::backend::health::PrimaryProbe;
 
 const FAST_POLL: Duration = Duration::from_millis(1);
 const SLOW_POLL: Duration = Duration::from_millis(100);
-/// How often the primary's position is read (it may be a cross-region round trip away).
-const PRIMARY_POLL: Duration = Duration::from_secs(1);
 const RECONNECT: Duration = Duration::from_millis(500);
 
 /// What pgnear knows about the replica.
@@ -26,8 +26,6 @@ pub struct ReplicaState {
     /// The replica is still a standby (false: it was promoted).
     pub in_recovery: bool,
     pub replay: Option<Lsn>,
-    /// The primary's WAL position when last read.
-    pub primary: Option<Lsn>,
     /// How far replay is behind the primary, in bytes and seconds (0 when caught up).
     pub lag_bytes: u64,
     pub lag_seconds: f64,
@@ -52,7 +50,8 @@ impl Watcher {
     /// Starts the watcher task; it stops when `shutdown` turns true.
     pub fn spawn(
         replica: Arc<Upstream>,
-        primary: Arc<Upstream>,
+        primary: Arc<PrimaryProbe>,
+        metrics: Arc<Metrics>,
         shutdown: watch::Receiver<bool>,
     ) -> Arc<Watcher> {
         let watcher = Arc::new(Watcher {
@@ -60,7 +59,7 @@ impl Watcher {
             waiters: AtomicUsize::new(0),
             wake: Notify::new(),
         });
-        tokio::spawn(watcher.clone().run(replica, primary, shutdown));
+        tokio::spawn(watcher.clone().run(replica, primary, metrics, shutdown));
         watcher
     }
 
@@ -99,12 +98,11 @@ impl Watcher {
     async fn run(
         self: Arc<Self>,
         replica: Arc<Upstream>,
-        primary: Arc<Upstream>,
+        primary: Arc<PrimaryProbe>,
+        metrics: Arc<Metrics>,
         mut shutdown: watch::Receiver<bool>,
     ) {
         let mut conn: Option<ControlConn> = None;
-        let mut primary_conn: Option<ControlConn> = None;
-        let mut last_primary_poll: Option<Instant> = None;
         let mut was_in_recovery = true;
         loop {
             if *shutdown.borrow() {
@@ -121,26 +119,11 @@ impl Watcher {
                             tracing::warn!(error = %e, "replica unreachable; reads go to the primary");
                         }
                         self.state.send_modify(|s| s.up = false);
+                        metrics.upstream_up(Role::Replica, false);
                         tokio::select! {
                             _ = tokio::time::sleep(RECONNECT) => continue,
                             _ = crate::session::stopped(&mut shutdown) => return,
                         }
-                    }
-                }
-            }
-            // The primary's position, for lag in bytes.
-            if last_primary_poll.is_none_or(|t| t.elapsed() >= PRIMARY_POLL) {
-                last_primary_poll = Some(Instant::now());
-                if primary_conn.is_none() {
-                    primary_conn = ControlConn::connect(&primary).await.ok();
-                }
-                if let Some(pc) = primary_conn.as_mut() {
-                    match pc.query_row("SELECT pg_current_wal_lsn()").await {
-                        Ok(row) => {
-                            let lsn = row.first().cloned().flatten().and_then(|v| v.parse().ok());
-                            self.state.send_modify(|s| s.primary = lsn);
-                        }
-                        Err(_) => primary_conn = None,
                     }
                 }
             }
@@ -167,21 +150,24 @@ impl Watcher {
                         tracing::warn!(replica = %replica.url, "the replica was promoted; reads go to the primary");
                     }
                     was_in_recovery = in_recovery;
+                    let (lag_bytes, lag_seconds) = match (primary.current().lsn, replay) {
+                        (Some(p), Some(r)) if p > r => (p.bytes_since(r), since_replay.max(0.0)),
+                        _ => (0, 0.0),
+                    };
+                    metrics.replica_lag_bytes.set(lag_bytes as i64);
+                    metrics.replica_lag_seconds.set(lag_seconds);
+                    metrics
+                        .replica_replay_lsn
+                        .set(replay.map_or(0, |l| l.0 as i64));
+                    metrics.upstream_up(Role::Replica, true);
+                    let next = ReplicaState {
+                        up: true,
+                        in_recovery,
+                        replay,
+                        lag_bytes,
+                        lag_seconds,
+                    };
                     self.state.send_if_modified(|s| {
-                        let (lag_bytes, lag_seconds) = match (s.primary, replay) {
-                            (Some(p), Some(r)) if p > r => {
-                                (p.bytes_since(r), since_replay.max(0.0))
-                            }
-                            _ => (0, 0.0),
-                        };
-                        let next = ReplicaState {
-                            up: true,
-                            in_recovery,
-                            replay,
-                            primary: s.primary,
-                            lag_bytes,
-                            lag_seconds,
-                        };
                         let changed = *s != next;
                         *s = next;
                         changed
@@ -191,6 +177,7 @@ impl Watcher {
                     tracing::warn!(error = %e, "replica watcher lost its connection");
                     conn = None;
                     self.state.send_modify(|s| s.up = false);
+                    metrics.upstream_up(Role::Replica, false);
                     continue;
                 }
             }

@@ -127,6 +127,7 @@ impl Session {
         let result = self.relay().await;
         if let Err(e) = result {
             tracing::debug!(error = %e, "session ends with an error");
+            self.shared.metrics.error(e.kind);
             let mut out = BytesMut::new();
             write::error_response(&mut out, &e);
             let _ = self.client.write_all(&out).await;
@@ -174,7 +175,10 @@ impl Session {
                 r = self.client.read_buf(&mut self.cbuf), if !self.tentative_in_flight() => {
                     match r {
                         Ok(0) | Err(_) => return Ok(()),
-                        Ok(_) => if let Flow::Terminate = self.on_client().await? { return Ok(()) },
+                        Ok(n) => {
+                            self.shared.metrics.bytes_in.inc_by(n as u64);
+                            if let Flow::Terminate = self.on_client().await? { return Ok(()) }
+                        }
                     }
                 }
                 _ = stopped(&mut shutdown), if deadline.is_none() => {
@@ -315,6 +319,7 @@ impl Session {
     }
 
     async fn write_client(&mut self, out: &[u8]) -> Result<(), PgError> {
+        self.shared.metrics.bytes_out.inc_by(out.len() as u64);
         self.client
             .write_all(out)
             .await
@@ -348,6 +353,11 @@ impl Session {
         let mut capture = false;
         for request in seen.done {
             capture |= request.capture_after && !request.failed;
+            if let Some(t) = request.started {
+                self.shared
+                    .metrics
+                    .duration(role, t.elapsed().as_secs_f64());
+            }
             if let Some(change) = request.change.filter(|_| !request.failed) {
                 let seq = self.state.commit_change(change);
                 if let Some(s) = self.slot(role).as_mut() {
@@ -371,6 +381,7 @@ impl Session {
             }
         }
         if !self.cout.is_empty() {
+            self.shared.metrics.bytes_out.inc_by(self.cout.len() as u64);
             let r = self.client.write_all(&self.cout).await;
             self.cout.clear();
             if r.is_err() {

@@ -125,6 +125,7 @@ impl Session {
             }
         }
         tracing::debug!(route = role.name(), reason = reason.label(), "query routed");
+        self.shared.metrics.statement(role, reason);
         match tx_effect(&c) {
             Some(TxEffect::Begin) => self.open_tx = Some(role),
             Some(TxEffect::End) => self.open_tx = None,
@@ -142,8 +143,8 @@ impl Session {
         let request = Request {
             change,
             retry,
-            failed: false,
             capture_after,
+            ..Request::default()
         };
         let server = self.server(role).await?;
         server.send_query(&frame, request);
@@ -188,7 +189,17 @@ impl Session {
             Gate::Wait(target) => {
                 let c = &self.shared.config.consistency;
                 let (timeout, on_timeout) = (c.wait_timeout.0, c.on_timeout);
-                match watcher.wait_for(target, timeout).await {
+                let metrics = self.shared.metrics.clone();
+                metrics.lsn_waits.inc();
+                let started = std::time::Instant::now();
+                let waited = watcher.wait_for(target, timeout).await;
+                metrics
+                    .lsn_wait_seconds
+                    .observe(started.elapsed().as_secs_f64());
+                if waited.is_err() {
+                    metrics.lsn_wait_timeouts.inc();
+                }
+                match waited {
                     Ok(()) => Ok(None),
                     Err(_) if on_timeout == OnTimeout::Primary => Ok(Some(Reason::Fallback)),
                     Err(reached) => {
@@ -237,6 +248,8 @@ impl Session {
             self.shared.classifier.mark_write(sql);
         }
         tracing::debug!("replica refused a read-only query; running it on the primary");
+        self.shared.metrics.replica_retries.inc();
+        self.shared.metrics.statement(Role::Primary, Reason::Retry);
         self.server(Role::Primary)
             .await?
             .send_query(&frame, Request::default());
@@ -274,6 +287,7 @@ impl Session {
             }
         }
         tracing::debug!(route = role.name(), reason = reason.label(), "batch routed");
+        self.shared.metrics.statement(role, reason);
         match plan.tx {
             Some(TxEffect::Begin) => self.open_tx = Some(role),
             Some(TxEffect::End) => self.open_tx = None,
@@ -323,6 +337,7 @@ impl Session {
             let last = i + 1 == plan.syncs;
             server.requests.push_back(Request {
                 capture_after: last && capture_lsn && plan.copy,
+                started: Some(std::time::Instant::now()),
                 ..Request::default()
             });
         }

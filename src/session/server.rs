@@ -32,6 +32,8 @@ pub struct Request {
     /// Learn the commit position once this completes (it may enter COPY IN mode, during which
     /// nothing else can be pipelined behind it).
     pub capture_after: bool,
+    /// When it was sent (for the duration histogram).
+    pub started: Option<std::time::Instant>,
 }
 
 pub struct Server {
@@ -111,7 +113,8 @@ impl Server {
 
     /// Queues a client Query; with `request.retry` set its answer is held until it is clear the
     /// server does not refuse it as a write.
-    pub fn send_query(&mut self, frame: &[u8], request: Request) {
+    pub fn send_query(&mut self, frame: &[u8], mut request: Request) {
+        request.started = Some(std::time::Instant::now());
         self.out.extend_from_slice(frame);
         let owner = if request.retry.is_some() {
             Owner::Tentative

@@ -1,0 +1,281 @@
+//! Every metric pgnear exports, in one registry per running proxy. Hot-path counters are
+//! resolved to their label values once, so recording is an atomic add.
+
+use prometheus::{
+    Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
+};
+
+use crate::backend::conn::Role;
+use crate::error::ErrorKind;
+use crate::router::route::Reason;
+
+const REASONS: [Reason; 7] = [
+    Reason::Read,
+    Reason::Write,
+    Reason::Transaction,
+    Reason::Pin,
+    Reason::Hint,
+    Reason::Retry,
+    Reason::Fallback,
+];
+const KINDS: [ErrorKind; 8] = [
+    ErrorKind::Protocol,
+    ErrorKind::Auth,
+    ErrorKind::Upstream,
+    ErrorKind::Capacity,
+    ErrorKind::Replay,
+    ErrorKind::Consistency,
+    ErrorKind::Shutdown,
+    ErrorKind::Internal,
+];
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub clients: IntGauge,
+    pub clients_accepted: IntCounter,
+    rejected: IntCounterVec,
+    statements: [[IntCounter; 7]; 2],
+    durations: [Histogram; 2],
+    pub bytes_in: IntCounter,
+    pub bytes_out: IntCounter,
+    pub lsn_waits: IntCounter,
+    pub lsn_wait_seconds: Histogram,
+    pub lsn_wait_timeouts: IntCounter,
+    pub replica_retries: IntCounter,
+    pub replica_lag_bytes: IntGauge,
+    pub replica_lag_seconds: Gauge,
+    pub replica_replay_lsn: IntGauge,
+    upstream_up: IntGaugeVec,
+    errors: [IntCounter; 8],
+}
+
+fn role_index(r: Role) -> usize {
+    match r {
+        Role::Primary => 0,
+        Role::Replica => 1,
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let reg = |c: Box<dyn prometheus::core::Collector>| {
+            registry.register(c).expect("metric names are unique")
+        };
+        let counter = |name: &str, help: &str| {
+            let c = IntCounter::new(name, help).expect("valid metric");
+            reg(Box::new(c.clone()));
+            c
+        };
+        let histogram = |name: &str, help: &str, buckets: Vec<f64>| {
+            let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
+                .expect("valid metric");
+            reg(Box::new(h.clone()));
+            h
+        };
+        let latency = vec![
+            0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+            2.5, 5.0, 10.0,
+        ];
+
+        let clients =
+            IntGauge::new("pgnear_client_connections", "Client connections open now").unwrap();
+        reg(Box::new(clients.clone()));
+        let rejected = IntCounterVec::new(
+            Opts::new(
+                "pgnear_client_connections_rejected_total",
+                "Client connections refused, by reason",
+            ),
+            &["reason"],
+        )
+        .unwrap();
+        reg(Box::new(rejected.clone()));
+        let statements_vec = IntCounterVec::new(
+            Opts::new(
+                "pgnear_statements_total",
+                "Client requests (queries and batches) by route and reason",
+            ),
+            &["route", "reason"],
+        )
+        .unwrap();
+        reg(Box::new(statements_vec.clone()));
+        let statements = [Role::Primary, Role::Replica].map(|role| {
+            REASONS.map(|reason| statements_vec.with_label_values(&[role.name(), reason.label()]))
+        });
+        let durations_vec = prometheus::HistogramVec::new(
+            HistogramOpts::new(
+                "pgnear_statement_duration_seconds",
+                "Time from sending a request to its ReadyForQuery, by route",
+            )
+            .buckets(latency.clone()),
+            &["route"],
+        )
+        .unwrap();
+        reg(Box::new(durations_vec.clone()));
+        let durations =
+            [Role::Primary, Role::Replica].map(|r| durations_vec.with_label_values(&[r.name()]));
+        let upstream_up = IntGaugeVec::new(
+            Opts::new(
+                "pgnear_upstream_up",
+                "1 when the upstream answers, by upstream",
+            ),
+            &["upstream"],
+        )
+        .unwrap();
+        reg(Box::new(upstream_up.clone()));
+        let errors_vec = IntCounterVec::new(
+            Opts::new(
+                "pgnear_errors_total",
+                "Errors pgnear reported to clients, by kind",
+            ),
+            &["kind"],
+        )
+        .unwrap();
+        reg(Box::new(errors_vec.clone()));
+        let errors = KINDS.map(|k| errors_vec.with_label_values(&[k.label()]));
+        let gauge = |name: &str, help: &str| {
+            let g = IntGauge::new(name, help).unwrap();
+            reg(Box::new(g.clone()));
+            g
+        };
+        let replica_lag_seconds = Gauge::new(
+            "pgnear_replica_lag_seconds",
+            "Replica replay lag in seconds",
+        )
+        .unwrap();
+        reg(Box::new(replica_lag_seconds.clone()));
+        Metrics {
+            clients,
+            clients_accepted: counter(
+                "pgnear_client_connections_accepted_total",
+                "Client connections accepted",
+            ),
+            rejected,
+            statements,
+            durations,
+            bytes_in: counter(
+                "pgnear_client_bytes_received_total",
+                "Bytes received from clients",
+            ),
+            bytes_out: counter("pgnear_client_bytes_sent_total", "Bytes sent to clients"),
+            lsn_waits: counter(
+                "pgnear_lsn_waits_total",
+                "Reads that waited for the replica to replay a session's writes",
+            ),
+            lsn_wait_seconds: histogram(
+                "pgnear_lsn_wait_duration_seconds",
+                "Time reads waited for the replica",
+                latency,
+            ),
+            lsn_wait_timeouts: counter(
+                "pgnear_lsn_wait_timeouts_total",
+                "Waits that ran past consistency.wait_timeout",
+            ),
+            replica_retries: counter(
+                "pgnear_replica_retries_total",
+                "Queries the replica refused as writes (25006), run again on the primary",
+            ),
+            replica_lag_bytes: gauge(
+                "pgnear_replica_lag_bytes",
+                "Replica replay lag in bytes of WAL",
+            ),
+            replica_lag_seconds,
+            replica_replay_lsn: gauge(
+                "pgnear_replica_replay_lsn",
+                "Replica replay position (pg_lsn as a number)",
+            ),
+            upstream_up,
+            errors,
+            registry,
+        }
+    }
+
+    pub fn statement(&self, role: Role, reason: Reason) {
+        let i = REASONS
+            .iter()
+            .position(|r| *r == reason)
+            .expect("every reason is listed");
+        self.statements[role_index(role)][i].inc();
+    }
+
+    pub fn duration(&self, role: Role, seconds: f64) {
+        self.durations[role_index(role)].observe(seconds);
+    }
+
+    pub fn error(&self, kind: ErrorKind) {
+        let i = KINDS
+            .iter()
+            .position(|k| *k == kind)
+            .expect("every kind is listed");
+        self.errors[i].inc();
+    }
+
+    pub fn rejected(&self, reason: &str) {
+        self.rejected.with_label_values(&[reason]).inc();
+    }
+
+    pub fn upstream_up(&self, role: Role, up: bool) {
+        self.upstream_up
+            .with_label_values(&[role.name()])
+            .set(i64::from(up));
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+/// Counts a client connection while it lives (the gauge cannot be forgotten on any path).
+pub struct ClientGuard<'a>(&'a Metrics);
+
+impl<'a> ClientGuard<'a> {
+    pub fn new(m: &'a Metrics) -> ClientGuard<'a> {
+        m.clients.inc();
+        m.clients_accepted.inc();
+        ClientGuard(m)
+    }
+}
+
+impl Drop for ClientGuard<'_> {
+    fn drop(&mut self) {
+        self.0.clients.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_every_family_with_the_prefix() {
+        let m = Metrics::new();
+        m.statement(Role::Replica, Reason::Read);
+        m.error(ErrorKind::Auth);
+        m.upstream_up(Role::Primary, true);
+        {
+            let _g = ClientGuard::new(&m);
+            assert_eq!(m.clients.get(), 1);
+        }
+        assert_eq!(m.clients.get(), 0);
+        let text = m.render();
+        assert!(
+            text.contains("pgnear_statements_total{reason=\"read\",route=\"replica\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("pgnear_errors_total{kind=\"auth\"} 1"));
+        assert!(text.contains("pgnear_upstream_up{upstream=\"primary\"} 1"));
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            assert!(line.starts_with("pgnear_"), "{line}");
+        }
+    }
+}

@@ -1,0 +1,101 @@
+//! The primary's health: a control connection runs `SELECT pg_current_wal_lsn()` every
+//! `PROBE_INTERVAL`; two failures in a row mark the primary down, one success marks it up.
+//! The position it reads also gives the replica's lag in bytes.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use super::conn::{Role, Upstream};
+use super::control::ControlConn;
+use crate::admin::metrics::Metrics;
+use crate::consistency::Lsn;
+
+pub const PROBE_INTERVAL: Duration = Duration::from_secs(1);
+/// Consecutive failures before an upstream counts as down.
+const DOWN_AFTER: u32 = 2;
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PrimaryState {
+    pub up: bool,
+    /// The primary's WAL write position at the last probe.
+    pub lsn: Option<Lsn>,
+}
+
+pub struct PrimaryProbe {
+    state: watch::Sender<PrimaryState>,
+}
+
+impl PrimaryProbe {
+    pub fn spawn(
+        primary: Arc<Upstream>,
+        metrics: Arc<Metrics>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Arc<PrimaryProbe> {
+        let probe = Arc::new(PrimaryProbe {
+            state: watch::channel(PrimaryState::default()).0,
+        });
+        tokio::spawn(probe.clone().run(primary, metrics, shutdown));
+        probe
+    }
+
+    pub fn current(&self) -> PrimaryState {
+        *self.state.borrow()
+    }
+
+    /// Waits (at most `limit`) for the first successful probe.
+    pub async fn first_contact(&self, limit: Duration) {
+        let mut rx = self.state.subscribe();
+        let _ = tokio::time::timeout(limit, rx.wait_for(|s| s.up)).await;
+    }
+
+    async fn run(
+        self: Arc<Self>,
+        primary: Arc<Upstream>,
+        metrics: Arc<Metrics>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let mut conn: Option<ControlConn> = None;
+        let mut failures = 0u32;
+        loop {
+            let result = async {
+                if conn.is_none() {
+                    conn = Some(ControlConn::connect(&primary).await?);
+                }
+                let c = conn.as_mut().expect("connected above");
+                c.query_row("SELECT pg_current_wal_lsn()").await
+            };
+            let result = tokio::time::timeout(primary.connect_timeout * 2, result).await;
+            match result {
+                Ok(Ok(row)) => {
+                    failures = 0;
+                    let lsn = row.first().cloned().flatten().and_then(|v| v.parse().ok());
+                    if !self.state.borrow().up {
+                        tracing::info!(primary = %primary.url, "primary is up");
+                    }
+                    self.state.send_replace(PrimaryState { up: true, lsn });
+                }
+                failed => {
+                    conn = None;
+                    failures += 1;
+                    if failures >= DOWN_AFTER && self.state.borrow().up {
+                        let why = match failed {
+                            Ok(Err(e)) => e.to_string(),
+                            _ => "probe timed out".to_string(),
+                        };
+                        tracing::warn!(primary = %primary.url, error = %why, "primary is down");
+                    }
+                    if failures >= DOWN_AFTER {
+                        self.state.send_modify(|s| s.up = false);
+                    }
+                }
+            }
+            metrics.upstream_up(Role::Primary, self.state.borrow().up);
+            tokio::select! {
+                _ = tokio::time::sleep(PROBE_INTERVAL) => {}
+                _ = crate::session::stopped(&mut shutdown) => return,
+            }
+        }
+    }
+}
