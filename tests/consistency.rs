@@ -22,13 +22,19 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 async fn replica_admin() -> Client {
     let c = cluster();
     let addr = c.replica(REPLICA).unwrap().node.addr();
-    connect(&format!("postgres://postgres:{}@{addr}/postgres?sslmode=disable", c.superuser_password())).await
+    connect(&format!(
+        "postgres://postgres:{}@{addr}/postgres?sslmode=disable",
+        c.superuser_password()
+    ))
+    .await
 }
 
 async fn setup_table(name: &str) {
     let direct = connect(&cluster().primary_url_from(PRIMARY)).await;
     direct
-        .batch_execute(&format!("DROP TABLE IF EXISTS {name}; CREATE TABLE {name} (id int PRIMARY KEY, v int)"))
+        .batch_execute(&format!(
+            "DROP TABLE IF EXISTS {name}; CREATE TABLE {name} (id int PRIMARY KEY, v int)"
+        ))
         .await
         .unwrap();
     cluster().wait_replicas_caught_up().await.unwrap();
@@ -37,7 +43,10 @@ async fn setup_table(name: &str) {
 /// (served by the replica, rows matching id)
 async fn read_back(c: &Client, table: &str, id: i32) -> (bool, i64) {
     let row = c
-        .query_one(&format!("SELECT pg_is_in_recovery(), count(*) FROM {table} WHERE id = $1"), &[&id])
+        .query_one(
+            &format!("SELECT pg_is_in_recovery(), count(*) FROM {table} WHERE id = $1"),
+            &[&id],
+        )
         .await
         .unwrap();
     (row.get(0), row.get(1))
@@ -58,17 +67,27 @@ fn paused_replay_waits_then_falls_back_resumes_or_errors() {
     run(async {
         setup_table("ryw").await;
         let admin = replica_admin().await;
-        let short = |c: &mut pgnear::config::Config| c.consistency.wait_timeout = HumanDuration(Duration::from_millis(300));
+        let short = |c: &mut pgnear::config::Config| {
+            c.consistency.wait_timeout = HumanDuration(Duration::from_millis(300))
+        };
         let p = proxy(REPLICA, short).await;
         let c = connect(&url(&p)).await;
 
         // Nothing written yet: reads use the replica.
         assert_eq!(read_back(&c, "ryw", 0).await, (true, 0));
-        assert_eq!(show(&c.simple_query("SHOW pgnear.write_lsn").await.unwrap()), "");
+        assert_eq!(
+            show(&c.simple_query("SHOW pgnear.write_lsn").await.unwrap()),
+            ""
+        );
 
         // Replay paused: the read waits, times out, and reads its write on the primary.
-        admin.batch_execute("SELECT pg_wal_replay_pause()").await.unwrap();
-        c.execute("INSERT INTO ryw VALUES (1, 1)", &[]).await.unwrap();
+        admin
+            .batch_execute("SELECT pg_wal_replay_pause()")
+            .await
+            .unwrap();
+        c.execute("INSERT INTO ryw VALUES (1, 1)", &[])
+            .await
+            .unwrap();
         let token = show(&c.simple_query("SHOW pgnear.write_lsn").await.unwrap());
         assert!(token.contains('/'), "a write LSN after a write: {token:?}");
         assert_eq!(read_back(&c, "ryw", 1).await, (false, 1));
@@ -76,8 +95,14 @@ fn paused_replay_waits_then_falls_back_resumes_or_errors() {
         // Eventual mode does not wait: it reads the (stale) replica.
         let eventual = proxy(REPLICA, |c| c.consistency.mode = ConsistencyMode::Eventual).await;
         let e = connect(&url(&eventual)).await;
-        e.execute("INSERT INTO ryw VALUES (2, 2)", &[]).await.unwrap();
-        assert_eq!(read_back(&e, "ryw", 2).await, (true, 0), "eventual reads do not wait");
+        e.execute("INSERT INTO ryw VALUES (2, 2)", &[])
+            .await
+            .unwrap();
+        assert_eq!(
+            read_back(&e, "ryw", 2).await,
+            (true, 0),
+            "eventual reads do not wait"
+        );
 
         // Another session carrying the token waits too; with on_timeout = error it gets 40001.
         let strict = proxy(REPLICA, |c| {
@@ -86,22 +111,47 @@ fn paused_replay_waits_then_falls_back_resumes_or_errors() {
         })
         .await;
         let other = connect(&url(&strict)).await;
-        other.batch_execute(&format!("SET pgnear.min_lsn = '{token}'")).await.unwrap();
-        let err = other.query_one("SELECT count(*) FROM ryw", &[]).await.unwrap_err();
+        other
+            .batch_execute(&format!("SET pgnear.min_lsn = '{token}'"))
+            .await
+            .unwrap();
+        let err = other
+            .query_one("SELECT count(*) FROM ryw", &[])
+            .await
+            .unwrap_err();
         let db = err.as_db_error().expect("a 40001 error");
         assert_eq!(db.code().code(), "40001");
-        assert!(db.detail().unwrap_or("").contains(&token), "{:?}", db.detail());
-        assert!(other.batch_execute("SET pgnear.min_lsn = 'not-an-lsn'").await.is_err());
+        assert!(
+            db.detail().unwrap_or("").contains(&token),
+            "{:?}",
+            db.detail()
+        );
+        assert!(other
+            .batch_execute("SET pgnear.min_lsn = 'not-an-lsn'")
+            .await
+            .is_err());
 
         // Resume during the wait: the read is served by the replica and sees the write.
-        let patient = proxy(REPLICA, |c| c.consistency.wait_timeout = HumanDuration(Duration::from_secs(20))).await;
+        let patient = proxy(REPLICA, |c| {
+            c.consistency.wait_timeout = HumanDuration(Duration::from_secs(20))
+        })
+        .await;
         let pc = connect(&url(&patient)).await;
-        pc.execute("INSERT INTO ryw VALUES (3, 3)", &[]).await.unwrap();
+        pc.execute("INSERT INTO ryw VALUES (3, 3)", &[])
+            .await
+            .unwrap();
         let resume = tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(300)).await;
-            admin.batch_execute("SELECT pg_wal_replay_resume()").await.unwrap();
+            admin
+                .batch_execute("SELECT pg_wal_replay_resume()")
+                .await
+                .unwrap();
         });
-        assert_eq!(read_back(&pc, "ryw", 3).await, (true, 1), "waited for the replica");
+        assert_eq!(
+            read_back(&pc, "ryw", 3).await,
+            (true, 1),
+            "waited for the replica"
+        );
         resume.await.unwrap();
         // The token session is satisfied now as well.
         assert_eq!(read_back(&other, "ryw", 1).await, (true, 1));
@@ -127,9 +177,17 @@ fn concurrent_write_then_read_across_distance_is_never_stale() {
             let u = u.clone();
             tasks.push(tokio::spawn(async move {
                 let c = connect(&u).await;
-                c.execute("INSERT INTO checker VALUES ($1, 0)", &[&s]).await.unwrap();
-                let write = c.prepare("UPDATE checker SET v = $2 WHERE id = $1").await.unwrap();
-                let read = c.prepare("SELECT v, pg_is_in_recovery() FROM checker WHERE id = $1").await.unwrap();
+                c.execute("INSERT INTO checker VALUES ($1, 0)", &[&s])
+                    .await
+                    .unwrap();
+                let write = c
+                    .prepare("UPDATE checker SET v = $2 WHERE id = $1")
+                    .await
+                    .unwrap();
+                let read = c
+                    .prepare("SELECT v, pg_is_in_recovery() FROM checker WHERE id = $1")
+                    .await
+                    .unwrap();
                 let (mut stale, mut on_replica) = (0, 0);
                 for i in 1..=pairs {
                     c.execute(&write, &[&s, &i]).await.unwrap();
@@ -151,7 +209,10 @@ fn concurrent_write_then_read_across_distance_is_never_stale() {
         eprintln!("checker: {total} write-then-read pairs, {stale} stale, {on_replica} reads served by the replica");
         assert_eq!(stale, 0, "stale reads out of {total}");
         // Reads go to the replica unless it could not catch up within wait_timeout.
-        assert!(on_replica * 10 >= total * 9, "only {on_replica} of {total} reads on the replica");
+        assert!(
+            on_replica * 10 >= total * 9,
+            "only {on_replica} of {total} reads on the replica"
+        );
         p.shutdown().await;
     });
 }
@@ -165,17 +226,27 @@ fn failed_lookup_and_pipelining_leave_the_client_undisturbed() {
         let c = connect(&url(&p)).await;
         // The lookup behind this COMMIT runs in an aborted transaction and fails (25P02):
         // the client only sees its own error, and the session carries on.
-        let e = c.batch_execute("BEGIN; SELECT 1/0; COMMIT").await.unwrap_err();
+        let e = c
+            .batch_execute("BEGIN; SELECT 1/0; COMMIT")
+            .await
+            .unwrap_err();
         assert_eq!(sqlstate(&e), "22012");
         c.batch_execute("ROLLBACK").await.unwrap();
-        c.execute("INSERT INTO piped VALUES (0, 0)", &[]).await.unwrap();
+        c.execute("INSERT INTO piped VALUES (0, 0)", &[])
+            .await
+            .unwrap();
         assert_eq!(read_back(&c, "piped", 0).await.1, 1);
 
         // Pipelined writes and reads: every answer, in order, each read seeing its own write.
         let c = &c;
         let futures = (1..=60).map(|i| async move {
-            c.execute("INSERT INTO piped VALUES ($1, $1)", &[&i]).await.unwrap();
-            c.query_one("SELECT v FROM piped WHERE id = $1", &[&i]).await.unwrap().get::<_, i32>(0)
+            c.execute("INSERT INTO piped VALUES ($1, $1)", &[&i])
+                .await
+                .unwrap();
+            c.query_one("SELECT v FROM piped WHERE id = $1", &[&i])
+                .await
+                .unwrap()
+                .get::<_, i32>(0)
         });
         let got = join_all(futures).await;
         assert_eq!(got, (1..=60).collect::<Vec<i32>>());
@@ -188,11 +259,17 @@ fn write_lsn_is_reported_as_parameter_status() {
     let _serial = serial();
     run(async {
         setup_table("reported").await;
-        let p = proxy(REPLICA, |c| c.auth.method = Some(pgnear::config::AuthMethod::Trust)).await;
+        let p = proxy(REPLICA, |c| {
+            c.auth.method = Some(pgnear::config::AuthMethod::Trust)
+        })
+        .await;
         let mut s = tokio::net::TcpStream::connect(p.addr()).await.unwrap();
         let o = cluster().options();
         let mut startup = 196608u32.to_be_bytes().to_vec();
-        for (k, v) in [("user", o.app_user.as_str()), ("database", o.database.as_str())] {
+        for (k, v) in [
+            ("user", o.app_user.as_str()),
+            ("database", o.database.as_str()),
+        ] {
             startup.extend_from_slice(k.as_bytes());
             startup.push(0);
             startup.extend_from_slice(v.as_bytes());
@@ -224,7 +301,8 @@ fn write_lsn_is_reported_as_parameter_status() {
         .expect("ParameterStatus pgnear.write_lsn");
         let at = buf.windows(needle.len()).position(|w| w == needle).unwrap() + needle.len();
         let end = at + buf[at..].iter().position(|&b| b == 0).unwrap();
-        let lsn: pgnear::consistency::Lsn = std::str::from_utf8(&buf[at..end]).unwrap().parse().unwrap();
+        let lsn: pgnear::consistency::Lsn =
+            std::str::from_utf8(&buf[at..end]).unwrap().parse().unwrap();
         assert!(lsn.0 > 0);
         p.shutdown().await;
     });

@@ -159,9 +159,7 @@ pub fn sqlstate(e: &tokio_postgres::Error) -> String {
 }
 
 /// Polls all futures concurrently (tokio-postgres pipelines them on one connection).
-pub async fn join_all<F: std::future::Future>(
-    futs: impl IntoIterator<Item = F>,
-) -> Vec<F::Output> {
+pub async fn join_all<F: std::future::Future>(futs: impl IntoIterator<Item = F>) -> Vec<F::Output> {
     let handles: Vec<_> = futs.into_iter().map(Box::pin).collect();
     let mut out = Vec::with_capacity(handles.len());
     let mut pending: Vec<_> = handles.into_iter().map(Some).collect();
@@ -189,4 +187,3 @@ pub async fn join_all<F: std::future::Future>(
     out.extend(results.into_iter().map(|r| r.unwrap()));
     out
 }
-
