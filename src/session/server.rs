@@ -187,11 +187,21 @@ impl Server {
             let avail = buf.len() - pos;
             if avail < total {
                 let bulk = matches!(tag, be::DATA_ROW | be::COPY_DATA | be::FUNCTION_RESULT);
+                let owner = self.expect.front_owner();
                 if bulk
                     && total > STREAM_THRESHOLD
-                    && self.expect.front_owner() != Some(Owner::Internal(Purpose::WriteLsn))
+                    && owner.is_some_and(Owner::is_client)
+                    && !self.retrying
                 {
                     // Stream the frame: its header and what we have go now, the rest as it comes.
+                    // Data means the request was not refused: a held answer goes first.
+                    if owner == Some(Owner::Tentative) {
+                        cout.extend_from_slice(&buf[run_start..pos]);
+                        cout.extend_from_slice(&self.held);
+                        self.held.clear();
+                        run_start = pos;
+                        self.expect.confirm_front();
+                    }
                     self.expect.on_frame(tag);
                     self.skip = total - avail;
                     pos = buf.len();
@@ -203,6 +213,7 @@ impl Server {
             let frame = &buf[pos..pos + total];
             let body = &frame[5..];
             let m = self.expect.on_frame(tag);
+            tracing::trace!(role = self.role.name(), tag = %(tag as char), ?m, "frame");
             let mut forward = m.forward;
             if m.owner == Some(Owner::Tentative) {
                 forward = false;
