@@ -369,3 +369,110 @@ fn pgbench_tpcb_through_pgnear_adds_up() {
         p.shutdown().await;
     });
 }
+
+#[test]
+fn replay_mode_refuses_writes_outside_the_primary_region() {
+    run(async {
+        let direct = connect(&cluster().primary_url_from(PRIMARY)).await;
+        direct
+            .batch_execute("CREATE TABLE IF NOT EXISTS replayed (a int)")
+            .await
+            .unwrap();
+        cluster().wait_replicas_caught_up().await.unwrap();
+        let replay = |c: &mut pgnear::config::Config| {
+            c.routing.write_mode = pgnear::config::WriteMode::Replay
+        };
+        let p = proxy(REPLICA, replay).await;
+        let c = connect(&url(&p)).await;
+        for write in ["INSERT INTO replayed VALUES (1)", "BEGIN"] {
+            let e = c.batch_execute(write).await.unwrap_err();
+            let db = e.as_db_error().expect("a 25006 error");
+            assert_eq!(db.code().code(), "25006", "{write}");
+            assert!(
+                db.message().contains("primary region iad"),
+                "{}",
+                db.message()
+            );
+            assert_eq!(
+                db.hint(),
+                Some("Replay the request in region iad (fly-replay: region=iad).")
+            );
+        }
+        // Extended protocol too, and the session stays usable.
+        let e = c
+            .execute("INSERT INTO replayed VALUES ($1)", &[&2i32])
+            .await
+            .unwrap_err();
+        assert_eq!(sqlstate(&e), "25006");
+        // Reads stay local; read-only transactions are fine.
+        assert!(on_replica(&c).await);
+        c.batch_execute("BEGIN READ ONLY").await.unwrap();
+        assert!(on_replica(&c).await);
+        c.batch_execute("COMMIT").await.unwrap();
+        let rows = c.simple_query("SHOW pgnear.write_mode").await.unwrap();
+        assert!(matches!(&rows[1], SimpleQueryMessage::Row(r) if r.get(0) == Some("replay")));
+        // Per session: forward.
+        c.batch_execute("SET pgnear.write_mode = 'forward'")
+            .await
+            .unwrap();
+        c.batch_execute("INSERT INTO replayed VALUES (3)")
+            .await
+            .unwrap();
+        let n: i64 = direct
+            .query_one("SELECT count(*) FROM replayed", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n, 1, "only the forwarded write reached the primary");
+        // In the primary region replay mode forwards everything.
+        let home = proxy(PRIMARY, replay).await;
+        let h = connect(&url(&home)).await;
+        h.batch_execute("INSERT INTO replayed VALUES (4)")
+            .await
+            .unwrap();
+        p.shutdown().await;
+        home.shutdown().await;
+    });
+}
+
+#[test]
+fn a_fenced_primary_refusing_writes_is_passed_through_once() {
+    run(async {
+        let direct = connect(&cluster().primary_url_from(PRIMARY)).await;
+        direct
+            .batch_execute("CREATE TABLE IF NOT EXISTS fenced (a int)")
+            .await
+            .unwrap();
+        let p = proxy(REPLICA, |_| {}).await;
+        let c = connect(&url(&p)).await;
+        // A read-only primary (as a fenced primary would be) answers writes with 25006.
+        c.batch_execute("SET pgnear.route = 'primary'")
+            .await
+            .unwrap();
+        c.batch_execute("SET default_transaction_read_only = on")
+            .await
+            .unwrap();
+        let e = c
+            .batch_execute("INSERT INTO fenced VALUES (1)")
+            .await
+            .unwrap_err();
+        let db = e.as_db_error().expect("the primary's own error");
+        assert_eq!(db.code().code(), "25006");
+        assert!(
+            db.message().contains("read-only transaction"),
+            "{}",
+            db.message()
+        );
+        c.batch_execute("RESET default_transaction_read_only")
+            .await
+            .unwrap();
+        c.batch_execute("SET pgnear.route = 'auto'").await.unwrap();
+        let n: i64 = direct
+            .query_one("SELECT count(*) FROM fenced", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n, 0);
+        p.shutdown().await;
+    });
+}

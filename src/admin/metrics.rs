@@ -43,6 +43,7 @@ pub struct Metrics {
     pub lsn_wait_seconds: Histogram,
     pub lsn_wait_timeouts: IntCounter,
     pub replica_retries: IntCounter,
+    pub replay_refusals: IntCounter,
     pub replica_lag_bytes: IntGauge,
     pub replica_lag_seconds: Gauge,
     pub replica_replay_lsn: IntGauge,
@@ -175,6 +176,10 @@ impl Metrics {
             replica_retries: counter(
                 "pgnear_replica_retries_total",
                 "Queries the replica refused as writes (25006), run again on the primary",
+            ),
+            replay_refusals: counter(
+                "pgnear_replay_refusals_total",
+                "Writes refused in replay mode (SQLSTATE 25006 with a fly-replay hint)",
             ),
             replica_lag_bytes: gauge(
                 "pgnear_replica_lag_bytes",

@@ -53,6 +53,8 @@ pub struct Session {
     write_lsn: Option<Lsn>,
     /// `SET pgnear.min_lsn`: a position reads must see (a causal token from elsewhere).
     min_lsn: Option<Lsn>,
+    /// `routing.write_mode`, or the session's `SET pgnear.write_mode`.
+    write_mode: crate::config::WriteMode,
     /// A read the consistency gate refused (`on_timeout = "error"`), answered instead of run.
     refused: Option<PgError>,
 }
@@ -98,6 +100,7 @@ impl Session {
                 PgError::protocol(format!("client connection lost: {e}")),
             ));
         }
+        let write_mode = shared.config.routing.write_mode;
         Ok(Session {
             shared,
             client,
@@ -118,6 +121,7 @@ impl Session {
             write_lsn: None,
             min_lsn: None,
             refused: None,
+            write_mode,
         })
     }
 

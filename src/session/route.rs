@@ -10,7 +10,7 @@ use super::expect;
 use super::server::Request;
 use super::Session;
 use crate::backend::conn::Role;
-use crate::config::OnTimeout;
+use crate::config::{OnTimeout, WriteMode};
 use crate::consistency::gate::{self, Gate};
 use crate::consistency::Lsn;
 use crate::error::{ErrorKind, PgError};
@@ -62,6 +62,20 @@ fn is_state_only(c: &Classified) -> bool {
                 Kind::Set { local: false, .. } | Kind::Reset { .. } | Kind::Empty
             )
         })
+}
+
+/// LISTEN/UNLISTEN and advisory locks need the primary but write nothing: not refused in replay mode.
+fn only_pins(c: &Classified) -> bool {
+    c.statements.iter().all(|s| {
+        matches!(
+            s.kind,
+            Kind::Listen
+                | Kind::Unlisten { .. }
+                | Kind::AdvisoryLock
+                | Kind::AdvisoryUnlockAll
+                | Kind::Empty
+        )
+    })
 }
 
 fn is_pgnear(c: &Classified) -> bool {
@@ -124,6 +138,9 @@ impl Session {
                 return self.refuse_request(e, 1).await;
             }
         }
+        if reason == Reason::Write && self.replays_writes() && !only_pins(&c) {
+            return self.refuse_request(self.replay_error(), 1).await;
+        }
         tracing::debug!(route = role.name(), reason = reason.label(), "query routed");
         self.shared.metrics.statement(role, reason);
         match tx_effect(&c) {
@@ -152,6 +169,29 @@ impl Session {
             server.send_internal_query(WRITE_LSN_QUERY, expect::Purpose::WriteLsn);
         }
         Ok(())
+    }
+
+    /// Replay mode outside the primary region: writes are refused with a replay signal.
+    fn replays_writes(&self) -> bool {
+        let r = &self.shared.config.regions;
+        self.write_mode == WriteMode::Replay && !r.primary.is_empty() && r.current != r.primary
+    }
+
+    fn replay_error(&self) -> PgError {
+        self.shared.metrics.replay_refusals.inc();
+        let r = &self.shared.config.regions;
+        PgError::new(
+            ErrorKind::Replay,
+            format!(
+                "cannot execute a write in region {}: writes run in the primary region {}",
+                r.current, r.primary
+            ),
+        )
+        .non_fatal()
+        .with_hint(format!(
+            "Replay the request in region {0} (fly-replay: region={0}).",
+            r.primary
+        ))
     }
 
     /// Whether commit positions are worth learning: a replica to wait for, or tokens to report.
@@ -285,6 +325,11 @@ impl Session {
                 self.batch_tags.clear();
                 return self.refuse_request(e, plan.syncs).await;
             }
+        }
+        if reason == Reason::Write && self.replays_writes() {
+            self.batch.clear();
+            self.batch_tags.clear();
+            return self.refuse_request(self.replay_error(), plan.syncs).await;
         }
         tracing::debug!(route = role.name(), reason = reason.label(), "batch routed");
         self.shared.metrics.statement(role, reason);
@@ -575,6 +620,10 @@ impl Session {
             "write_lsn" => Some(self.write_lsn.map(|l| l.to_string()).unwrap_or_default()),
             "min_lsn" => Some(self.min_lsn.map(|l| l.to_string()).unwrap_or_default()),
             "region" => Some(regions.current.clone()),
+            "write_mode" => Some(match self.write_mode {
+                WriteMode::Forward => "forward".to_string(),
+                WriteMode::Replay => "replay".to_string(),
+            }),
             "primary_region" => Some(regions.primary.clone()),
             _ => return None,
         })
@@ -586,6 +635,15 @@ impl Session {
                 let v = value.unwrap_or("auto");
                 self.state.setting = RouteSetting::parse(v)
                     .ok_or_else(|| invalid_value(name, v, "auto, primary, replica"))?;
+                Ok(())
+            }
+            "write_mode" => {
+                self.write_mode = match value.map(|v| v.to_ascii_lowercase()).as_deref() {
+                    None => self.shared.config.routing.write_mode,
+                    Some("forward") => WriteMode::Forward,
+                    Some("replay") => WriteMode::Replay,
+                    Some(v) => return Err(invalid_value(name, v, "forward, replay")),
+                };
                 Ok(())
             }
             "min_lsn" => {
