@@ -476,3 +476,48 @@ fn a_fenced_primary_refusing_writes_is_passed_through_once() {
         p.shutdown().await;
     });
 }
+
+#[test]
+fn begin_then_set_transaction_read_only_runs_on_the_replica() {
+    run(async {
+        let p = proxy(REPLICA, |_| {}).await;
+        let c = connect(&url(&p)).await;
+        c.batch_execute("BEGIN").await.unwrap();
+        c.batch_execute("SET TRANSACTION READ ONLY").await.unwrap();
+        assert!(on_replica(&c).await, "read-only transaction on the replica");
+        let e = c
+            .batch_execute("CREATE TABLE nope_ro (a int)")
+            .await
+            .unwrap_err();
+        assert_eq!(sqlstate(&e), "25006");
+        c.batch_execute("ROLLBACK").await.unwrap();
+        // A plain BEGIN: the transaction runs on the primary, reads included.
+        c.batch_execute("BEGIN").await.unwrap();
+        assert!(!on_replica(&c).await);
+        c.batch_execute("COMMIT").await.unwrap();
+        // BEGIN then COMMIT with nothing in between, and pipelined BEGIN/statement/COMMIT.
+        c.batch_execute("BEGIN").await.unwrap();
+        c.batch_execute("COMMIT").await.unwrap();
+        let rows = c
+            .simple_query("BEGIN; SELECT pg_is_in_recovery(); COMMIT")
+            .await
+            .unwrap();
+        assert!(rows
+            .iter()
+            .any(|m| matches!(m, SimpleQueryMessage::Row(r) if r.get(0) == Some("f"))));
+        let c = &c;
+        let results = join_all((0..9).map(|i| async move {
+            if i % 3 == 0 {
+                c.simple_query("BEGIN").await.map(|_| ())
+            } else if i % 3 == 1 {
+                c.simple_query("SELECT 1").await.map(|_| ())
+            } else {
+                c.simple_query("COMMIT").await.map(|_| ())
+            }
+        }))
+        .await;
+        assert!(results.iter().all(|r| r.is_ok()), "{results:?}");
+        assert!(on_replica(c).await);
+        p.shutdown().await;
+    });
+}

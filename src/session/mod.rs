@@ -53,6 +53,8 @@ pub struct Session {
     write_lsn: Option<Lsn>,
     /// `SET pgnear.min_lsn`: a position reads must see (a causal token from elsewhere).
     min_lsn: Option<Lsn>,
+    /// A `BEGIN` answered by pgnear and not yet sent (see `start_deferred`).
+    deferred_begin: Option<bytes::Bytes>,
     /// `routing.write_mode`, or the session's `SET pgnear.write_mode`.
     write_mode: crate::config::WriteMode,
     /// A read the consistency gate refused (`on_timeout = "error"`), answered instead of run.
@@ -122,6 +124,7 @@ impl Session {
             min_lsn: None,
             refused: None,
             write_mode,
+            deferred_begin: None,
         })
     }
 
@@ -195,6 +198,7 @@ impl Session {
 
     fn is_idle(&self) -> bool {
         self.batch.is_empty()
+            && self.deferred_begin.is_none()
             && [&self.primary, &self.replica]
                 .into_iter()
                 .flatten()
@@ -320,6 +324,12 @@ impl Session {
             self.on_server(role).await?;
         }
         Ok(())
+    }
+
+    /// Relays everything both servers still owe the client (before pgnear answers itself).
+    async fn drain_all(&mut self) -> Result<(), PgError> {
+        self.drain(Role::Primary).await?;
+        self.drain(Role::Replica).await
     }
 
     async fn write_client(&mut self, out: &[u8]) -> Result<(), PgError> {

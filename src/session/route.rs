@@ -108,6 +108,27 @@ impl Session {
         if is_pgnear(&c) {
             return self.answer_pgnear(&c).await;
         }
+        if self.open_tx.is_none() && self.deferred_begin.is_none() && self.defers(&c) {
+            // Answered now, sent with the next statement: that statement decides which server
+            // holds the transaction (SET TRANSACTION READ ONLY sends it to the replica), and the
+            // BEGIN costs no round trip of its own.
+            self.drain_all().await?;
+            self.deferred_begin = Some(frame.freeze());
+            let mut out = BytesMut::new();
+            write::command_complete(&mut out, "BEGIN");
+            write::ready_for_query(&mut out, b'T');
+            return self.write_client(&out).await;
+        }
+        if self.deferred_begin.is_some() {
+            let read_only = c.statements.len() == 1
+                && matches!(
+                    c.statements[0].kind,
+                    Kind::SetTransaction {
+                        read_only: Some(true)
+                    }
+                );
+            self.start_deferred(read_only).await?;
+        }
         let change = self.state.prepare_change(sql, &c);
         if let Some(change) = &change {
             self.state.apply_pins(change);
@@ -253,6 +274,8 @@ impl Session {
 
     /// Answers a request pgnear will not run: the error, then ReadyForQuery per Sync.
     async fn refuse_request(&mut self, e: PgError, syncs: usize) -> Result<(), PgError> {
+        // Answers still owed for earlier requests go first.
+        self.drain_all().await?;
         let mut out = BytesMut::new();
         for _ in 0..syncs.max(1) {
             write::error_response(&mut out, &e);
@@ -261,7 +284,40 @@ impl Session {
         self.write_client(&out).await
     }
 
+    /// A lone read-write `BEGIN` is deferred until the transaction's first statement.
+    fn defers(&self, c: &Classified) -> bool {
+        c.statements.len() == 1
+            && matches!(c.statements[0].kind, Kind::Begin { read_only: false })
+            && !self.state.read_only_default
+            && self.shared.watcher.is_some()
+            && !self.replays_writes()
+    }
+
+    /// Sends the deferred BEGIN (its answer was already given) to the server that will hold the
+    /// transaction: the replica for a read-only one that can be served consistently there.
+    pub(super) async fn start_deferred(&mut self, read_only: bool) -> Result<(), PgError> {
+        let Some(begin) = self.deferred_begin.take() else {
+            return Ok(());
+        };
+        let mut role = Role::Primary;
+        if read_only && self.context().replica_available && !self.state.pins.any() {
+            let fallback = self.consistent_read().await?;
+            self.refused = None;
+            if fallback.is_none() && self.ensure_replica().await.is_ok() {
+                role = Role::Replica;
+            }
+        }
+        self.open_tx = Some(role);
+        self.server(role)
+            .await?
+            .send_internal_frame(tag::QUERY, &begin);
+        Ok(())
+    }
+
     fn client_tx_status(&self) -> u8 {
+        if self.deferred_begin.is_some() {
+            return b'T';
+        }
         self.open_tx
             .and_then(|r| self.slot_ref(r).map(|s| s.tx))
             .unwrap_or(b'I')
@@ -300,6 +356,9 @@ impl Session {
     pub(super) async fn dispatch_batch(&mut self) -> Result<(), PgError> {
         if self.batch.is_empty() {
             return Ok(());
+        }
+        if self.deferred_begin.is_some() {
+            self.start_deferred(false).await?;
         }
         let plan = self.plan_batch()?;
         let (mut role, mut reason) = if plan.sticky {
@@ -558,9 +617,7 @@ impl Session {
 
     /// Answers SHOW/SET/RESET pgnear.* itself, after everything sent before it was answered.
     async fn answer_pgnear(&mut self, c: &Classified) -> Result<(), PgError> {
-        for role in [Role::Primary, Role::Replica] {
-            self.drain(role).await?;
-        }
+        self.drain_all().await?;
         let mut out = BytesMut::new();
         if c.statements
             .iter()
