@@ -4,7 +4,7 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{watch, Notify};
 
@@ -104,6 +104,7 @@ impl Watcher {
     ) {
         let mut conn: Option<ControlConn> = None;
         let mut was_in_recovery = true;
+        let mut caught_up_at = Instant::now();
         loop {
             if *shutdown.borrow() {
                 return;
@@ -130,29 +131,28 @@ impl Watcher {
             let polled = conn
                 .as_mut()
                 .expect("connected above")
-                .query_row(
-                    "SELECT pg_last_wal_replay_lsn(), pg_is_in_recovery(), \
-                     COALESCE(extract(epoch FROM now() - pg_last_xact_replay_timestamp()), 0)",
-                )
+                .query_row("SELECT pg_last_wal_replay_lsn(), pg_is_in_recovery()")
                 .await;
             match polled {
                 Ok(row) => {
                     let replay: Option<Lsn> =
                         row.first().cloned().flatten().and_then(|v| v.parse().ok());
                     let in_recovery = row.get(1).cloned().flatten().as_deref() == Some("t");
-                    let since_replay: f64 = row
-                        .get(2)
-                        .cloned()
-                        .flatten()
-                        .and_then(|v| v.parse().ok())
-                        .unwrap_or(0.0);
                     if was_in_recovery && !in_recovery {
                         tracing::warn!(replica = %replica.url, "the replica was promoted; reads go to the primary");
                     }
                     was_in_recovery = in_recovery;
+                    // Lag in time: how long the replica has been behind the primary's last known
+                    // position (the time since the last replayed transaction would count idle
+                    // time as lag).
                     let (lag_bytes, lag_seconds) = match (primary.current().lsn, replay) {
-                        (Some(p), Some(r)) if p > r => (p.bytes_since(r), since_replay.max(0.0)),
-                        _ => (0, 0.0),
+                        (Some(p), Some(r)) if p > r => {
+                            (p.bytes_since(r), caught_up_at.elapsed().as_secs_f64())
+                        }
+                        _ => {
+                            caught_up_at = Instant::now();
+                            (0, 0.0)
+                        }
                     };
                     metrics.replica_lag_bytes.set(lag_bytes as i64);
                     metrics.replica_lag_seconds.set(lag_seconds);
