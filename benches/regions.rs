@@ -33,30 +33,33 @@ const REPS: usize = 3;
 const ONE_WAY: Duration = Duration::from_millis(50);
 const IDLE_CLIENTS: usize = 2_000;
 const PGBOUNCER: &str = "/usr/sbin/pgbouncer";
+const HEAD: &str = "| pgbench | target | TPS | avg latency (ms) | TPS vs direct | added latency (µs) |\n|---|---|---:|---:|---:|---:|\n";
 const READ_SQL: &str = "SELECT abalance FROM pgbench_accounts WHERE aid = $1";
 const WRITE_SQL: &str = "UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid = $1";
 const STREAM_SQL: &str =
     "COPY (SELECT repeat('x', 1000) FROM generate_series(1, 100000)) TO STDOUT";
 
-struct Settings {
+/// The running lab and the run settings.
+struct Bench<'a> {
+    cluster: &'a Cluster,
     secs: u64,
     samples: usize,
 }
 
+/// pgbench targets: (name, address).
 type Targets = [(&'static str, SocketAddr)];
+type Res = anyhow::Result<String>;
 
 fn main() -> anyhow::Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     let subscriber = tracing_subscriber::fmt().with_env_filter(filter);
     let _ = subscriber.with_writer(std::io::stderr).try_init();
-    let settings = Settings {
-        secs: env_num("PGNEAR_BENCH_SECS", 10).max(1),
-        samples: env_num("PGNEAR_BENCH_SAMPLES", 200).max(1),
-    };
+    let secs = env_num("PGNEAR_BENCH_SECS", 10).max(1);
+    let samples = env_num("PGNEAR_BENCH_SAMPLES", 200).max(1);
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     let runtime = runtime.worker_threads(2).enable_all().build()?;
-    let report = runtime.block_on(run(&settings))?;
+    let report = runtime.block_on(run(secs, samples))?;
     print!("{report}");
     let path = target_dir().join("bench-report.md");
     std::fs::write(&path, &report).with_context(|| format!("writing {}", path.display()))?;
@@ -65,16 +68,22 @@ fn main() -> anyhow::Result<()> {
 }
 
 /// Starts the lab, runs every section, and shuts the lab down whatever happened.
-async fn run(s: &Settings) -> anyhow::Result<String> {
+async fn run(secs: u64, samples: usize) -> anyhow::Result<String> {
     let began = Instant::now();
     progress("starting the lab: primary in iad, replica in syd");
-    let cluster = Cluster::start(ClusterOptions {
-        regions: vec![PRIMARY.into(), REPLICA.into()],
-        ..ClusterOptions::default()
-    })
-    .await?;
+    let regions = vec![PRIMARY.into(), REPLICA.into()];
+    let options = ClusterOptions {
+        regions,
+        ..Default::default()
+    };
+    let cluster = Cluster::start(options).await?;
     let mut report = String::new();
-    let result = sections(&cluster, s, &mut report).await;
+    let bench = Bench {
+        cluster: &cluster,
+        secs,
+        samples,
+    };
+    let result = sections(&bench, &mut report).await;
     progress("stopping the lab");
     cluster.shutdown().await;
     result?;
@@ -84,22 +93,21 @@ async fn run(s: &Settings) -> anyhow::Result<String> {
 }
 
 /// A failing section is reported as such; the others still run.
-async fn sections(cluster: &Cluster, s: &Settings, out: &mut String) -> anyhow::Result<()> {
-    let bouncer = ensure_pgbouncer().await;
-    out.push_str(&header(cluster, s, &bouncer).await?);
+async fn sections(b: &Bench<'_>, out: &mut String) -> anyhow::Result<()> {
+    let (cluster, bouncer) = (b.cluster, ensure_pgbouncer().await);
+    out.push_str(&header(b, &bouncer).await?);
     progress("pgbench -i -s 10 on the primary");
     let (o, primary) = (cluster.options(), cluster.primary().addr());
-    if let Err(e) = pgbench(o, primary, &["-i", "-s", "10", "-q"], None).await {
+    if let Err(e) = pgbench(o, primary, &["-i", "-s", "10", "-q"]).await {
         bail!("pgbench -i failed: {e}");
     }
     cluster.wait_replicas_caught_up().await?;
-    let bouncer = bouncer.as_deref().ok();
-    let a = section_local(cluster, s, bouncer).await;
-    push_section(out, "A. Local overhead (pgbench, no added latency)", a);
-    let b = section_regions(cluster, s).await;
-    push_section(out, "B. Multi-region latency (syd, 100 ms RTT to iad)", b);
-    let c = section_memory(cluster).await;
-    push_section(out, "C. Memory of the pgnear process", c);
+    let local = section_local(b, bouncer.as_deref().ok()).await;
+    push_section(out, "A. Local overhead (pgbench, no added latency)", local);
+    let regions = section_regions(b).await;
+    push_section(out, "B. Multi-region latency (100 ms RTT)", regions);
+    let memory = section_memory(cluster).await;
+    push_section(out, "C. Memory of the pgnear process", memory);
     Ok(())
 }
 
@@ -114,154 +122,92 @@ fn push_section(out: &mut String, title: &str, body: anyhow::Result<String>) {
     }
 }
 
-async fn header(
-    cluster: &Cluster,
-    s: &Settings,
-    bouncer: &Result<PathBuf, String>,
-) -> anyhow::Result<String> {
+async fn header(b: &Bench<'_>, bouncer: &Result<PathBuf, String>) -> anyhow::Result<String> {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let cpu = cpuinfo
-        .lines()
-        .find_map(|l| l.strip_prefix("model name"))
-        .map_or("unknown", |m| m.trim_start_matches([' ', '\t', ':']));
+    let cpu = cpuinfo.lines().find_map(|l| l.strip_prefix("model name"));
+    let cpu = cpu.map_or("unknown", |m| m.trim_start_matches([' ', '\t', ':']));
     let nproc = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let git = [
-        "-C",
-        env!("CARGO_MANIFEST_DIR"),
-        "describe",
-        "--always",
-        "--dirty",
-    ];
-    let client = connect(&cluster.primary_url_from(PRIMARY)).await?;
+    let date = first_line("date", &["-u", "+%Y-%m-%d %H:%M UTC"]).await;
+    let manifest = env!("CARGO_MANIFEST_DIR");
+    let git = first_line("git", &["-C", manifest, "describe", "--always", "--dirty"]).await;
+    let version = env!("CARGO_PKG_VERSION");
+    let client = connect(&b.cluster.primary_url_from(PRIMARY)).await?;
     let postgres: String = client.query_one("SELECT version()", &[]).await?.get(0);
+    let pgbench = first_line("pgbench", &["--version"]).await;
     let pgbouncer = match bouncer {
         Ok(bin) => first_line(bin.as_os_str(), &["--version"]).await,
         Err(e) => e.clone(),
     };
-    let rows = [
-        (
-            "date",
-            first_line("date", &["-u", "+%Y-%m-%d %H:%M UTC"]).await,
-        ),
-        ("machine", format!("{nproc} CPUs ({cpu})")),
-        (
-            "pgnear",
-            format!(
-                "{} (git {})",
-                env!("CARGO_PKG_VERSION"),
-                first_line("git", &git).await
-            ),
-        ),
-        ("Postgres", postgres),
-        ("pgbench", first_line("pgbench", &["--version"]).await),
-        ("PgBouncer", pgbouncer),
-        (
-            "pgbench runs",
-            format!("{} s each, median of {REPS} interleaved", s.secs),
-        ),
-        ("latency samples", s.samples.to_string()),
-    ];
-    let mut out = String::from("# pgnear end-to-end benchmark\n\n| | |\n|---|---|\n");
-    for (k, v) in rows {
-        writeln!(out, "| {k} | {v} |")?;
-    }
-    Ok(out)
+    let (secs, samples) = (b.secs, b.samples);
+    Ok(format!(
+        "# pgnear end-to-end benchmark\n\n| | |\n|---|---|\n| date | {date} |\n\
+         | machine | {nproc} CPUs ({cpu}) |\n| pgnear | {version} (git {git}) |\n\
+         | Postgres | {postgres} |\n| pgbench | {pgbench} |\n| PgBouncer | {pgbouncer} |\n\
+         | pgbench runs | {secs} s each, median of {REPS}, targets interleaved |\n\
+         | latency samples | {samples} per measurement |\n"
+    ))
 }
 
 // ---------------------------------------------------------------------------------------------
 // A. Local overhead
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Default, Clone, Copy)]
 struct Run {
     tps: f64,
     lat_ms: f64,
 }
 
-async fn section_local(
-    cluster: &Cluster,
-    s: &Settings,
-    bouncer_bin: Option<&Path>,
-) -> anyhow::Result<String> {
-    let replica = cluster
-        .replica(REPLICA)
-        .context("no syd replica")?
-        .node
-        .addr();
-    let syd = Proxy::start(proxy_config(cluster, REPLICA)).await?;
-    let iad = Proxy::start(proxy_config(cluster, PRIMARY)).await?;
-    let mut out = String::new();
-    let bouncer = match bouncer_bin.map(|bin| Bouncer::start(bin, replica, cluster.options())) {
-        Some(starting) => match starting.await {
-            Ok(b) => Some(b),
-            Err(e) => {
-                writeln!(
-                    out,
-                    "PgBouncer did not start; its rows are skipped: {e:#}\n"
-                )?;
-                None
-            }
-        },
-        None => None,
+async fn section_local(b: &Bench<'_>, pgbouncer: Option<&Path>) -> anyhow::Result<String> {
+    let (c, o) = (b.cluster, b.cluster.options());
+    let replica = c.replica(REPLICA).context("no syd replica")?.node.addr();
+    let syd = Proxy::start(proxy_config(c, REPLICA)).await?;
+    let iad = Proxy::start(proxy_config(c, PRIMARY)).await?;
+    let mut out = String::from(
+        "pgbench, both Postgres servers and pgnear (in the bench process) share the machine's \
+         CPUs, so at 8 clients the ratios show CPU cost per query as much as latency.\n\n",
+    );
+    let bouncer = match pgbouncer {
+        Some(bin) => Bouncer::start(bin, replica, o).await.map(Some),
+        None => Ok(None),
     };
+    let bouncer = bouncer.unwrap_or_else(|e| {
+        let _ = writeln!(out, "PgBouncer did not start, no rows for it: {e:#}\n");
+        None
+    });
     let mut targets = vec![("direct", replica), ("pgnear", syd.addr())];
-    targets.extend(bouncer.as_ref().map(|b| ("pgbouncer", b.addr)));
-    let tpcb = [
-        ("direct", cluster.primary().addr()),
-        ("pgnear (iad)", iad.addr()),
-    ];
-    let tables = pgbench_tables(cluster.options(), s.secs, &targets, &tpcb).await;
-    drop(bouncer);
-    syd.shutdown().await;
-    iad.shutdown().await;
-    out.push_str(&tables?);
-    Ok(out)
-}
-
-async fn pgbench_tables(
-    o: &ClusterOptions,
-    secs: u64,
-    replica: &Targets,
-    primary: &Targets,
-) -> anyhow::Result<String> {
-    let head =
-        "| pgbench | target | TPS | avg latency (ms) | TPS vs direct | added latency (µs) |\n\
-                |---|---|---:|---:|---:|---:|\n";
-    let mut out = format!("### Read-only (`pgbench -S`) against the syd replica\n\n{head}");
+    targets.extend(bouncer.as_ref().map(|p| ("pgbouncer", p.addr)));
+    write!(out, "### Read-only (`pgbench -S`), syd replica\n\n{HEAD}")?;
     let mut notes = String::new();
     for mode in ["simple", "extended", "prepared"] {
         for (clients, threads) in [("1", "1"), ("8", "2")] {
             let args = ["-S", "-M", mode, "-c", clients, "-j", threads];
-            let rows = pgbench_rows(o, secs, &args, replica, &mut notes).await?;
-            out.push_str(&rows);
+            out.push_str(&pgbench_rows(b, &args, &targets, &mut notes).await?);
         }
     }
-    write!(
-        out,
-        "\n### TPC-B (`pgbench`) against the iad primary\n\n{head}"
-    )?;
-    out.push_str(&pgbench_rows(o, secs, &["-c", "8", "-j", "2"], primary, &mut notes).await?);
+    write!(out, "\n### TPC-B (`pgbench`), iad primary\n\n{HEAD}")?;
+    let targets = [("direct", c.primary().addr()), ("pgnear (iad)", iad.addr())];
+    let args = ["-c", "8", "-j", "2"];
+    out.push_str(&pgbench_rows(b, &args, &targets, &mut notes).await?);
     if !notes.is_empty() {
         write!(out, "\nFailed runs (n/a above):\n{notes}")?;
     }
+    drop(bouncer);
+    syd.shutdown().await;
+    iad.shutdown().await;
     Ok(out)
 }
 
 /// Runs `args` against each target in turn, `REPS` times over (a target that fails once is not
 /// run again), and returns one table row per target with the median run.
-async fn pgbench_rows(
-    o: &ClusterOptions,
-    secs: u64,
-    args: &[&str],
-    targets: &Targets,
-    notes: &mut String,
-) -> anyhow::Result<String> {
-    let what = args.join(" ");
+async fn pgbench_rows(b: &Bench<'_>, args: &[&str], targets: &Targets, notes: &mut String) -> Res {
+    let (o, what, secs) = (b.cluster.options(), args.join(" "), b.secs.to_string());
+    let args = [args, &["-n", "-T", secs.as_str()][..]].concat();
     let mut cells: Vec<Result<Vec<Run>, String>> = vec![Ok(Vec::new()); targets.len()];
     for rep in 1..=REPS {
         for ((name, addr), cell) in targets.iter().zip(cells.iter_mut()) {
             let Ok(runs) = cell else { continue };
             progress(format!("pgbench {what} -> {name} ({rep}/{REPS})"));
-            match pgbench(o, *addr, args, Some(secs)).await {
+            match pgbench(o, *addr, &args).await {
                 Ok(run) => runs.push(run),
                 Err(e) => *cell = Err(e),
             }
@@ -271,10 +217,8 @@ async fn pgbench_rows(
         let runs = cell.as_ref().ok().filter(|r| !r.is_empty())?;
         let tps: Vec<f64> = runs.iter().map(|r| r.tps).collect();
         let lat: Vec<f64> = runs.iter().map(|r| r.lat_ms).collect();
-        Some(Run {
-            tps: percentile(&tps, 50.0),
-            lat_ms: percentile(&lat, 50.0),
-        })
+        let (tps, lat_ms) = (percentile(&tps, 50.0), percentile(&lat, 50.0));
+        Some(Run { tps, lat_ms })
     };
     let direct = median(&cells[0]);
     let one_client = args.windows(2).any(|w| w == ["-c", "1"]);
@@ -298,22 +242,15 @@ async fn pgbench_rows(
     Ok(out)
 }
 
-/// Runs pgbench as the app user; with `secs`, a timed `-n` run whose result is parsed.
-async fn pgbench(
-    o: &ClusterOptions,
-    addr: SocketAddr,
-    args: &[&str],
-    secs: Option<u64>,
-) -> Result<Run, String> {
-    let mut cmd = Command::new("pgbench");
-    let (host, port) = (addr.ip().to_string(), addr.port().to_string());
-    cmd.args(["-h", &host, "-p", &port, "-U", &o.app_user])
-        .args(args);
-    if let Some(secs) = secs {
-        cmd.args(["-n", "-T", &secs.to_string()]);
-    }
-    cmd.arg(&o.database).env("PGPASSWORD", &o.app_password);
-    cmd.stdin(Stdio::null()).kill_on_drop(true);
+/// Runs pgbench as the app user; the result of a timed (`-T`) run is parsed.
+async fn pgbench(o: &ClusterOptions, at: SocketAddr, args: &[&str]) -> Result<Run, String> {
+    let (host, port) = (at.ip().to_string(), at.port().to_string());
+    let mut cmd = command("pgbench", &["-h", &host, "-p", &port, "-U", &o.app_user]);
+    cmd.args(args)
+        .arg(&o.database)
+        .env("PGPASSWORD", &o.app_password);
+    let timed = args.iter().position(|a| *a == "-T");
+    let secs = timed.and_then(|i| args.get(i + 1)?.parse::<u64>().ok());
     let limit = Duration::from_secs(secs.unwrap_or(300) + 60);
     let out = match tokio::time::timeout(limit, cmd.output()).await {
         Err(_) => return Err(format!("timed out after {limit:?}")),
@@ -324,10 +261,8 @@ async fn pgbench(
     let stderr = String::from_utf8_lossy(&out.stderr);
     if !out.status.success() {
         let mut lines = stderr.lines().map(str::trim).filter(|l| !l.is_empty());
-        let line = lines
-            .find(|l| l.contains("error"))
-            .or(stderr.lines().last());
-        return Err(format!("{}: {}", out.status, line.unwrap_or("no output")));
+        let line = lines.find(|l| l.contains("error")).unwrap_or("no output");
+        return Err(format!("{}: {line}", out.status));
     }
     let field = |prefix: &str, suffix: &str| {
         let mut lines = stdout.lines();
@@ -335,10 +270,7 @@ async fn pgbench(
     };
     let tps = field("tps = ", " (without initial connection time)");
     match (secs, tps, field("latency average = ", " ms")) {
-        (None, ..) => Ok(Run {
-            tps: 0.0,
-            lat_ms: 0.0,
-        }),
+        (None, ..) => Ok(Run::default()),
         (Some(_), Some(tps), Some(lat_ms)) => Ok(Run { tps, lat_ms }),
         _ => Err(format!("unexpected pgbench output: {}", stdout.trim())),
     }
@@ -347,22 +279,15 @@ async fn pgbench(
 /// `/usr/sbin/pgbouncer`, installed with apt-get when missing; Err says why it is skipped.
 async fn ensure_pgbouncer() -> Result<PathBuf, String> {
     let bin = PathBuf::from(PGBOUNCER);
-    for step in [
-        &["install", "-y", "-q", "pgbouncer"][..],
-        &["update", "-q"],
-        &["install", "-y", "-q", "pgbouncer"],
-    ] {
+    for step in "install -y -q pgbouncer|update -q|install -y -q pgbouncer".split('|') {
         if bin.is_file() {
             return Ok(bin);
         }
-        progress(format!("PgBouncer is missing: apt-get {}", step.join(" ")));
-        let mut apt = Command::new("apt-get");
-        apt.args(step).env("DEBIAN_FRONTEND", "noninteractive");
-        let _ = apt
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .status()
-            .await;
+        progress(format!("PgBouncer is missing: apt-get {step}"));
+        let mut apt = command("apt-get", &step.split(' ').collect::<Vec<_>>());
+        apt.env("DEBIAN_FRONTEND", "noninteractive")
+            .stdout(Stdio::null());
+        let _ = apt.status().await;
     }
     match bin.is_file() {
         true => Ok(bin),
@@ -380,50 +305,37 @@ struct Bouncer {
 
 impl Bouncer {
     async fn start(bin: &Path, replica: SocketAddr, o: &ClusterOptions) -> anyhow::Result<Self> {
-        let dir = tempfile::Builder::new()
-            .prefix("pgnear-bench-pgbouncer-")
-            .tempdir()?;
+        let dir = tempfile::Builder::new().prefix("pgnear-bench-").tempdir()?;
         let d = dir.path();
         let addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+        let (host, port, listen) = (replica.ip(), replica.port(), addr.port());
+        let (users, pid, db) = (d.join("userlist.txt"), d.join("pgbouncer.pid"), &o.database);
         let ini = format!(
-            "[databases]\n{db} = host={} port={} dbname={db}\n\n[pgbouncer]\n\
-             listen_addr = 127.0.0.1\nlisten_port = {}\nunix_socket_dir =\n\
+            "[databases]\n{db} = host={host} port={port} dbname={db}\n\n[pgbouncer]\n\
+             listen_addr = 127.0.0.1\nlisten_port = {listen}\nunix_socket_dir =\n\
              auth_type = scram-sha-256\nauth_file = {}\npool_mode = transaction\n\
              default_pool_size = 20\nmax_client_conn = 200\npidfile = {}\n",
-            replica.ip(),
-            replica.port(),
-            addr.port(),
-            d.join("userlist.txt").display(),
-            d.join("pgbouncer.pid").display(),
-            db = o.database,
+            users.display(),
+            pid.display(),
         );
         std::fs::write(d.join("pgbouncer.ini"), ini)?;
-        let users = format!("\"{}\" \"{}\"\n", o.app_user, o.app_password);
-        std::fs::write(d.join("userlist.txt"), users)?;
+        let (user, password) = (&o.app_user, &o.app_password);
+        std::fs::write(&users, format!("\"{user}\" \"{password}\"\n"))?;
         let log = std::fs::File::create(d.join("pgbouncer.log"))?;
-        let mut cmd = Command::new(bin);
+        let mut cmd = command(bin, &[]);
         if running_as_root() {
             // PgBouncer refuses to run as root: hand it the directory, run it as postgres.
-            let chown = Command::new("chown")
-                .arg("-R")
-                .arg("postgres")
-                .arg(d)
-                .status();
+            let chown = command("chown", &["-R", "postgres"]).arg(d).status();
             if !chown.await?.success() {
                 bail!("chown -R postgres {} failed", d.display());
             }
-            cmd = Command::new("runuser");
-            cmd.args(["-u", "postgres", "--"]).arg(bin);
+            cmd = command("runuser", &["-u", "postgres", "--"]);
+            cmd.arg(bin);
         }
-        cmd.arg(d.join("pgbouncer.ini"))
-            .current_dir("/")
-            .stdin(Stdio::null());
-        cmd.stdout(Stdio::null()).stderr(log).kill_on_drop(true);
-        let mut bouncer = Bouncer {
-            child: cmd.spawn()?,
-            dir,
-            addr,
-        };
+        cmd.arg(d.join("pgbouncer.ini")).current_dir("/");
+        cmd.stdout(Stdio::null()).stderr(log);
+        let child = cmd.spawn()?;
+        let mut bouncer = Bouncer { child, dir, addr };
         if let Err(e) = wait_listening(addr, &mut bouncer.child).await {
             let log = std::fs::read_to_string(bouncer.dir.path().join("pgbouncer.log"));
             bail!("{e:#}; log: {}", log.unwrap_or_default().trim());
@@ -437,11 +349,7 @@ impl Drop for Bouncer {
         let pid = std::fs::read_to_string(self.dir.path().join("pgbouncer.pid"));
         if let Some(pid) = pid.ok().and_then(|p| p.trim().parse::<u32>().ok()) {
             let mut kill = std::process::Command::new("kill");
-            let _ = kill
-                .arg("-KILL")
-                .arg(pid.to_string())
-                .stderr(Stdio::null())
-                .status();
+            let _ = kill.args(["-KILL", &pid.to_string()]).status();
         }
         let _ = self.child.start_kill();
     }
@@ -450,55 +358,45 @@ impl Drop for Bouncer {
 // ---------------------------------------------------------------------------------------------
 // B. Multi-region latency
 
-/// Latencies in ms.
+/// Latencies in ms: plain reads, writes, reads right after a write, connect + first query.
 #[derive(Default)]
 struct Samples {
     read: Vec<f64>,
     write: Vec<f64>,
-    read_after_write: Vec<f64>,
+    raw: Vec<f64>,
     connect: Vec<f64>,
 }
 
-async fn section_regions(cluster: &Cluster, s: &Settings) -> anyhow::Result<String> {
-    let relay = &cluster.replica(REPLICA).context("no syd replica")?.relay;
+async fn section_regions(b: &Bench<'_>) -> Res {
+    let relay = &b.cluster.replica(REPLICA).context("no syd replica")?.relay;
     relay.set_delay(ONE_WAY);
-    let result = regions_measure(cluster, s).await;
+    let result = regions_measure(b.cluster, b.samples).await;
     relay.set_delay(Duration::ZERO);
     result
 }
 
-async fn regions_measure(cluster: &Cluster, s: &Settings) -> anyhow::Result<String> {
+async fn regions_measure(cluster: &Cluster, samples: usize) -> Res {
     let proxy = Proxy::start(proxy_config(cluster, REPLICA)).await?;
-    progress(format!(
-        "{} latency samples each, direct to the primary",
-        s.samples
-    ));
-    let direct = latency_samples(&cluster.primary_url_from(REPLICA), s.samples).await;
+    progress(format!("{} latency samples each, direct", samples));
+    let direct = latency_samples(&cluster.primary_url_from(REPLICA), samples).await;
     progress("latency samples through pgnear in syd");
-    let near = latency_samples(&proxy_url(cluster, &proxy), s.samples).await;
+    let near = latency_samples(&proxy_url(cluster, &proxy), samples).await;
     proxy.shutdown().await;
     let (d, n) = (direct.context("direct")?, near.context("through pgnear")?);
+    let delay = ONE_WAY.as_millis();
     let mut out = format!(
-        "The syd relay adds {} ms each way. The app in syd talks either to the primary directly \
-         (`primary_url_from(\"syd\")`) or to pgnear in syd (forward mode, session consistency). \
-         Client-side prepared statements; {} samples each; milliseconds.\n\n\
-         | sample | direct p50 | direct p99 | pgnear p50 | pgnear p99 |\n|---|---:|---:|---:|---:|\n",
-        ONE_WAY.as_millis(),
-        s.samples
+        "The syd relay adds {delay} ms each way. The app in syd talks either to the primary \
+         directly (`primary_url_from(\"syd\")`) or to pgnear in syd (forward mode, session \
+         consistency). Reads: `{READ_SQL}`; writes: `{WRITE_SQL}`; read after write: the same \
+         read right after a write, same session; connect: a new connection's `SELECT 1`. \
+         Client-side prepared statements; {samples} samples each; milliseconds.\n\n\
+         | sample | direct p50 | direct p99 | pgnear p50 | pgnear p99 |\n|---|---:|---:|---:|---:|\n"
     );
     let rows = [
-        (
-            "read (`SELECT abalance ... WHERE aid = $1`)",
-            &d.read,
-            &n.read,
-        ),
-        ("write (`UPDATE pgbench_accounts ...`)", &d.write, &n.write),
-        (
-            "read right after a write, same session",
-            &d.read_after_write,
-            &n.read_after_write,
-        ),
-        ("new connection + `SELECT 1`", &d.connect, &n.connect),
+        ("read", &d.read, &n.read),
+        ("write", &d.write, &n.write),
+        ("read after write", &d.raw, &n.raw),
+        ("connect + `SELECT 1`", &d.connect, &n.connect),
     ];
     for (name, d, n) in rows {
         let [d50, d99, n50, n99] =
@@ -508,28 +406,19 @@ async fn regions_measure(cluster: &Cluster, s: &Settings) -> anyhow::Result<Stri
             "| {name} | {d50:.2} | {d99:.2} | {n50:.2} | {n99:.2} |"
         )?;
     }
-    let p50 = |v: &Vec<f64>| percentile(v, 50.0);
-    let (dr, nr, nraw) = (p50(&d.read), p50(&n.read), p50(&n.read_after_write));
-    let (dw, nw, dc, nc) = (
-        p50(&d.write),
-        p50(&n.write),
-        p50(&d.connect),
-        p50(&n.connect),
-    );
+    let [dr, nr, dw, nw, nraw, dc, nc] = [
+        &d.read, &n.read, &d.write, &n.write, &n.raw, &d.connect, &n.connect,
+    ]
+    .map(|v| percentile(v, 50.0));
+    let (speedup, write_cost, wait) = (dr / nr.max(1e-9), nw - dw, nraw - nr);
     write!(
         out,
         "\n- Reads: {dr:.2} ms direct to the primary vs {nr:.2} ms through pgnear (local \
-         replica): {:.0}x faster at p50.\n\
-         - Writes: pgnear adds {:+.2} ms at p50 over writing to the primary directly.\n\
+         replica): {speedup:.0}x faster at p50.\n\
+         - Writes: pgnear adds {write_cost:+.2} ms at p50 over writing to the primary directly.\n\
          - Read after write through pgnear: {nraw:.2} ms vs {nr:.2} ms for a plain read \
-         ({:+.2} ms, the wait for the replica to replay the write; {:.1}x).\n\
-         - New connection + first query: {dc:.2} ms direct vs {nc:.2} ms through pgnear \
-         ({:+.2} ms).\n",
-        dr / nr.max(1e-9),
-        nw - dw,
-        nraw - nr,
-        nraw / nr.max(1e-9),
-        nc - dc
+         ({wait:+.2} ms at p50: the wait for the replica to replay the write).\n\
+         - Connect + first query: {dc:.2} ms direct vs {nc:.2} ms through pgnear.\n"
     )?;
     Ok(out)
 }
@@ -541,10 +430,8 @@ async fn latency_samples(url: &str, n: usize) -> anyhow::Result<Samples> {
     let reader = connect(url).await?;
     let read = reader.prepare(READ_SQL).await?;
     let writer = connect(url).await?;
-    let (update, reread) = (
-        writer.prepare(WRITE_SQL).await?,
-        writer.prepare(READ_SQL).await?,
-    );
+    let update = writer.prepare(WRITE_SQL).await?;
+    let reread = writer.prepare(READ_SQL).await?;
     for i in 0..5 {
         reader.query_one(&read, &[&aid(i)]).await?;
     }
@@ -560,7 +447,7 @@ async fn latency_samples(url: &str, n: usize) -> anyhow::Result<Samples> {
         out.write.push(ms(t));
         let t = Instant::now();
         writer.query_one(&reread, &[&aid(i)]).await?;
-        out.read_after_write.push(ms(t));
+        out.raw.push(ms(t));
     }
     for _ in 0..n {
         let t = Instant::now();
@@ -573,38 +460,27 @@ async fn latency_samples(url: &str, n: usize) -> anyhow::Result<Samples> {
 // ---------------------------------------------------------------------------------------------
 // C. Memory
 
-/// The release binary: cargo builds it for benches (`CARGO_BIN_EXE_pgnear`); else the
-/// `pgnear` next to the bench's `deps` directory.
-fn pgnear_binary() -> Option<PathBuf> {
-    let built = option_env!("CARGO_BIN_EXE_pgnear").map(PathBuf::from);
-    let exe = std::env::current_exe().ok();
-    let beside = exe.and_then(|e| Some(e.parent()?.parent()?.join("pgnear")));
-    built.into_iter().chain(beside).find(|p| p.is_file())
-}
-
 async fn section_memory(cluster: &Cluster) -> anyhow::Result<String> {
-    let Some(bin) = pgnear_binary() else {
-        let why = "`target/release/pgnear` is missing: `cargo build --release --bin pgnear`";
-        return Ok(format!("Skipped: {why}.\n"));
-    };
+    // Cargo builds the package's binaries for its benches and names them here.
+    let bin = Path::new(env!("CARGO_BIN_EXE_pgnear"));
+    if !bin.is_file() {
+        let why = "is missing: `cargo build --release --bin pgnear`";
+        return Ok(format!("Skipped: `{}` {why}.\n", bin.display()));
+    }
     let listen = SocketAddr::from(([127, 0, 0, 1], free_port()?));
     let log = tempfile::NamedTempFile::new()?;
-    let mut cmd = Command::new(&bin);
+    let replica_url = cluster.replica_url(REPLICA).context("no syd replica")?;
+    let mut cmd = command(bin, &[]);
     cmd.env_clear()
         .env("DATABASE_URL", cluster.primary_url_from(REPLICA))
-        .env(
-            "PGNEAR_REPLICA_URL",
-            cluster.replica_url(REPLICA).context("no replica")?,
-        )
+        .env("PGNEAR_REPLICA_URL", replica_url)
         .env("PGNEAR_LISTEN", listen.to_string())
         .env("PGNEAR_ADMIN_LISTEN", "127.0.0.1:0")
         .env("FLY_REGION", REPLICA)
         .env("PRIMARY_REGION", PRIMARY)
         .env("PGNEAR_LOG_LEVEL", "warn");
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log.reopen()?);
-    let mut child = cmd.kill_on_drop(true).spawn().context("starting pgnear")?;
+    cmd.stdout(Stdio::null()).stderr(log.reopen()?);
+    let mut child = cmd.spawn().context("starting pgnear")?;
     let pid = child.id().context("pgnear exited at once")?;
     let result = match wait_listening(listen, &mut child).await {
         Ok(()) => memory_measure(cluster, pid, listen).await,
@@ -626,17 +502,9 @@ async fn memory_measure(cluster: &Cluster, pid: u32, addr: SocketAddr) -> anyhow
     connect(&url).await?.simple_query("SELECT 1").await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let idle = rss_kb(pid)?;
-    let mut out = String::from("| state | VmRSS (MB) |\n|---|---:|\n");
-    writeln!(
-        out,
-        "| idle after startup (one query served) | {:.1} |",
-        mb(idle)
-    )?;
 
     let (target, why) = client_budget(cluster).await?;
-    progress(format!(
-        "opening {target} idle clients through the pgnear binary"
-    ));
+    progress(format!("opening {target} idle clients through pgnear"));
     let (mut clients, mut failed) = (Vec::with_capacity(target), None);
     while clients.len() < target && failed.is_none() {
         let mut batch = tokio::task::JoinSet::new();
@@ -653,27 +521,35 @@ async fn memory_measure(cluster: &Cluster, pid: u32, addr: SocketAddr) -> anyhow
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
     let (held, n) = (rss_kb(pid)?, clients.len());
-    writeln!(out, "| {n} idle authenticated clients | {:.1} |", mb(held))?;
     drop(clients);
     tokio::time::sleep(Duration::from_secs(2)).await;
     let after = rss_kb(pid)?;
-    writeln!(out, "| after those clients left | {:.1} |", mb(after))?;
 
-    progress("streaming 100 MB through the pgnear binary");
-    let (peak, secs, outcome) = stream_peak(pid, &url).await?;
-    writeln!(
-        out,
-        "| peak while one client streams 100 MB | {:.1} |",
-        mb(peak)
-    )?;
+    progress("streaming 100 MB through pgnear");
+    let hwm_before = status_kb(pid, "VmHWM:")?;
+    let (sampled, secs, outcome) = stream_peak(pid, &url).await?;
+    // A spike shorter than the sampling period still shows in the high-water mark.
+    let hwm = status_kb(pid, "VmHWM:")?;
+    let peak = if hwm > hwm_before {
+        sampled.max(hwm)
+    } else {
+        sampled
+    };
+    let [idle_mb, held_mb, after_mb, peak_mb] =
+        [idle, held, after, peak].map(|kb| kb as f64 / 1024.0);
     let per_client = held.saturating_sub(idle) as f64 / n.max(1) as f64;
-    let (growth, rate) = (mb(peak.saturating_sub(after)), 100.0 / secs.max(1e-9));
-    write!(
-        out,
-        "\n- Per idle client: {per_client:.1} KB ((RSS with {n} clients - idle) / {n}).\n\
-         - Streaming (`{STREAM_SQL}` by psql): peak {growth:+.1} MB over the RSS before it; \
-         {secs:.1} s, {rate:.0} MB/s; {outcome}.\n"
-    )?;
+    let (growth, rate) = (peak_mb - after_mb, 100.0 / secs.max(1e-9));
+    let mut out = format!(
+        "| state | VmRSS (MB) |\n|---|---:|\n\
+         | idle after startup (one query served) | {idle_mb:.1} |\n\
+         | {n} idle authenticated clients | {held_mb:.1} |\n\
+         | after those clients left | {after_mb:.1} |\n\
+         | peak while one client streams 100 MB | {peak_mb:.1} |\n\n\
+         - Per idle client: {per_client:.1} KB ((RSS with {n} clients - idle) / {n}).\n\
+         - Streaming (`{STREAM_SQL}` by psql, RSS sampled every 50 ms and checked against \
+         VmHWM): peak {growth:+.1} MB over the RSS before it; {secs:.1} s, {rate:.0} MB/s; \
+         {outcome}.\n"
+    );
     if let Some(why) = why {
         writeln!(out, "- Scaled down from {IDLE_CLIENTS} clients: {why}")?;
     }
@@ -695,9 +571,8 @@ async fn client_budget(cluster: &Cluster) -> anyhow::Result<(usize, Option<Strin
     let free: i32 = connect(&url).await?.query_one(sql, &[]).await?.get(0);
     let pg_cap = usize::try_from(free - 10).unwrap_or(0);
     let limits = std::fs::read_to_string("/proc/self/limits").unwrap_or_default();
-    let fds: usize = limits
-        .lines()
-        .find(|l| l.starts_with("Max open files"))
+    let fds = limits.lines().find(|l| l.starts_with("Max open files"));
+    let fds: usize = fds
         .and_then(|l| l.split_whitespace().nth(3)?.parse().ok())
         .unwrap_or(1024);
     let fd_cap = fds.saturating_sub(256) / 3;
@@ -724,13 +599,11 @@ async fn stream_peak(pid: u32, url: &str) -> anyhow::Result<(u64, f64, String)> 
         peak
     });
     let began = Instant::now();
-    let mut psql = Command::new("psql");
-    psql.arg(url)
-        .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-c", STREAM_SQL]);
-    psql.stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .kill_on_drop(true);
-    let out = psql.output().await;
+    let mut psql = command(
+        "psql",
+        &[url, "-X", "-q", "-v", "ON_ERROR_STOP=1", "-c", STREAM_SQL],
+    );
+    let out = psql.stdout(Stdio::null()).output().await;
     let secs = began.elapsed().as_secs_f64();
     stop.store(true, Ordering::Relaxed);
     let peak = sampler.await?;
@@ -743,15 +616,26 @@ async fn stream_peak(pid: u32, url: &str) -> anyhow::Result<(u64, f64, String)> 
 }
 
 fn rss_kb(pid: u32) -> anyhow::Result<u64> {
+    status_kb(pid, "VmRSS:")
+}
+
+/// A `kB` field of `/proc/<pid>/status`, e.g. `VmRSS:` or `VmHWM:` (the peak RSS so far).
+fn status_kb(pid: u32, field: &str) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let mut lines = status.lines();
-    let rss = lines.find_map(|l| l.strip_prefix("VmRSS:")?.trim().strip_suffix(" kB"));
-    rss.and_then(|kb| kb.trim().parse().ok())
-        .context("no VmRSS in /proc/<pid>/status")
+    let value = status.lines().find_map(|l| l.strip_prefix(field));
+    let kb = value.and_then(|v| v.trim().strip_suffix(" kB")?.trim().parse().ok());
+    kb.with_context(|| format!("no {field} in /proc/{pid}/status"))
 }
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
+
+/// A command with stdin closed, killed if dropped before it exits.
+fn command(program: impl AsRef<std::ffi::OsStr>, args: &[&str]) -> Command {
+    let mut cmd = Command::new(program);
+    cmd.args(args).stdin(Stdio::null()).kill_on_drop(true);
+    cmd
+}
 
 async fn connect(url: &str) -> anyhow::Result<Client> {
     let (client, conn) = tokio_postgres::connect(url, NoTls).await?;
@@ -780,26 +664,22 @@ async fn wait_listening(addr: SocketAddr, child: &mut Child) -> anyhow::Result<(
 
 /// Nearest-rank percentile.
 fn percentile(values: &[f64], p: f64) -> f64 {
+    if values.is_empty() {
+        return f64::NAN;
+    }
     let mut v = values.to_vec();
     v.sort_by(f64::total_cmp);
     let rank = (p / 100.0 * v.len() as f64).ceil() as usize;
-    v.get(rank.clamp(1, v.len().max(1)) - 1)
-        .copied()
-        .unwrap_or(f64::NAN)
+    v[rank.clamp(1, v.len()) - 1]
 }
 
 fn ms(since: Instant) -> f64 {
     since.elapsed().as_secs_f64() * 1000.0
 }
 
-fn mb(kb: u64) -> f64 {
-    kb as f64 / 1024.0
-}
-
 fn free_port() -> std::io::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(listener.local_addr()?.port())
 }
 
 fn running_as_root() -> bool {
@@ -815,8 +695,7 @@ fn env_num<T: std::str::FromStr>(name: &str, default: T) -> T {
 
 /// The first line a command prints, or why there is none.
 async fn first_line(program: impl AsRef<std::ffi::OsStr>, args: &[&str]) -> String {
-    let mut cmd = Command::new(program);
-    match cmd.args(args).stdin(Stdio::null()).output().await {
+    match command(program, args).output().await {
         Ok(o) if o.status.success() => {
             let text = String::from_utf8_lossy(&o.stdout);
             text.lines().next().unwrap_or("").trim().to_string()

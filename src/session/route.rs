@@ -726,7 +726,15 @@ fn may_copy(sql: &str) -> bool {
 }
 
 /// pgnear's commit-position lookup, pipelined behind a write on the same connection.
-pub(super) const WRITE_LSN_QUERY: &str = "SELECT pg_current_wal_insert_lsn()";
+///
+/// With `synchronous_commit` on (any value but `off`) the commit was flushed before it was
+/// acknowledged, so the flush position covers it and is all the replica can be sent. The insert
+/// position may lie beyond WAL that only the WAL writer flushes, up to seconds later when it
+/// hibernates: waiting for it would stall reads for nothing. With `off` the commit itself may
+/// not be flushed yet, and only the insert position is sure to cover it.
+pub(super) const WRITE_LSN_QUERY: &str =
+    "SELECT CASE WHEN current_setting('synchronous_commit') = 'off' \
+     THEN pg_current_wal_insert_lsn() ELSE pg_current_wal_flush_lsn() END";
 
 fn not_consistent(target: Lsn, reached: Option<Lsn>, timeout: std::time::Duration) -> PgError {
     let reached = reached.map_or("nothing yet".to_string(), |l| l.to_string());
