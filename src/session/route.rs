@@ -64,6 +64,23 @@ fn is_state_only(c: &Classified) -> bool {
         })
 }
 
+fn is_plain_begin(sql: &str) -> bool {
+    let words: Vec<String> = sql
+        .trim()
+        .trim_end_matches(';')
+        .split_ascii_whitespace()
+        .map(str::to_ascii_lowercase)
+        .collect();
+    matches!(
+        words
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>()
+            .as_slice(),
+        ["begin"] | ["begin", "work"] | ["begin", "transaction"] | ["start", "transaction"]
+    )
+}
+
 /// LISTEN/UNLISTEN and advisory locks need the primary but write nothing: not refused in replay mode.
 fn only_pins(c: &Classified) -> bool {
     c.statements.iter().all(|s| {
@@ -108,7 +125,7 @@ impl Session {
         if is_pgnear(&c) {
             return self.answer_pgnear(&c).await;
         }
-        if self.open_tx.is_none() && self.deferred_begin.is_none() && self.defers(&c) {
+        if self.open_tx.is_none() && self.deferred_begin.is_none() && self.defers(sql, &c) {
             // Answered now, sent with the next statement: that statement decides which server
             // holds the transaction (SET TRANSACTION READ ONLY sends it to the replica), and the
             // BEGIN costs no round trip of its own.
@@ -284,12 +301,13 @@ impl Session {
         self.write_client(&out).await
     }
 
-    /// A lone read-write `BEGIN` is deferred until the transaction's first statement.
-    fn defers(&self, c: &Classified) -> bool {
+    /// A lone plain `BEGIN` is deferred until the transaction's first statement. Only the exact
+    /// forms that cannot fail are, so that answering it early never hides an error.
+    fn defers(&self, sql: &str, c: &Classified) -> bool {
         c.statements.len() == 1
             && matches!(c.statements[0].kind, Kind::Begin { read_only: false })
+            && is_plain_begin(sql)
             && !self.state.read_only_default
-            && self.shared.watcher.is_some()
             && !self.replays_writes()
     }
 
