@@ -172,7 +172,10 @@ impl Session {
             tokio::select! {
                 r = read_opt(&mut self.primary) => { r?; self.on_server(Role::Primary).await?; }
                 r = read_opt(&mut self.replica) => {
-                    r?;
+                    if let Err(e) = r {
+                        self.replica_lost(e).await?;
+                        continue;
+                    }
                     self.on_server(Role::Replica).await?;
                     // Frames held back behind a tentative request can go now.
                     if !self.tentative_in_flight() && !self.cbuf.is_empty() {
@@ -251,13 +254,51 @@ impl Session {
     }
 
     async fn flush_servers(&mut self) -> Result<(), PgError> {
-        for s in [self.primary.as_mut(), self.replica.as_mut()]
-            .into_iter()
-            .flatten()
-        {
-            s.flush().await?;
+        if let Some(p) = self.primary.as_mut() {
+            p.flush().await?;
+        }
+        if let Some(r) = self.replica.as_mut() {
+            if let Err(e) = r.flush().await {
+                self.replica_lost(e).await?;
+            }
         }
         Ok(())
+    }
+
+    /// The replica connection failed. The session goes on: requests in flight there get an
+    /// 08006 error (they may not have completed), later reads go to the primary until the
+    /// replica is back. Only losing the primary ends the session (its state lives there).
+    async fn replica_lost(&mut self, e: PgError) -> Result<(), PgError> {
+        let Some(server) = self.replica.take() else {
+            return Ok(());
+        };
+        tracing::warn!(error = %e, "lost the replica connection; reads go to the primary");
+        self.shared.metrics.error(e.kind);
+        let e = PgError { fatal: false, ..e }.with_detail("The statement may not have completed.");
+        let mut out = BytesMut::new();
+        if server.requests.is_empty() && !server.expect.is_empty() {
+            write::error_response(&mut out, &e);
+        }
+        if self.open_tx == Some(Role::Replica) {
+            self.open_tx = None;
+        }
+        for _ in 0..server.requests.len() {
+            write::error_response(&mut out, &e);
+            write::ready_for_query(&mut out, b'I');
+        }
+        if self.last == Role::Replica {
+            self.last = Role::Primary;
+        }
+        if self.unnamed_role == Some(Role::Replica) {
+            self.unnamed_role = None;
+        }
+        if self.cancel_role == Some(Role::Replica) {
+            self.cancel_role = None;
+        }
+        if out.is_empty() {
+            return Ok(());
+        }
+        self.write_client(&out).await
     }
 
     fn tentative_in_flight(&self) -> bool {
@@ -312,16 +353,21 @@ impl Session {
 
     /// Relays everything `role` still owes the client.
     async fn drain(&mut self, role: Role) -> Result<(), PgError> {
+        let lost = |e: PgError| (role == Role::Replica).then_some(e.clone()).ok_or(e);
         if let Some(s) = self.slot(role).as_mut() {
-            s.flush().await?;
+            if let Err(e) = s.flush().await {
+                return self.replica_lost(lost(e)?).await;
+            }
         }
         while self
             .slot(role)
             .as_ref()
             .is_some_and(|s| !s.expect.is_empty())
         {
-            read_opt(self.slot(role)).await?;
-            self.on_server(role).await?;
+            match read_opt(self.slot(role)).await {
+                Ok(()) => self.on_server(role).await?,
+                Err(e) => return self.replica_lost(lost(e)?).await,
+            }
         }
         Ok(())
     }

@@ -256,6 +256,13 @@ impl Server {
                     if let Some(r) = self.requests.front_mut() {
                         r.failed = true;
                     }
+                    // A dying replica's FATAL (e.g. 57P01) would tell the client its session is
+                    // over; it is not: pgnear reports the lost statement as 08006 and goes on.
+                    if self.role == Role::Replica
+                        && matches!(be::error_fields(body).severity.as_str(), "FATAL" | "PANIC")
+                    {
+                        forward = false;
+                    }
                 }
                 be::DATA_ROW if m.owner == Some(Owner::Internal(Purpose::WriteLsn)) => {
                     seen.write_lsn = be::first_column(body).map(str::to_string);
