@@ -153,7 +153,7 @@ impl Session {
         let starts_read_only_tx = c.statements.first().is_some_and(|s| {
             matches!(s.kind, Kind::Begin { read_only } if read_only || self.state.read_only_default)
         });
-        let (mut role, mut reason) = if self.open_tx.is_none() && is_state_only(&c) {
+        let (role, reason) = if self.open_tx.is_none() && is_state_only(&c) {
             // SET and RESET run where the session is; other servers get them replayed later.
             (self.last, Reason::Read)
         } else {
@@ -164,17 +164,9 @@ impl Session {
             };
             decide(request, self.context())
         };
-        if role == Role::Replica {
-            match self.consistent_read().await? {
-                Some(fallback) => (role, reason) = (Role::Primary, fallback),
-                None if self.ensure_replica().await.is_err() => {
-                    (role, reason) = (Role::Primary, Reason::Fallback)
-                }
-                None => {}
-            }
-            if let Some(e) = self.refused.take() {
-                return self.refuse_request(e, 1).await;
-            }
+        let (role, reason) = self.settle(role, reason).await?;
+        if let Some(e) = self.refused.take() {
+            return self.refuse_request(e, 1).await;
         }
         if reason == Reason::Write && self.replays_writes() && !only_pins(&c) {
             return self.refuse_request(self.replay_error(), 1).await;
@@ -341,6 +333,19 @@ impl Session {
             .unwrap_or(b'I')
     }
 
+    /// For a replica route: makes the read consistent and connects the replica, or falls back to
+    /// the primary. (With `on_timeout = "error"` it sets `self.refused` instead.)
+    async fn settle(&mut self, role: Role, reason: Reason) -> Result<(Role, Reason), PgError> {
+        if role != Role::Replica {
+            return Ok((role, reason));
+        }
+        Ok(match self.consistent_read().await? {
+            Some(fallback) => (Role::Primary, fallback),
+            None if self.ensure_replica().await.is_err() => (Role::Primary, Reason::Fallback),
+            None => (role, reason),
+        })
+    }
+
     /// Connects the replica if it is not yet connected.
     async fn ensure_replica(&mut self) -> Result<(), PgError> {
         if self.replica.is_some() {
@@ -379,7 +384,7 @@ impl Session {
             self.start_deferred(false).await?;
         }
         let plan = self.plan_batch()?;
-        let (mut role, mut reason) = if plan.sticky {
+        let (role, reason) = if plan.sticky {
             (self.last, Reason::Transaction)
         } else {
             let request = RouteRequest {
@@ -389,19 +394,11 @@ impl Session {
             };
             decide(request, self.context())
         };
-        if role == Role::Replica {
-            match self.consistent_read().await? {
-                Some(fallback) => (role, reason) = (Role::Primary, fallback),
-                None if self.ensure_replica().await.is_err() => {
-                    (role, reason) = (Role::Primary, Reason::Fallback)
-                }
-                None => {}
-            }
-            if let Some(e) = self.refused.take() {
-                self.batch.clear();
-                self.batch_tags.clear();
-                return self.refuse_request(e, plan.syncs).await;
-            }
+        let (role, reason) = self.settle(role, reason).await?;
+        if let Some(e) = self.refused.take() {
+            self.batch.clear();
+            self.batch_tags.clear();
+            return self.refuse_request(e, plan.syncs).await;
         }
         if reason == Reason::Write && self.replays_writes() {
             self.batch.clear();
