@@ -108,7 +108,35 @@ async fn sections(b: &Bench<'_>, out: &mut String) -> anyhow::Result<()> {
     push_section(out, "B. Multi-region latency (100 ms RTT)", regions);
     let memory = section_memory(cluster).await;
     push_section(out, "C. Memory of the pgnear process", memory);
+    let observability = section_observability(b).await;
+    push_section(out, "D. Cost of per-statement metrics", observability);
     Ok(())
+}
+
+/// pgbench -S through two pgnear instances in syd that differ only in `proxy.metrics`.
+async fn section_observability(b: &Bench<'_>) -> Res {
+    let c = b.cluster;
+    let mut off_config = proxy_config(c, REPLICA);
+    off_config.proxy.metrics = false;
+    let off = Proxy::start(off_config).await?;
+    let on = Proxy::start(proxy_config(c, REPLICA)).await?;
+    let targets = [("metrics off", off.addr()), ("metrics on", on.addr())];
+    let mut notes = String::new();
+    let mut out = format!(
+        "Two pgnear instances in syd, identical but for `proxy.metrics`; the ratio column is \
+         against the first row (metrics off). Logging is at its default level in both (no \
+         per-statement log line at info).\n\n{HEAD}"
+    );
+    for mode in ["simple", "prepared"] {
+        let args = ["-S", "-M", mode, "-c", "8", "-j", "2"];
+        out.push_str(&pgbench_rows(b, &args, &targets, &mut notes).await?);
+    }
+    if !notes.is_empty() {
+        write!(out, "\nFailed runs:\n{notes}")?;
+    }
+    off.shutdown().await;
+    on.shutdown().await;
+    Ok(out)
 }
 
 fn push_section(out: &mut String, title: &str, body: anyhow::Result<String>) {
@@ -362,6 +390,8 @@ impl Drop for Bouncer {
 #[derive(Default)]
 struct Samples {
     read: Vec<f64>,
+    /// Reads straight to the local replica (no pgnear), for the plain-read overhead.
+    replica_read: Vec<f64>,
     write: Vec<f64>,
     raw: Vec<f64>,
     connect: Vec<f64>,
@@ -382,7 +412,10 @@ async fn regions_measure(cluster: &Cluster, samples: usize) -> Res {
     progress("latency samples through pgnear in syd");
     let near = latency_samples(&proxy_url(cluster, &proxy), samples).await;
     proxy.shutdown().await;
-    let (d, n) = (direct.context("direct")?, near.context("through pgnear")?);
+    let (d, mut n) = (direct.context("direct")?, near.context("through pgnear")?);
+    progress("read samples straight to the syd replica");
+    let replica_url = cluster.replica_url(REPLICA).context("no syd replica")?;
+    n.replica_read = latency_samples_reads(&replica_url, samples).await?;
     let delay = ONE_WAY.as_millis();
     let mut out = format!(
         "The syd relay adds {delay} ms each way. The app in syd talks either to the primary \
@@ -394,6 +427,11 @@ async fn regions_measure(cluster: &Cluster, samples: usize) -> Res {
     );
     let rows = [
         ("read", &d.read, &n.read),
+        (
+            "read, straight to the syd replica (pgnear column)",
+            &d.read,
+            &n.replica_read,
+        ),
         ("write", &d.write, &n.write),
         ("read after write", &d.raw, &n.raw),
         ("connect + `SELECT 1`", &d.connect, &n.connect),
@@ -420,6 +458,33 @@ async fn regions_measure(cluster: &Cluster, samples: usize) -> Res {
          ({wait:+.2} ms at p50: the wait for the replica to replay the write).\n\
          - Connect + first query: {dc:.2} ms direct vs {nc:.2} ms through pgnear.\n"
     )?;
+    let straight = percentile(&n.replica_read, 50.0);
+    let straight99 = percentile(&n.replica_read, 99.0);
+    let (n99, raw99) = (percentile(&n.read, 99.0), percentile(&n.raw, 99.0));
+    writeln!(
+        out,
+        "- Plain reads: {nr:.3} ms through pgnear vs {straight:.3} ms straight to the replica \
+         ({:+.3} ms at p50, {:+.3} ms at p99). Read after write vs plain read at p99: {:+.2} ms.",
+        nr - straight,
+        n99 - straight99,
+        raw99 - n99
+    )?;
+    Ok(out)
+}
+
+/// `n` timed reads in one session (prepared once).
+async fn latency_samples_reads(url: &str, n: usize) -> anyhow::Result<Vec<f64>> {
+    let aid = |i: usize| (i * 7919 % 1_000_000 + 1) as i32;
+    let reader = connect(url).await?;
+    let read = reader.prepare(READ_SQL).await?;
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n + 5 {
+        let t = Instant::now();
+        reader.query_one(&read, &[&aid(i)]).await?;
+        if i >= 5 {
+            out.push(ms(t));
+        }
+    }
     Ok(out)
 }
 

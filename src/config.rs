@@ -114,6 +114,8 @@ pub struct ProxyConfig {
     pub max_message_size: usize,
     pub startup_timeout: HumanDuration,
     pub shutdown_grace: HumanDuration,
+    /// Record per-statement metrics (counters, latency histograms, bytes).
+    pub metrics: bool,
 }
 
 impl Default for ProxyConfig {
@@ -125,6 +127,7 @@ impl Default for ProxyConfig {
             max_message_size: 64 * 1024 * 1024,
             startup_timeout: ms(10_000),
             shutdown_grace: ms(30_000),
+            metrics: true,
         }
     }
 }

@@ -130,7 +130,7 @@ impl Proxy {
         })?;
         let (stop, shutdown) = watch::channel(false);
         let primary = Arc::new(upstream(Role::Primary, primary_url)?);
-        let metrics = Arc::new(admin::metrics::Metrics::new());
+        let metrics = Arc::new(admin::metrics::Metrics::new(config.proxy.metrics));
         let probe = backend::health::PrimaryProbe::spawn(
             primary.clone(),
             metrics.clone(),

@@ -521,3 +521,34 @@ fn begin_then_set_transaction_read_only_runs_on_the_replica() {
         p.shutdown().await;
     });
 }
+
+#[test]
+fn preparing_a_write_is_not_a_write() {
+    run(async {
+        let direct = connect(&cluster().primary_url_from(PRIMARY)).await;
+        direct
+            .batch_execute("CREATE TABLE IF NOT EXISTS prepared_w (a int)")
+            .await
+            .unwrap();
+        cluster().wait_replicas_caught_up().await.unwrap();
+        let p = proxy(REPLICA, |_| {}).await;
+        let c = connect(&url(&p)).await;
+        let insert = c
+            .prepare("INSERT INTO prepared_w VALUES ($1)")
+            .await
+            .unwrap();
+        let token = |rows: Vec<SimpleQueryMessage>| match &rows[1] {
+            SimpleQueryMessage::Row(r) => r.get(0).unwrap_or("").to_string(),
+            _ => panic!("a row"),
+        };
+        assert_eq!(
+            token(c.simple_query("SHOW pgnear.write_lsn").await.unwrap()),
+            "",
+            "no write yet"
+        );
+        // Executed, it runs on the primary (re-prepared there) and is a write.
+        c.execute(&insert, &[&1i32]).await.unwrap();
+        assert!(token(c.simple_query("SHOW pgnear.write_lsn").await.unwrap()).contains('/'));
+        p.shutdown().await;
+    });
+}

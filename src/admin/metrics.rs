@@ -32,13 +32,16 @@ const KINDS: [ErrorKind; 8] = [
 
 pub struct Metrics {
     pub registry: Registry,
+    /// `proxy.metrics`: when false the per-statement series are not recorded (for measuring
+    /// what recording costs; gauges and rare events still are).
+    per_statement: bool,
     pub clients: IntGauge,
     pub clients_accepted: IntCounter,
     rejected: IntCounterVec,
     statements: [[IntCounter; 7]; 2],
     durations: [Histogram; 2],
-    pub bytes_in: IntCounter,
-    pub bytes_out: IntCounter,
+    bytes_in: IntCounter,
+    bytes_out: IntCounter,
     pub lsn_waits: IntCounter,
     pub lsn_wait_seconds: Histogram,
     pub lsn_wait_timeouts: IntCounter,
@@ -59,7 +62,7 @@ fn role_index(r: Role) -> usize {
 }
 
 impl Metrics {
-    pub fn new() -> Metrics {
+    pub fn new(per_statement: bool) -> Metrics {
         let registry = Registry::new();
         let reg = |c: Box<dyn prometheus::core::Collector>| {
             registry.register(c).expect("metric names are unique")
@@ -147,6 +150,7 @@ impl Metrics {
         .unwrap();
         reg(Box::new(replica_lag_seconds.clone()));
         Metrics {
+            per_statement,
             clients,
             clients_accepted: counter(
                 "pgnear_client_connections_accepted_total",
@@ -197,6 +201,9 @@ impl Metrics {
     }
 
     pub fn statement(&self, role: Role, reason: Reason) {
+        if !self.per_statement {
+            return;
+        }
         let i = REASONS
             .iter()
             .position(|r| *r == reason)
@@ -205,7 +212,22 @@ impl Metrics {
     }
 
     pub fn duration(&self, role: Role, seconds: f64) {
+        if !self.per_statement {
+            return;
+        }
         self.durations[role_index(role)].observe(seconds);
+    }
+
+    pub fn bytes_in(&self, n: usize) {
+        if self.per_statement {
+            self.bytes_in.inc_by(n as u64);
+        }
+    }
+
+    pub fn bytes_out(&self, n: usize) {
+        if self.per_statement {
+            self.bytes_out.inc_by(n as u64);
+        }
     }
 
     pub fn error(&self, kind: ErrorKind) {
@@ -236,7 +258,7 @@ impl Metrics {
 
 impl Default for Metrics {
     fn default() -> Self {
-        Metrics::new()
+        Metrics::new(true)
     }
 }
 
@@ -263,7 +285,7 @@ mod tests {
 
     #[test]
     fn renders_every_family_with_the_prefix() {
-        let m = Metrics::new();
+        let m = Metrics::new(true);
         m.statement(Role::Replica, Reason::Read);
         m.error(ErrorKind::Auth);
         m.upstream_up(Role::Primary, true);

@@ -172,11 +172,10 @@ impl Session {
             tokio::select! {
                 r = read_opt(&mut self.primary) => { r?; self.on_server(Role::Primary).await?; }
                 r = read_opt(&mut self.replica) => {
-                    if let Err(e) = r {
-                        self.replica_lost(e).await?;
-                        continue;
+                    match r {
+                        Ok(()) => self.on_server(Role::Replica).await?,
+                        Err(e) => self.replica_lost(e).await?,
                     }
-                    self.on_server(Role::Replica).await?;
                     // Frames held back behind a tentative request can go now.
                     if !self.tentative_in_flight() && !self.cbuf.is_empty() {
                         if let Flow::Terminate = self.on_client().await? { return Ok(()) }
@@ -186,7 +185,7 @@ impl Session {
                     match r {
                         Ok(0) | Err(_) => return Ok(()),
                         Ok(n) => {
-                            self.shared.metrics.bytes_in.inc_by(n as u64);
+                            self.shared.metrics.bytes_in(n);
                             if let Flow::Terminate = self.on_client().await? { return Ok(()) }
                         }
                     }
@@ -379,7 +378,7 @@ impl Session {
     }
 
     async fn write_client(&mut self, out: &[u8]) -> Result<(), PgError> {
-        self.shared.metrics.bytes_out.inc_by(out.len() as u64);
+        self.shared.metrics.bytes_out(out.len());
         self.client
             .write_all(out)
             .await
@@ -441,7 +440,7 @@ impl Session {
             }
         }
         if !self.cout.is_empty() {
-            self.shared.metrics.bytes_out.inc_by(self.cout.len() as u64);
+            self.shared.metrics.bytes_out(self.cout.len());
             let r = self.client.write_all(&self.cout).await;
             self.cout.clear();
             if r.is_err() {

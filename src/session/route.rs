@@ -37,6 +37,8 @@ struct BatchPlan {
     /// A statement in the batch may be a COPY.
     copy: bool,
     syncs: usize,
+    /// Runs something (Execute, FunctionCall); a batch that only prepares and describes does not.
+    executes: bool,
     tx: Option<TxEffect>,
 }
 
@@ -406,13 +408,16 @@ impl Session {
             return self.refuse_request(self.replay_error(), plan.syncs).await;
         }
         tracing::debug!(route = role.name(), reason = reason.label(), "batch routed");
-        self.shared.metrics.statement(role, reason);
+        if plan.executes {
+            self.shared.metrics.statement(role, reason);
+        }
         match plan.tx {
             Some(TxEffect::Begin) => self.open_tx = Some(role),
             Some(TxEffect::End) => self.open_tx = None,
             None => {}
         }
         let capture_lsn = role == Role::Primary
+            && plan.executes
             && self.open_tx.is_none()
             && !plan.read
             && plan.syncs > 0
@@ -549,18 +554,28 @@ impl Session {
                     }
                 }
                 tag::EXECUTE => {
+                    plan.executes = true;
                     let (portal, _) = cstr(body).ok_or_else(|| bad("Execute"))?;
                     if !bound_portals.contains(&portal) {
                         plan.sticky = true;
                     }
                 }
-                tag::FUNCTION_CALL => plan.read = false,
+                tag::FUNCTION_CALL => {
+                    plan.executes = true;
+                    plan.read = false;
+                }
                 tag::SYNC => plan.syncs += 1,
                 _ => {}
             }
         }
         self.batch = batch;
         plan.parsed_unnamed = parsed_unnamed;
+        if !plan.executes && !self.state.pins.extended_state {
+            // Preparing and describing any statement works on a standby and writes nothing: the
+            // replica saves a round trip to a far primary, which re-prepares it when it runs.
+            plan.read = true;
+            plan.tx = None;
+        }
         Ok(plan)
     }
 
