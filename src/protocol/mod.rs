@@ -29,3 +29,29 @@ pub fn cstr(buf: &[u8]) -> Option<(&str, usize)> {
     let s = std::str::from_utf8(&buf[..end]).ok()?;
     Some((s, end + 1))
 }
+
+/// Iterates over whole tagged frames laid end to end in `buf` (already validated as complete):
+/// (tag, the whole frame). Stops at anything short or malformed.
+pub fn frames(buf: &[u8]) -> impl Iterator<Item = (u8, &[u8])> {
+    let mut rest = buf;
+    std::iter::from_fn(move || {
+        let (tag, len) = backend::header(rest)?;
+        if len < 5 || len > rest.len() {
+            return None;
+        }
+        let (frame, tail) = rest.split_at(len);
+        rest = tail;
+        Some((tag, frame))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn frames_iterates_and_stops_at_garbage() {
+        let buf = b"P\0\0\0\x05xS\0\0\0\x04Q\0\0";
+        let got: Vec<(u8, usize)> = super::frames(buf).map(|(t, f)| (t, f.len())).collect();
+        assert_eq!(got, vec![(b'P', 6), (b'S', 5)]);
+        assert_eq!(super::frames(b"X\0\0\0\x01").count(), 0);
+    }
+}

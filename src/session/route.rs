@@ -15,7 +15,7 @@ use crate::consistency::gate::{self, Gate};
 use crate::consistency::Lsn;
 use crate::error::{ErrorKind, PgError};
 use crate::protocol::frontend::query_text;
-use crate::protocol::{cstr, tag, write};
+use crate::protocol::{cstr, frames, tag, write};
 use crate::router::classify::{Classified, Hint, Kind};
 use crate::router::route::{decide, Context, Reason, Request as RouteRequest, RouteSetting};
 
@@ -446,16 +446,8 @@ impl Session {
         if let Some(parse) = &unnamed {
             server.send_internal_frame(tag::PARSE, parse);
         }
-        let mut pos = 0;
-        while pos < batch.len() {
-            let len = 1 + u32::from_be_bytes([
-                batch[pos + 1],
-                batch[pos + 2],
-                batch[pos + 3],
-                batch[pos + 4],
-            ]) as usize;
-            server.send_client_frame(batch[pos], &batch[pos..pos + len]);
-            pos += len;
+        for (t, frame) in frames(&batch) {
+            server.send_client_frame(t, frame);
         }
         for i in 0..plan.syncs {
             let last = i + 1 == plan.syncs;
@@ -504,19 +496,9 @@ impl Session {
         let mut parsed_unnamed = false;
         let mut bound_portals: Vec<&str> = Vec::new();
         let batch = std::mem::take(&mut self.batch);
-        let mut pos = 0;
         let bad = |what: &str| PgError::protocol(format!("invalid {what} message"));
-        while pos < batch.len() {
-            let t = batch[pos];
-            let len = 1 + u32::from_be_bytes([
-                batch[pos + 1],
-                batch[pos + 2],
-                batch[pos + 3],
-                batch[pos + 4],
-            ]) as usize;
-            let frame = &batch[pos..pos + len];
+        for (t, frame) in frames(&batch) {
             let body = &frame[5..];
-            pos += len;
             match t {
                 tag::PARSE => {
                     let (name, used) = cstr(body).ok_or_else(|| bad("Parse"))?;
