@@ -9,6 +9,9 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
+/// The tests stop servers of the shared cluster: one at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
 #[derive(Default)]
 struct Seen {
     on_replica: Vec<Instant>,
@@ -18,6 +21,7 @@ struct Seen {
 
 #[test]
 fn reads_survive_the_replica_dying_and_come_back_to_it() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     run(async {
         let p = proxy(REPLICA, |_| {}).await;
         let u = url(&p);
@@ -91,6 +95,61 @@ fn reads_survive_the_replica_dying_and_come_back_to_it() {
             "only statements in flight may fail: {:?}",
             s.errors
         );
+        p.shutdown().await;
+    });
+}
+
+#[test]
+fn with_the_primary_down_new_clients_read_and_writes_fail_fast() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    run(async {
+        let direct = connect(&cluster().primary_url_from(PRIMARY)).await;
+        direct
+            .batch_execute("CREATE TABLE IF NOT EXISTS primary_down (a int)")
+            .await
+            .unwrap();
+        cluster().wait_replicas_caught_up().await.unwrap();
+        drop(direct);
+        let p = proxy(REPLICA, |c| {
+            c.upstream.connect_timeout = pgnear::config::HumanDuration(Duration::from_secs(1))
+        })
+        .await;
+        let primary = cluster().primary();
+        primary.stop().await.unwrap();
+        // A new client connects (its first server is the local replica) and reads.
+        let c = connect(&url(&p)).await;
+        let on_replica: bool = c
+            .query_one("SELECT pg_is_in_recovery()", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert!(on_replica);
+        // A write fails with 08006 naming the primary; the session goes on.
+        let e = c
+            .execute("INSERT INTO primary_down VALUES (1)", &[])
+            .await
+            .unwrap_err();
+        let db = e.as_db_error().expect("an error from pgnear");
+        assert_eq!(db.code().code(), "08006");
+        assert!(
+            db.message().contains("primary upstream"),
+            "{}",
+            db.message()
+        );
+        let n: i64 = c
+            .query_one("SELECT count(*) FROM primary_down", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n, 0);
+        // Once the primary is back, the same session writes.
+        primary.start().await.unwrap();
+        eventually("a write to succeed", Duration::from_secs(30), || async {
+            c.execute("INSERT INTO primary_down VALUES (2)", &[])
+                .await
+                .is_ok()
+        })
+        .await;
         p.shutdown().await;
     });
 }

@@ -17,7 +17,7 @@ use self::server::{Seen, Server};
 use self::state::SessionState;
 use crate::backend::conn::{send_cancel, Role};
 use crate::cancel::{CancelKey, CancelTarget};
-use crate::consistency::Lsn;
+use crate::consistency::{gate, Lsn};
 use crate::error::{ErrorKind, PgError};
 use crate::protocol::frontend::{next_frame, Startup};
 use crate::protocol::{tag, write};
@@ -67,7 +67,10 @@ enum Flow {
 }
 
 impl Session {
-    /// Connects the primary, completes the client's startup and returns the session.
+    /// Connects the session's first server, completes the client's startup and returns the
+    /// session. The first server is the local replica when it can serve reads (a new client in
+    /// a far region then pays no cross-region handshake), else the primary; the other one is
+    /// connected on first use.
     pub async fn establish(
         shared: Arc<Shared>,
         mut client: Stream,
@@ -78,13 +81,36 @@ impl Session {
             .filter(|d| !d.is_empty())
             .unwrap_or(&shared.primary.url.database)
             .to_string();
-        let conn = match shared.primary.connect(&database, &startup.params).await {
-            Ok(c) => c,
-            Err(e) => return Err((client, e)),
+        let replica_ready = shared.watcher.as_ref().is_some_and(|w| {
+            let c = &shared.config.consistency;
+            gate::decide(c.mode, None, &w.current(), c.max_replica_lag.0) == gate::Gate::Go
+        });
+        let mut home = Role::Primary;
+        let mut conn = None;
+        if let (true, Some(replica)) = (replica_ready, &shared.replica) {
+            match replica.connect(&database, &startup.params).await {
+                Ok(c) => (home, conn) = (Role::Replica, Some(c)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "replica unavailable at startup; using the primary")
+                }
+            }
+        }
+        let conn = match conn {
+            Some(c) => c,
+            None => match shared.primary.connect(&database, &startup.params).await {
+                Ok(c) => c,
+                Err(e) => return Err((client, e)),
+            },
         };
         let cancel = shared.cancels.register();
         let mut out = BytesMut::new();
         for (k, v) in &conn.params {
+            // pgnear as a whole accepts writes, whichever server answered the startup.
+            let v = if k == "in_hot_standby" {
+                "off"
+            } else {
+                v.as_str()
+            };
             write::parameter_status(&mut out, k, v);
         }
         if !shared.config.regions.primary.is_empty() {
@@ -110,11 +136,11 @@ impl Session {
             cout: BytesMut::new(),
             startup,
             database,
-            primary: Some(Server::new(conn, Role::Primary)),
+            primary: None,
             replica: None,
             batch: BytesMut::new(),
             batch_tags: Vec::new(),
-            last: Role::Primary,
+            last: home,
             cancel,
             cancel_role: None,
             state: SessionState::default(),
@@ -125,6 +151,10 @@ impl Session {
             refused: None,
             write_mode,
             deferred_begin: None,
+        })
+        .map(|mut session| {
+            *session.slot(home) = Some(Server::new(conn, home));
+            session
         })
     }
 
@@ -218,8 +248,11 @@ impl Session {
             let frame = self.cbuf.split_to(len);
             match t {
                 tag::QUERY => {
-                    self.dispatch_batch().await?;
-                    self.on_query(frame).await?;
+                    let sent = match self.dispatch_batch().await {
+                        Ok(()) => self.on_query(frame).await,
+                        Err(e) => Err(e),
+                    };
+                    self.unless_primary_unreachable(sent, 1).await?;
                 }
                 tag::PARSE
                 | tag::BIND
@@ -233,7 +266,9 @@ impl Session {
                 tag::SYNC | tag::FLUSH => {
                     self.batch.extend_from_slice(&frame);
                     self.batch_tags.push(t);
-                    self.dispatch_batch().await?;
+                    let syncs = usize::from(t == tag::SYNC);
+                    let sent = self.dispatch_batch().await;
+                    self.unless_primary_unreachable(sent, syncs).await?;
                 }
                 tag::COPY_DATA | tag::COPY_DONE | tag::COPY_FAIL => {
                     // COPY continues on the server that started it; outside COPY the server ignores these.
@@ -250,6 +285,27 @@ impl Session {
         }
         self.flush_servers().await?;
         Ok(Flow::Continue)
+    }
+
+    /// A primary that could not be connected on first use fails the request, not the session:
+    /// its reads can go on (the session has no state on a primary it never reached).
+    async fn unless_primary_unreachable(
+        &mut self,
+        sent: Result<(), PgError>,
+        syncs: usize,
+    ) -> Result<(), PgError> {
+        match sent {
+            Err(e) if e.kind == ErrorKind::Upstream && self.primary.is_none() => {
+                tracing::warn!(error = %e, "primary unreachable; request failed");
+                self.shared.metrics.error(e.kind);
+                self.batch.clear();
+                self.batch_tags.clear();
+                self.deferred_begin = None;
+                self.open_tx = None;
+                self.refuse_request(e.non_fatal(), syncs).await
+            }
+            other => other,
+        }
     }
 
     async fn flush_servers(&mut self) -> Result<(), PgError> {

@@ -284,11 +284,15 @@ impl Session {
     }
 
     /// Answers a request pgnear will not run: the error, then ReadyForQuery per Sync.
-    async fn refuse_request(&mut self, e: PgError, syncs: usize) -> Result<(), PgError> {
+    pub(super) async fn refuse_request(&mut self, e: PgError, syncs: usize) -> Result<(), PgError> {
         // Answers still owed for earlier requests go first.
         self.drain_all().await?;
         let mut out = BytesMut::new();
-        for _ in 0..syncs.max(1) {
+        if syncs == 0 {
+            // A Flush-driven exchange: the error now, ReadyForQuery when its Sync comes.
+            write::error_response(&mut out, &e);
+        }
+        for _ in 0..syncs {
             write::error_response(&mut out, &e);
             write::ready_for_query(&mut out, self.client_tx_status());
         }
