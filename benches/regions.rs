@@ -643,9 +643,10 @@ async fn client_budget(cluster: &Cluster) -> anyhow::Result<(usize, Option<Strin
     let fd_cap = fds.saturating_sub(256) / 3;
     let n = IDLE_CLIENTS.min(pg_cap).min(fd_cap);
     let why = format!(
-        "pgnear opens one primary server connection per client at startup, and the lab primary \
-         had {free} free connection slots (max_connections = 300), so {pg_cap} fit (10 kept \
-         spare); the open-files limit ({fds}) allows {fd_cap}."
+        "without a shared pool pgnear opens one server connection per client at startup (the \
+         replica in syd), and the lab's servers had {free} free connection slots \
+         (max_connections = 300), so {pg_cap} fit (10 kept spare); the open-files limit ({fds}) \
+         allows {fd_cap}."
     );
     Ok((n, (n < IDLE_CLIENTS).then_some(why)))
 }

@@ -390,8 +390,28 @@ impl Config {
                 origin: format!("{origin} (with environment)"),
                 message: e.message().to_string(),
             })?;
+        let mut config = config;
+        config.derive_replica();
         config.validate()?;
         Ok(config)
+    }
+
+    /// Without a replica URL, outside the primary region, on Fly's private network (`.internal`
+    /// hosts): the nearest replica, the fly_postgres way (`top1.nearest.of.<host>`, port 5433).
+    fn derive_replica(&mut self) {
+        let r = &self.regions;
+        if !self.upstream.replica_url.is_empty() || r.current.is_empty() || r.current == r.primary {
+            return;
+        }
+        let Ok(mut url) = UpstreamUrl::parse(&self.upstream.primary_url) else {
+            return;
+        };
+        if !url.host.ends_with(".internal") {
+            return;
+        }
+        url.host = format!("top1.nearest.of.{}", url.host);
+        url.port = 5433;
+        self.upstream.replica_url = url.to_url_with_password();
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -625,6 +645,43 @@ mod tests {
                 assert!(err.contains(n), "{text:?}: {err:?} lacks {n:?}");
             }
         }
+    }
+
+    #[test]
+    fn replica_derived_the_fly_postgres_way() {
+        let fly = |extra: &[(&str, &str)]| {
+            let mut e = env(&[
+                (
+                    "DATABASE_URL",
+                    "postgres://app:s%40cret@my-db.internal:5432/app?sslmode=disable",
+                ),
+                ("FLY_REGION", "syd"),
+                ("PRIMARY_REGION", "iad"),
+            ]);
+            e.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+            Config::from_toml_and_env("", "t", &e)
+                .unwrap()
+                .upstream
+                .replica_url
+        };
+        assert_eq!(
+            fly(&[]),
+            "postgres://app:s%40cret@top1.nearest.of.my-db.internal:5433/app?sslmode=disable"
+        );
+        assert_eq!(
+            fly(&[("FLY_REGION", "iad")]),
+            "",
+            "no replica in the primary region"
+        );
+        assert_eq!(
+            fly(&[("PGNEAR_REPLICA_URL", "postgres://a@b/c")]),
+            "postgres://a@b/c"
+        );
+        assert_eq!(
+            fly(&[("DATABASE_URL", "postgres://a@db.example.com/c")]),
+            "",
+            "not a .internal host"
+        );
     }
 
     #[test]

@@ -77,7 +77,50 @@ fn percent_decode(s: &str) -> Result<String, String> {
     String::from_utf8(out).map_err(|_| "percent-encoding is not UTF-8".to_string())
 }
 
+fn percent_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
 impl UpstreamUrl {
+    /// The URL again, password included (for deriving one upstream from another).
+    pub fn to_url_with_password(&self) -> String {
+        let host = if self.host.contains(':') {
+            format!("[{}]", self.host)
+        } else {
+            self.host.clone()
+        };
+        let password = self
+            .password
+            .as_deref()
+            .map(|p| format!(":{}", percent_encode(p)))
+            .unwrap_or_default();
+        let mode = match self.sslmode {
+            SslMode::Disable => "disable",
+            SslMode::Prefer => "prefer",
+            SslMode::Require => "require",
+            SslMode::VerifyCa => "verify-ca",
+            SslMode::VerifyFull => "verify-full",
+        };
+        let root = self
+            .sslrootcert
+            .as_deref()
+            .map(|r| format!("&sslrootcert={}", percent_encode(r)))
+            .unwrap_or_default();
+        format!(
+            "postgres://{}{password}@{host}:{}/{}?sslmode={mode}{root}",
+            percent_encode(&self.user),
+            self.port,
+            percent_encode(&self.database)
+        )
+    }
+
     /// Parses a URL; the error says what is allowed (it never echoes the password).
     pub fn parse(url: &str) -> Result<UpstreamUrl, String> {
         let rest = url
@@ -178,6 +221,13 @@ mod tests {
             ("fdaa::3", 5432, "bob")
         );
         assert_eq!(u.sslmode, SslMode::Prefer);
+    }
+
+    #[test]
+    fn round_trips_with_password() {
+        let text = "postgres://app:s%40c%3Aret@[fdaa::3]:5433/my%20db?sslmode=verify-full&sslrootcert=/ca.pem";
+        let u = UpstreamUrl::parse(text).unwrap();
+        assert_eq!(UpstreamUrl::parse(&u.to_url_with_password()).unwrap(), u);
     }
 
     #[test]
