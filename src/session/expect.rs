@@ -103,6 +103,10 @@ impl Expectations {
         self.queue.push_back((p, owner));
     }
 
+    pub fn front(&self) -> Option<(Pending, Owner)> {
+        self.queue.front().copied()
+    }
+
     pub fn front_owner(&self) -> Option<Owner> {
         self.queue.front().map(|(_, o)| *o)
     }

@@ -53,6 +53,8 @@ pub struct Session {
     write_lsn: Option<Lsn>,
     /// `SET pgnear.min_lsn`: a position reads must see (a causal token from elsewhere).
     min_lsn: Option<Lsn>,
+    /// The server of an extended-protocol exchange that ended in Flush, not yet Sync.
+    unsynced: Option<Role>,
     /// A `BEGIN` answered by pgnear and not yet sent (see `start_deferred`).
     deferred_begin: Option<bytes::Bytes>,
     /// `routing.write_mode`, or the session's `SET pgnear.write_mode`.
@@ -151,6 +153,7 @@ impl Session {
             refused: None,
             write_mode,
             deferred_begin: None,
+            unsynced: None,
         })
         .map(|mut session| {
             *session.slot(home) = Some(Server::new(conn, home));

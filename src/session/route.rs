@@ -155,7 +155,10 @@ impl Session {
         let starts_read_only_tx = c.statements.first().is_some_and(|s| {
             matches!(s.kind, Kind::Begin { read_only } if read_only || self.state.read_only_default)
         });
-        let (role, reason) = if self.open_tx.is_none() && is_state_only(&c) {
+        let (role, reason) = if let Some(role) = self.unsynced.take() {
+            // A Query ends an exchange a Flush left open; it runs where that exchange is.
+            (role, Reason::Transaction)
+        } else if self.open_tx.is_none() && is_state_only(&c) {
             // SET and RESET run where the session is; other servers get them replayed later.
             (self.last, Reason::Read)
         } else {
@@ -318,8 +321,8 @@ impl Session {
         let mut role = Role::Primary;
         if read_only && self.context().replica_available && !self.state.pins.any() {
             let fallback = self.consistent_read().await?;
-            self.refused = None;
-            if fallback.is_none() && self.ensure_replica().await.is_ok() {
+            let refused = self.refused.take().is_some();
+            if fallback.is_none() && !refused && self.ensure_replica().await.is_ok() {
                 role = Role::Replica;
             }
         }
@@ -342,7 +345,8 @@ impl Session {
     /// For a replica route: makes the read consistent and connects the replica, or falls back to
     /// the primary. (With `on_timeout = "error"` it sets `self.refused` instead.)
     async fn settle(&mut self, role: Role, reason: Reason) -> Result<(Role, Reason), PgError> {
-        if role != Role::Replica {
+        // A transaction (or an unsynced exchange) stays where it is, whatever the gate says.
+        if role != Role::Replica || reason == Reason::Transaction {
             return Ok((role, reason));
         }
         Ok(match self.consistent_read().await? {
@@ -375,9 +379,13 @@ impl Session {
         tracing::debug!("replica refused a read-only query; running it on the primary");
         self.shared.metrics.replica_retries.inc();
         self.shared.metrics.statement(Role::Primary, Reason::Retry);
-        self.server(Role::Primary)
-            .await?
-            .send_query(&frame, Request::default());
+        let capture = self.captures_lsn();
+        let server = self.server(Role::Primary).await?;
+        server.send_query(&frame, Request::default());
+        if capture {
+            // It wrote: its commit position must gate the session's next reads.
+            server.send_internal_query(WRITE_LSN_QUERY, expect::Purpose::WriteLsn);
+        }
         self.flush_servers().await
     }
 
@@ -390,7 +398,11 @@ impl Session {
             self.start_deferred(false).await?;
         }
         let plan = self.plan_batch()?;
-        let (role, reason) = if plan.sticky {
+        let (role, reason) = if let Some(role) = self.unsynced {
+            // The rest of an exchange that a Flush left open (an implicit transaction, a
+            // skip-to-Sync after an error) belongs to the server that has it.
+            (role, Reason::Transaction)
+        } else if plan.sticky {
             (self.last, Reason::Transaction)
         } else {
             let request = RouteRequest {
@@ -420,6 +432,7 @@ impl Session {
             Some(TxEffect::End) => self.open_tx = None,
             None => {}
         }
+        self.unsynced = (plan.syncs == 0).then_some(role);
         let capture_lsn = role == Role::Primary
             && plan.executes
             && self.open_tx.is_none()
@@ -678,11 +691,7 @@ impl Session {
                 }
             }
         }
-        let status = self
-            .open_tx
-            .and_then(|r| self.slot_ref(r).map(|s| s.tx))
-            .unwrap_or(b'I');
-        write::ready_for_query(&mut out, status);
+        write::ready_for_query(&mut out, self.client_tx_status());
         self.write_client(&out).await
     }
 

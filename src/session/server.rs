@@ -212,6 +212,7 @@ impl Server {
             }
             let frame = &buf[pos..pos + total];
             let body = &frame[5..];
+            let front = self.expect.front();
             let m = self.expect.on_frame(tag);
             tracing::trace!(role = self.role.name(), tag = %(tag as char), ?m, "frame");
             let mut forward = m.forward;
@@ -252,8 +253,26 @@ impl Server {
                         }
                     }
                 }
+                be::ERROR_RESPONSE
+                    if front == Some((Pending::Query, Owner::Internal(Purpose::Sync))) =>
+                {
+                    // The server refused session state or a statement the session already has
+                    // elsewhere: it cannot stand in for the session. Say so instead of blaming the
+                    // client's next request.
+                    let f = be::error_fields(body);
+                    return Err(PgError::upstream(format!(
+                        "{} upstream could not take over the session's state: {} ({})",
+                        self.role.name(),
+                        f.message,
+                        f.code
+                    )));
+                }
                 be::ERROR_RESPONSE if forward => {
-                    if let Some(r) = self.requests.front_mut() {
+                    if let Some(r) = self
+                        .requests
+                        .front_mut()
+                        .filter(|_| m.owner.is_some_and(Owner::is_client))
+                    {
                         r.failed = true;
                     }
                     // A dying replica's FATAL (e.g. 57P01) would tell the client its session is
