@@ -552,3 +552,39 @@ fn preparing_a_write_is_not_a_write() {
         p.shutdown().await;
     });
 }
+
+#[test]
+fn a_sync_follows_the_flush_ended_exchange_it_closes() {
+    run(async {
+        use tokio::io::AsyncWriteExt;
+        let direct = connect(&cluster().primary_url_from(PRIMARY)).await;
+        direct
+            .batch_execute("CREATE TABLE IF NOT EXISTS flushed (a int)")
+            .await
+            .unwrap();
+        cluster().wait_replicas_caught_up().await.unwrap();
+        let p = proxy(REPLICA, |c| {
+            c.auth.method = Some(pgnear::config::AuthMethod::Trust)
+        })
+        .await;
+        let mut s = raw_session(&p).await;
+        // Parse/Bind/Execute of a write, then Flush: the primary runs it in an implicit
+        // transaction that only the Sync ends.
+        let mut msgs = frame(b'P', b"\0INSERT INTO flushed VALUES (7)\0\0\0");
+        msgs.extend(frame(b'B', b"\0\0\0\0\0\0\0\0"));
+        msgs.extend(frame(b'E', b"\0\0\0\0\0"));
+        msgs.extend(frame(b'H', b""));
+        s.write_all(&msgs).await.unwrap();
+        assert_eq!(read_until(&mut s, b'C').await, b"12C");
+        // The lone Sync must reach the primary and commit there.
+        s.write_all(&frame(b'S', b"")).await.unwrap();
+        read_until(&mut s, b'Z').await;
+        let n: i64 = direct
+            .query_one("SELECT count(*) FROM flushed WHERE a = 7", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n, 1, "committed on the primary");
+        p.shutdown().await;
+    });
+}

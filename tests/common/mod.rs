@@ -187,3 +187,51 @@ pub async fn join_all<F: std::future::Future>(futs: impl IntoIterator<Item = F>)
     out.extend(results.into_iter().map(|r| r.unwrap()));
     out
 }
+
+/// One frontend message: tag, length, body.
+pub fn frame(tag: u8, body: &[u8]) -> Vec<u8> {
+    let mut f = vec![tag];
+    f.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+    f.extend_from_slice(body);
+    f
+}
+
+/// A raw protocol connection through `proxy` (which must use trust auth), after its startup.
+pub async fn raw_session(proxy: &Proxy) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let o = cluster().options();
+    let mut body = 196608u32.to_be_bytes().to_vec();
+    for (k, v) in [
+        ("user", o.app_user.as_str()),
+        ("database", o.database.as_str()),
+    ] {
+        body.extend_from_slice(k.as_bytes());
+        body.push(0);
+        body.extend_from_slice(v.as_bytes());
+        body.push(0);
+    }
+    body.push(0);
+    let mut packet = ((body.len() + 4) as u32).to_be_bytes().to_vec();
+    packet.extend(body);
+    let mut s = tokio::net::TcpStream::connect(proxy.addr()).await.unwrap();
+    s.write_all(&packet).await.unwrap();
+    read_until(&mut s, b'Z').await;
+    s
+}
+
+/// Reads backend frames until one with `tag`; returns the tags seen (that one included).
+pub async fn read_until(s: &mut tokio::net::TcpStream, tag: u8) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut tags = Vec::new();
+    loop {
+        let mut head = [0u8; 5];
+        s.read_exact(&mut head).await.expect("a backend frame");
+        let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+        let mut body = vec![0u8; len - 4];
+        s.read_exact(&mut body).await.unwrap();
+        tags.push(head[0]);
+        if head[0] == tag {
+            return tags;
+        }
+    }
+}
