@@ -263,24 +263,8 @@ fn write_lsn_is_reported_as_parameter_status() {
             c.auth.method = Some(pgnear::config::AuthMethod::Trust)
         })
         .await;
-        let mut s = tokio::net::TcpStream::connect(p.addr()).await.unwrap();
-        let o = cluster().options();
-        let mut startup = 196608u32.to_be_bytes().to_vec();
-        for (k, v) in [
-            ("user", o.app_user.as_str()),
-            ("database", o.database.as_str()),
-        ] {
-            startup.extend_from_slice(k.as_bytes());
-            startup.push(0);
-            startup.extend_from_slice(v.as_bytes());
-            startup.push(0);
-        }
-        startup.push(0);
-        let mut packet = ((startup.len() + 4) as u32).to_be_bytes().to_vec();
-        packet.extend(startup);
-        s.write_all(&packet).await.unwrap();
+        let mut s = raw_session(&p).await;
         let mut buf = Vec::new();
-        read_until_ready(&mut s, &mut buf).await;
         let query = b"INSERT INTO reported VALUES (1, 1)\0";
         let mut q = vec![b'Q'];
         q.extend_from_slice(&((query.len() + 4) as u32).to_be_bytes());
@@ -306,16 +290,4 @@ fn write_lsn_is_reported_as_parameter_status() {
         assert!(lsn.0 > 0);
         p.shutdown().await;
     });
-}
-
-async fn read_until_ready(s: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) {
-    loop {
-        let mut chunk = [0u8; 4096];
-        let n = s.read(&mut chunk).await.unwrap();
-        assert!(n > 0, "connection closed during startup");
-        buf.extend_from_slice(&chunk[..n]);
-        if buf.len() >= 6 && buf[buf.len() - 6] == b'Z' {
-            return;
-        }
-    }
 }

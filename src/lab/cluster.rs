@@ -23,6 +23,7 @@ use tokio::time::Instant;
 
 use super::postgres::{io_err, parse_lsn, postmaster_pid, process_alive, LabError, PgBin, PgNode};
 use super::relay::Relay;
+use crate::upstream_url::percent_encode as pct;
 
 /// What to start.
 #[derive(Debug, Clone)]
@@ -294,18 +295,6 @@ fn quote_ident(s: &str) -> String {
 
 fn quote_literal(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
-}
-
-/// Percent-encodes everything but RFC 3986 unreserved characters.
-fn pct(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }
 
 async fn create_app(primary: &PgNode, opts: &ClusterOptions) -> Result<(), LabError> {
