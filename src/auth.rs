@@ -7,7 +7,7 @@ use bytes::{Buf, BytesMut};
 use hmac::{Hmac, Mac};
 use rand::RngCore;
 use sha2::{Digest, Sha256};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 use crate::config::AuthMethod;
 use crate::error::{ErrorKind, PgError};
@@ -218,33 +218,21 @@ async fn send(stream: &mut Stream, out: &mut BytesMut) -> Result<(), PgError> {
 
 /// Reads one PasswordMessage-family frame ('p'), capped at 8 KB.
 async fn read_password_frame(stream: &mut Stream, buf: &mut BytesMut) -> Result<BytesMut, PgError> {
-    loop {
-        if buf.len() >= 5 {
-            let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
-            if buf[0] != tag::PASSWORD {
-                return Err(PgError::protocol(format!(
-                    "expected password response, got message type {}",
-                    buf[0]
-                )));
+    let (t, body) = crate::protocol::read_frame(stream, buf, 8193)
+        .await
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::UnexpectedEof => {
+                PgError::protocol("client closed the connection during authentication")
             }
-            if !(4..=8192).contains(&len) {
-                return Err(PgError::protocol(format!(
-                    "invalid password message length {len}"
-                )));
+            std::io::ErrorKind::InvalidData => {
+                PgError::protocol(format!("invalid password message: {e}"))
             }
-            if buf.len() > len {
-                let mut frame = buf.split_to(len + 1);
-                frame.advance(5);
-                return Ok(frame);
-            }
-        }
-        let n = stream.read_buf(buf).await.map_err(|e| {
-            PgError::protocol(format!("client connection lost during authentication: {e}"))
+            _ => PgError::protocol(format!("client connection lost during authentication: {e}")),
         })?;
-        if n == 0 {
-            return Err(PgError::protocol(
-                "client closed the connection during authentication",
-            ));
-        }
+    if t != tag::PASSWORD {
+        return Err(PgError::protocol(format!(
+            "expected password response, got message type {t}"
+        )));
     }
+    Ok(body)
 }

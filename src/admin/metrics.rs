@@ -64,99 +64,70 @@ fn role_index(r: Role) -> usize {
 impl Metrics {
     pub fn new(per_statement: bool) -> Metrics {
         let registry = Registry::new();
-        let reg = |c: Box<dyn prometheus::core::Collector>| {
-            registry.register(c).expect("metric names are unique")
-        };
-        let counter = |name: &str, help: &str| {
-            let c = IntCounter::new(name, help).expect("valid metric");
-            reg(Box::new(c.clone()));
-            c
-        };
-        let histogram = |name: &str, help: &str, buckets: Vec<f64>| {
-            let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
-                .expect("valid metric");
-            reg(Box::new(h.clone()));
-            h
+        let counter = |name: &str, help: &str| registered(&registry, IntCounter::new(name, help));
+        let gauge = |name: &str, help: &str| registered(&registry, IntGauge::new(name, help));
+        let counter_vec = |name: &str, help: &str, label: &[&str]| {
+            registered(&registry, IntCounterVec::new(Opts::new(name, help), label))
         };
         let latency = vec![
             0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
             2.5, 5.0, 10.0,
         ];
+        let histogram_vec = |name: &str, help: &str, label: &[&str]| {
+            let opts = HistogramOpts::new(name, help).buckets(latency.clone());
+            registered(&registry, prometheus::HistogramVec::new(opts, label))
+        };
 
-        let clients =
-            IntGauge::new("pgnear_client_connections", "Client connections open now").unwrap();
-        reg(Box::new(clients.clone()));
-        let rejected = IntCounterVec::new(
-            Opts::new(
-                "pgnear_client_connections_rejected_total",
-                "Client connections refused, by reason",
-            ),
-            &["reason"],
-        )
-        .unwrap();
-        reg(Box::new(rejected.clone()));
-        let statements_vec = IntCounterVec::new(
-            Opts::new(
-                "pgnear_statements_total",
-                "Client requests (queries and batches) by route and reason",
-            ),
+        let statements_vec = counter_vec(
+            "pgnear_statements_total",
+            "Client requests (queries and batches that execute) by route and reason",
             &["route", "reason"],
-        )
-        .unwrap();
-        reg(Box::new(statements_vec.clone()));
+        );
         let statements = [Role::Primary, Role::Replica].map(|role| {
             REASONS.map(|reason| statements_vec.with_label_values(&[role.name(), reason.label()]))
         });
-        let durations_vec = prometheus::HistogramVec::new(
-            HistogramOpts::new(
-                "pgnear_statement_duration_seconds",
-                "Time from sending a request to its ReadyForQuery, by route",
-            )
-            .buckets(latency.clone()),
+        let durations_vec = histogram_vec(
+            "pgnear_statement_duration_seconds",
+            "Time from sending a request to its ReadyForQuery, by route",
             &["route"],
-        )
-        .unwrap();
-        reg(Box::new(durations_vec.clone()));
+        );
         let durations =
             [Role::Primary, Role::Replica].map(|r| durations_vec.with_label_values(&[r.name()]));
-        let upstream_up = IntGaugeVec::new(
-            Opts::new(
-                "pgnear_upstream_up",
-                "1 when the upstream answers, by upstream",
-            ),
-            &["upstream"],
-        )
-        .unwrap();
-        reg(Box::new(upstream_up.clone()));
-        let errors_vec = IntCounterVec::new(
-            Opts::new(
-                "pgnear_errors_total",
-                "Errors pgnear reported to clients, by kind",
-            ),
+        let errors_vec = counter_vec(
+            "pgnear_errors_total",
+            "Errors pgnear reported to clients, by kind",
             &["kind"],
-        )
-        .unwrap();
-        reg(Box::new(errors_vec.clone()));
+        );
         let errors = KINDS.map(|k| errors_vec.with_label_values(&[k.label()]));
-        let gauge = |name: &str, help: &str| {
-            let g = IntGauge::new(name, help).unwrap();
-            reg(Box::new(g.clone()));
-            g
-        };
-        let replica_lag_seconds = Gauge::new(
-            "pgnear_replica_lag_seconds",
-            "Replica replay lag in seconds",
-        )
-        .unwrap();
-        reg(Box::new(replica_lag_seconds.clone()));
+        let lsn_wait_seconds = registered(
+            &registry,
+            Histogram::with_opts(
+                HistogramOpts::new(
+                    "pgnear_lsn_wait_duration_seconds",
+                    "Time reads waited for the replica",
+                )
+                .buckets(latency.clone()),
+            ),
+        );
+        let replica_lag_seconds = registered(
+            &registry,
+            Gauge::new(
+                "pgnear_replica_lag_seconds",
+                "Replica replay lag in seconds",
+            ),
+        );
         Metrics {
             per_statement,
-            clients,
+            clients: gauge("pgnear_client_connections", "Client connections open now"),
             clients_accepted: counter(
                 "pgnear_client_connections_accepted_total",
                 "Client connections accepted",
             ),
-            rejected,
+            rejected: counter_vec(
+                "pgnear_client_connections_rejected_total",
+                "Client connections refused, by reason",
+                &["reason"],
+            ),
             statements,
             durations,
             bytes_in: counter(
@@ -168,11 +139,7 @@ impl Metrics {
                 "pgnear_lsn_waits_total",
                 "Reads that waited for the replica to replay a session's writes",
             ),
-            lsn_wait_seconds: histogram(
-                "pgnear_lsn_wait_duration_seconds",
-                "Time reads waited for the replica",
-                latency,
-            ),
+            lsn_wait_seconds,
             lsn_wait_timeouts: counter(
                 "pgnear_lsn_wait_timeouts_total",
                 "Waits that ran past consistency.wait_timeout",
@@ -194,7 +161,16 @@ impl Metrics {
                 "pgnear_replica_replay_lsn",
                 "Replica replay position (pg_lsn as a number)",
             ),
-            upstream_up,
+            upstream_up: registered(
+                &registry,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "pgnear_upstream_up",
+                        "1 when the upstream answers, by upstream",
+                    ),
+                    &["upstream"],
+                ),
+            ),
             errors,
             registry,
         }
@@ -260,6 +236,19 @@ impl Default for Metrics {
     fn default() -> Self {
         Metrics::new(true)
     }
+}
+
+/// Registers a metric built from a static definition. A failure is a bug in this file (the
+/// unit test builds them all), never something input can cause.
+fn registered<C: prometheus::core::Collector + Clone + 'static>(
+    registry: &Registry,
+    made: prometheus::Result<C>,
+) -> C {
+    let metric = made.expect("a valid metric definition");
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("unique metric names");
+    metric
 }
 
 /// Counts a client connection while it lives (the gauge cannot be forgotten on any path).

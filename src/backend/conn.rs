@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Buf, BytesMut};
+use bytes::BytesMut;
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 use postgres_protocol::message::frontend;
 use rustls::pki_types::ServerName;
@@ -13,7 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::error::{ErrorKind, PgError};
-use crate::protocol::backend::{self as be, error_fields, header};
+use crate::protocol::backend::{self as be, error_fields};
 use crate::tls::Stream;
 use crate::upstream_url::{SslMode, UpstreamUrl};
 
@@ -302,21 +302,15 @@ impl Upstream {
         stream: &mut Stream,
         buf: &mut BytesMut,
     ) -> Result<(u8, BytesMut), PgError> {
-        loop {
-            if let Some((tag, len)) = header(buf) {
-                if !(5..=1 << 20).contains(&len) {
-                    return Err(self.fail("malformed message during startup"));
+        crate::protocol::read_frame(stream, buf, 1 << 20)
+            .await
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::UnexpectedEof => {
+                    self.fail("server closed the connection during startup")
                 }
-                if buf.len() >= len {
-                    let mut frame = buf.split_to(len);
-                    frame.advance(5);
-                    return Ok((tag, frame));
-                }
-            }
-            if stream.read_buf(buf).await.map_err(|e| self.fail(e))? == 0 {
-                return Err(self.fail("server closed the connection during startup"));
-            }
-        }
+                std::io::ErrorKind::InvalidData => self.fail("malformed message during startup"),
+                _ => self.fail(e),
+            })
     }
 }
 

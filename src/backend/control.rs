@@ -3,11 +3,11 @@
 //! client traffic.
 
 use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 use super::conn::{ServerConn, Upstream};
 use crate::error::PgError;
-use crate::protocol::backend::{self as be, error_fields, header};
+use crate::protocol::backend::{self as be, error_fields};
 
 pub struct ControlConn {
     conn: ServerConn,
@@ -54,28 +54,17 @@ impl ControlConn {
     }
 
     async fn read_frame(&mut self) -> Result<(u8, BytesMut), PgError> {
-        loop {
-            if let Some((tag, len)) = header(&self.buf) {
-                if len < 5 {
-                    return Err(PgError::upstream("malformed message on control connection"));
+        crate::protocol::read_frame(&mut self.conn.stream, &mut self.buf, 1 << 30)
+            .await
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::UnexpectedEof => {
+                    PgError::upstream("control connection closed by the server")
                 }
-                if self.buf.len() >= len {
-                    let mut frame = self.buf.split_to(len);
-                    frame.advance(5);
-                    return Ok((tag, frame));
+                std::io::ErrorKind::InvalidData => {
+                    PgError::upstream("malformed message on control connection")
                 }
-            }
-            if self
-                .conn
-                .stream
-                .read_buf(&mut self.buf)
-                .await
-                .map_err(lost)?
-                == 0
-            {
-                return Err(PgError::upstream("control connection closed by the server"));
-            }
-        }
+                _ => lost(e),
+            })
     }
 }
 

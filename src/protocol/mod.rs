@@ -23,6 +23,37 @@ pub mod tag {
     pub const PASSWORD: u8 = b'p';
 }
 
+/// Reads one whole tagged frame from `stream` (through `buf`, which keeps any bytes after it):
+/// its tag and its body. `UnexpectedEof` when the peer closes first, `InvalidData` for a length
+/// field under 4 or a frame longer than `max` bytes. Cancel-safe: partial input stays in `buf`.
+pub async fn read_frame<S: tokio::io::AsyncRead + Unpin>(
+    stream: &mut S,
+    buf: &mut bytes::BytesMut,
+    max: usize,
+) -> std::io::Result<(u8, bytes::BytesMut)> {
+    use bytes::Buf;
+    use std::io::{Error, ErrorKind};
+    use tokio::io::AsyncReadExt;
+    loop {
+        if let Some((tag, len)) = backend::header(buf) {
+            if len < 5 || len > max {
+                return Err(Error::new(
+                    ErrorKind::InvalidData,
+                    format!("invalid message length {}", len - 1),
+                ));
+            }
+            if buf.len() >= len {
+                let mut frame = buf.split_to(len);
+                frame.advance(5);
+                return Ok((tag, frame));
+            }
+        }
+        if stream.read_buf(buf).await? == 0 {
+            return Err(Error::new(ErrorKind::UnexpectedEof, "connection closed"));
+        }
+    }
+}
+
 /// Reads a NUL-terminated string at the start of `buf`: (string, bytes consumed).
 pub fn cstr(buf: &[u8]) -> Option<(&str, usize)> {
     let end = buf.iter().position(|&b| b == 0)?;

@@ -203,11 +203,14 @@ impl Session {
                 self.cbuf.reserve(CLIENT_CHUNK);
             }
             tokio::select! {
-                r = read_opt(&mut self.primary) => { r?; self.on_server(Role::Primary).await?; }
+                r = read_opt(&mut self.primary) => match r {
+                    Ok(()) => self.on_server(Role::Primary).await?,
+                    Err(e) => self.server_failed(Role::Primary, e).await?,
+                },
                 r = read_opt(&mut self.replica) => {
                     match r {
                         Ok(()) => self.on_server(Role::Replica).await?,
-                        Err(e) => self.replica_lost(e).await?,
+                        Err(e) => self.server_failed(Role::Replica, e).await?,
                     }
                     // Frames held back behind a tentative request can go now.
                     if !self.tentative_in_flight() && !self.cbuf.is_empty() {
@@ -312,15 +315,23 @@ impl Session {
     }
 
     async fn flush_servers(&mut self) -> Result<(), PgError> {
-        if let Some(p) = self.primary.as_mut() {
-            p.flush().await?;
-        }
-        if let Some(r) = self.replica.as_mut() {
-            if let Err(e) = r.flush().await {
-                self.replica_lost(e).await?;
+        for role in [Role::Primary, Role::Replica] {
+            if let Some(s) = self.slot(role).as_mut() {
+                if let Err(e) = s.flush().await {
+                    self.server_failed(role, e).await?;
+                }
             }
         }
         Ok(())
+    }
+
+    /// A server connection failed: losing the primary ends the session, losing the replica
+    /// does not (see `replica_lost`).
+    async fn server_failed(&mut self, role: Role, e: PgError) -> Result<(), PgError> {
+        match role {
+            Role::Primary => Err(e),
+            Role::Replica => self.replica_lost(e).await,
+        }
     }
 
     /// The replica connection failed. The session goes on: requests in flight there get an
@@ -411,10 +422,9 @@ impl Session {
 
     /// Relays everything `role` still owes the client.
     async fn drain(&mut self, role: Role) -> Result<(), PgError> {
-        let lost = |e: PgError| (role == Role::Replica).then_some(e.clone()).ok_or(e);
         if let Some(s) = self.slot(role).as_mut() {
             if let Err(e) = s.flush().await {
-                return self.replica_lost(lost(e)?).await;
+                return self.server_failed(role, e).await;
             }
         }
         while self
@@ -424,7 +434,7 @@ impl Session {
         {
             match read_opt(self.slot(role)).await {
                 Ok(()) => self.on_server(role).await?,
-                Err(e) => return self.replica_lost(lost(e)?).await,
+                Err(e) => return self.server_failed(role, e).await,
             }
         }
         Ok(())

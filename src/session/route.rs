@@ -122,6 +122,8 @@ impl Session {
 
     /// Routes and sends one simple Query.
     pub(super) async fn on_query(&mut self, frame: BytesMut) -> Result<(), PgError> {
+        // Shared, not copied: a replica read keeps it for a possible retry on the primary.
+        let frame = frame.freeze();
         let sql = query_text(&frame[5..])?;
         let c = self.classify(sql);
         if is_pgnear(&c) {
@@ -132,7 +134,7 @@ impl Session {
             // holds the transaction (SET TRANSACTION READ ONLY sends it to the replica), and the
             // BEGIN costs no round trip of its own.
             self.drain_all().await?;
-            self.deferred_begin = Some(frame.freeze());
+            self.deferred_begin = Some(frame.clone());
             let mut out = BytesMut::new();
             write::command_complete(&mut out, "BEGIN");
             write::ready_for_query(&mut out, b'T');
@@ -184,7 +186,7 @@ impl Session {
             None => {}
         }
         let retry = (role == Role::Replica && reason == Reason::Read && self.open_tx.is_none())
-            .then(|| Bytes::copy_from_slice(&frame));
+            .then(|| frame.clone());
         let capture = role == Role::Primary
             && self.open_tx.is_none()
             && !c.is_read()
