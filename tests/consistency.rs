@@ -10,7 +10,7 @@ use std::time::Duration;
 use common::*;
 use pgnear::config::{ConsistencyMode, HumanDuration, OnTimeout};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio_postgres::{Client, SimpleQueryMessage};
+use tokio_postgres::Client;
 
 /// Tests that pause replay or add latency must not overlap.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -30,14 +30,10 @@ async fn replica_admin() -> Client {
 }
 
 async fn setup_table(name: &str) {
-    let direct = connect(&cluster().primary_url_from(PRIMARY)).await;
-    direct
-        .batch_execute(&format!(
-            "DROP TABLE IF EXISTS {name}; CREATE TABLE {name} (id int PRIMARY KEY, v int)"
-        ))
-        .await
-        .unwrap();
-    cluster().wait_replicas_caught_up().await.unwrap();
+    on_primary(&format!(
+        "DROP TABLE IF EXISTS {name}; CREATE TABLE {name} (id int PRIMARY KEY, v int)"
+    ))
+    .await;
 }
 
 /// (served by the replica, rows matching id)
@@ -50,15 +46,6 @@ async fn read_back(c: &Client, table: &str, id: i32) -> (bool, i64) {
         .await
         .unwrap();
     (row.get(0), row.get(1))
-}
-
-fn show(rows: &[SimpleQueryMessage]) -> String {
-    rows.iter()
-        .find_map(|m| match m {
-            SimpleQueryMessage::Row(r) => Some(r.get(0).unwrap_or("").to_string()),
-            _ => None,
-        })
-        .unwrap()
 }
 
 #[test]
@@ -76,7 +63,7 @@ fn paused_replay_waits_then_falls_back_resumes_or_errors() {
         // Nothing written yet: reads use the replica.
         assert_eq!(read_back(&c, "ryw", 0).await, (true, 0));
         assert_eq!(
-            show(&c.simple_query("SHOW pgnear.write_lsn").await.unwrap()),
+            first_value(&c.simple_query("SHOW pgnear.write_lsn").await.unwrap()).unwrap(),
             ""
         );
 
@@ -88,7 +75,7 @@ fn paused_replay_waits_then_falls_back_resumes_or_errors() {
         c.execute("INSERT INTO ryw VALUES (1, 1)", &[])
             .await
             .unwrap();
-        let token = show(&c.simple_query("SHOW pgnear.write_lsn").await.unwrap());
+        let token = first_value(&c.simple_query("SHOW pgnear.write_lsn").await.unwrap()).unwrap();
         assert!(token.contains('/'), "a write LSN after a write: {token:?}");
         assert_eq!(read_back(&c, "ryw", 1).await, (false, 1));
 

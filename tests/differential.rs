@@ -53,10 +53,8 @@ const WRITES: &[&str] = &[
 ];
 
 async fn setup() {
-    let direct = connect(&cluster().primary_url_from(PRIMARY)).await;
-    direct
-        .batch_execute(
-            "DROP TABLE IF EXISTS diff_t;
+    on_primary(
+        "DROP TABLE IF EXISTS diff_t;
              CREATE TABLE diff_t (id int PRIMARY KEY, name text, score numeric, tags text[],
                                   doc jsonb, created timestamptz, blob bytea);
              INSERT INTO diff_t SELECT i, 'it''s row ' || i, i * 0.75, ARRAY['a' || i, 'b'],
@@ -64,10 +62,8 @@ async fn setup() {
                     '2024-01-01 00:00:00+00'::timestamptz + i * interval '1 hour',
                     decode(lpad(to_hex(i), 4, '0'), 'hex')
              FROM generate_series(1, 8) i;",
-        )
-        .await
-        .unwrap();
-    cluster().wait_replicas_caught_up().await.unwrap();
+    )
+    .await;
 }
 
 /// Text format, simple protocol, through psql: stdout (tags, columns, rows) and stderr (errors).

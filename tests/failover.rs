@@ -103,12 +103,7 @@ fn reads_survive_the_replica_dying_and_come_back_to_it() {
 fn with_the_primary_down_new_clients_read_and_writes_fail_fast() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     run(async {
-        let direct = connect(&cluster().primary_url_from(PRIMARY)).await;
-        direct
-            .batch_execute("CREATE TABLE IF NOT EXISTS primary_down (a int)")
-            .await
-            .unwrap();
-        cluster().wait_replicas_caught_up().await.unwrap();
+        let direct = on_primary("CREATE TABLE IF NOT EXISTS primary_down (a int)").await;
         drop(direct);
         let p = proxy(REPLICA, |c| {
             c.upstream.connect_timeout = pgnear::config::HumanDuration(Duration::from_secs(1))

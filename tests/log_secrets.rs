@@ -9,7 +9,6 @@ mod common;
 
 use std::io;
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Duration;
 
 use common::*;
 
@@ -105,17 +104,7 @@ fn logs_hold_no_passwords_and_no_parameter_values() {
         assert_eq!(echoed, PARAM);
 
         // A cancel of a running read.
-        let token = c.cancel_token();
-        let sleeper = tokio::spawn(async move {
-            let r = c.simple_query("SELECT pg_sleep(60)").await;
-            (r.map(|_| ()), c)
-        });
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        token.cancel_query(tokio_postgres::NoTls).await.unwrap();
-        let (r, c) = sleeper.await.unwrap();
-        let e = r.expect_err("pg_sleep was cancelled");
-        assert_eq!(sqlstate(&e), "57014", "{e}");
-        drop(c);
+        drop(assert_cancel_stops_a_sleep(c).await);
         p.shutdown().await;
     });
 

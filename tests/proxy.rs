@@ -103,17 +103,7 @@ fn copy_in_and_out_with_psql() {
 fn cancel_really_cancels() {
     run(async {
         let p = proxy(PRIMARY, |_| {}).await;
-        let c = connect(&url(&p)).await;
-        let token = c.cancel_token();
-        let sleeper = tokio::spawn(async move {
-            let r = c.simple_query("SELECT pg_sleep(60)").await;
-            (r.map(|_| ()), c)
-        });
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        token.cancel_query(tokio_postgres::NoTls).await.unwrap();
-        let (r, c) = sleeper.await.unwrap();
-        let e = r.expect_err("pg_sleep was cancelled");
-        assert_eq!(sqlstate(&e), "57014", "{e}");
+        let c = assert_cancel_stops_a_sleep(connect(&url(&p)).await).await;
         // The session goes on.
         let v: i32 = c.query_one("SELECT 7", &[]).await.unwrap().get(0);
         assert_eq!(v, 7);
@@ -275,20 +265,6 @@ async fn raw_exchange(p: &pgnear::Proxy, bytes: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut out)).await;
     out
-}
-
-fn startup_packet(params: &[(&str, &str)], version: u32) -> Vec<u8> {
-    let mut body = version.to_be_bytes().to_vec();
-    for (k, v) in params {
-        body.extend_from_slice(k.as_bytes());
-        body.push(0);
-        body.extend_from_slice(v.as_bytes());
-        body.push(0);
-    }
-    body.push(0);
-    let mut p = ((body.len() + 4) as u32).to_be_bytes().to_vec();
-    p.extend(body);
-    p
 }
 
 /// The SQLSTATE of the first ErrorResponse in `bytes` (after an optional 'N' byte).

@@ -14,12 +14,7 @@ async fn on_replica_simple(c: &Client, prefix: &str) -> bool {
         .simple_query(&format!("{prefix}SELECT pg_is_in_recovery()"))
         .await
         .unwrap();
-    rows.iter()
-        .find_map(|m| match m {
-            SimpleQueryMessage::Row(r) => Some(r.get(0) == Some("t")),
-            _ => None,
-        })
-        .unwrap()
+    first_value(&rows).expect("a row") == "t"
 }
 
 async fn on_replica(c: &Client) -> bool {
@@ -249,16 +244,12 @@ fn pins_keep_the_session_on_the_primary_until_released() {
 #[test]
 fn a_write_hidden_in_a_function_is_retried_on_the_primary_once() {
     run(async {
-        let direct = connect(&cluster().primary_url_from(PRIMARY)).await;
-        direct
-            .batch_execute(
-                "DROP TABLE IF EXISTS hidden_t; CREATE TABLE hidden_t (a int);
+        let direct = on_primary(
+            "DROP TABLE IF EXISTS hidden_t; CREATE TABLE hidden_t (a int);
                  CREATE OR REPLACE FUNCTION write_hidden() RETURNS int LANGUAGE sql AS
                  $$ INSERT INTO hidden_t VALUES (1) RETURNING 1 $$;",
-            )
-            .await
-            .unwrap();
-        cluster().wait_replicas_caught_up().await.unwrap();
+        )
+        .await;
         let p = proxy(REPLICA, |_| {}).await;
         let c = connect(&url(&p)).await;
         for _ in 0..3 {
@@ -373,12 +364,7 @@ fn pgbench_tpcb_through_pgnear_adds_up() {
 #[test]
 fn replay_mode_refuses_writes_outside_the_primary_region() {
     run(async {
-        let direct = connect(&cluster().primary_url_from(PRIMARY)).await;
-        direct
-            .batch_execute("CREATE TABLE IF NOT EXISTS replayed (a int)")
-            .await
-            .unwrap();
-        cluster().wait_replicas_caught_up().await.unwrap();
+        let direct = on_primary("CREATE TABLE IF NOT EXISTS replayed (a int)").await;
         let replay = |c: &mut pgnear::config::Config| {
             c.routing.write_mode = pgnear::config::WriteMode::Replay
         };
@@ -438,11 +424,7 @@ fn replay_mode_refuses_writes_outside_the_primary_region() {
 #[test]
 fn a_fenced_primary_refusing_writes_is_passed_through_once() {
     run(async {
-        let direct = connect(&cluster().primary_url_from(PRIMARY)).await;
-        direct
-            .batch_execute("CREATE TABLE IF NOT EXISTS fenced (a int)")
-            .await
-            .unwrap();
+        let direct = on_primary("CREATE TABLE IF NOT EXISTS fenced (a int)").await;
         let p = proxy(REPLICA, |_| {}).await;
         let c = connect(&url(&p)).await;
         // A read-only primary (as a fenced primary would be) answers writes with 25006.
@@ -525,22 +507,14 @@ fn begin_then_set_transaction_read_only_runs_on_the_replica() {
 #[test]
 fn preparing_a_write_is_not_a_write() {
     run(async {
-        let direct = connect(&cluster().primary_url_from(PRIMARY)).await;
-        direct
-            .batch_execute("CREATE TABLE IF NOT EXISTS prepared_w (a int)")
-            .await
-            .unwrap();
-        cluster().wait_replicas_caught_up().await.unwrap();
+        on_primary("CREATE TABLE IF NOT EXISTS prepared_w (a int)").await;
         let p = proxy(REPLICA, |_| {}).await;
         let c = connect(&url(&p)).await;
         let insert = c
             .prepare("INSERT INTO prepared_w VALUES ($1)")
             .await
             .unwrap();
-        let token = |rows: Vec<SimpleQueryMessage>| match &rows[1] {
-            SimpleQueryMessage::Row(r) => r.get(0).unwrap_or("").to_string(),
-            _ => panic!("a row"),
-        };
+        let token = |rows: Vec<SimpleQueryMessage>| first_value(&rows).expect("a row");
         assert_eq!(
             token(c.simple_query("SHOW pgnear.write_lsn").await.unwrap()),
             "",
@@ -557,12 +531,7 @@ fn preparing_a_write_is_not_a_write() {
 fn a_sync_follows_the_flush_ended_exchange_it_closes() {
     run(async {
         use tokio::io::AsyncWriteExt;
-        let direct = connect(&cluster().primary_url_from(PRIMARY)).await;
-        direct
-            .batch_execute("CREATE TABLE IF NOT EXISTS flushed (a int)")
-            .await
-            .unwrap();
-        cluster().wait_replicas_caught_up().await.unwrap();
+        let direct = on_primary("CREATE TABLE IF NOT EXISTS flushed (a int)").await;
         let p = proxy(REPLICA, |c| {
             c.auth.method = Some(pgnear::config::AuthMethod::Trust)
         })

@@ -196,23 +196,26 @@ pub fn frame(tag: u8, body: &[u8]) -> Vec<u8> {
     f
 }
 
-/// A raw protocol connection through `proxy` (which must use trust auth), after its startup.
-pub async fn raw_session(proxy: &Proxy) -> tokio::net::TcpStream {
-    use tokio::io::AsyncWriteExt;
-    let o = cluster().options();
-    let mut body = 196608u32.to_be_bytes().to_vec();
-    for (k, v) in [
-        ("user", o.app_user.as_str()),
-        ("database", o.database.as_str()),
-    ] {
+/// A startup packet (length, protocol version, NUL-separated parameters).
+pub fn startup_packet(params: &[(&str, &str)], version: u32) -> Vec<u8> {
+    let mut body = version.to_be_bytes().to_vec();
+    for (k, v) in params {
         body.extend_from_slice(k.as_bytes());
         body.push(0);
         body.extend_from_slice(v.as_bytes());
         body.push(0);
     }
     body.push(0);
-    let mut packet = ((body.len() + 4) as u32).to_be_bytes().to_vec();
-    packet.extend(body);
+    let mut p = ((body.len() + 4) as u32).to_be_bytes().to_vec();
+    p.extend(body);
+    p
+}
+
+/// A raw protocol connection through `proxy` (which must use trust auth), after its startup.
+pub async fn raw_session(proxy: &Proxy) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let o = cluster().options();
+    let packet = startup_packet(&[("user", &o.app_user), ("database", &o.database)], 196608);
     let mut s = tokio::net::TcpStream::connect(proxy.addr()).await.unwrap();
     s.write_all(&packet).await.unwrap();
     read_until(&mut s, b'Z').await;
@@ -234,4 +237,65 @@ pub async fn read_until(s: &mut tokio::net::TcpStream, tag: u8) -> Vec<u8> {
             return tags;
         }
     }
+}
+
+/// The first column of the first row of a simple-query answer.
+pub fn first_value(messages: &[tokio_postgres::SimpleQueryMessage]) -> Option<String> {
+    messages.iter().find_map(|m| match m {
+        tokio_postgres::SimpleQueryMessage::Row(r) => {
+            Some(r.get(0).unwrap_or_default().to_string())
+        }
+        _ => None,
+    })
+}
+
+/// A minimal HTTP/1.1 GET (`Connection: close`) to pgnear's admin listener: the status code and
+/// the body. Admin answers carry a content-length (never chunked); that is asserted.
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connecting to admin");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).await.unwrap();
+    let text = String::from_utf8(raw).expect("a UTF-8 response");
+    let (head, body) = text.split_once("\r\n\r\n").expect("headers end");
+    assert!(
+        !head
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked"),
+        "admin answers carry a content-length"
+    );
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("a status line: {head}"));
+    (status, body.to_string())
+}
+
+/// Runs `pg_sleep(60)` on `c`, cancels it through pgnear, asserts 57014, and hands `c` back.
+pub async fn assert_cancel_stops_a_sleep(c: tokio_postgres::Client) -> tokio_postgres::Client {
+    let token = c.cancel_token();
+    let sleeper = tokio::spawn(async move {
+        let r = c.simple_query("SELECT pg_sleep(60)").await;
+        (r.map(|_| ()), c)
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    token.cancel_query(NoTls).await.unwrap();
+    let (r, c) = sleeper.await.unwrap();
+    let e = r.expect_err("pg_sleep was cancelled");
+    assert_eq!(sqlstate(&e), "57014", "{e}");
+    c
+}
+
+/// Runs `sql` directly on the primary, waits until the replicas have replayed it, and returns
+/// the direct connection.
+pub async fn on_primary(sql: &str) -> Client {
+    let direct = connect(&cluster().primary_url_from(PRIMARY)).await;
+    direct.batch_execute(sql).await.unwrap();
+    cluster().wait_replicas_caught_up().await.unwrap();
+    direct
 }
