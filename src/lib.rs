@@ -66,6 +66,17 @@ pub enum StartError {
     NoPassword(AuthMethod),
 }
 
+/// Binds a listener (port 0 picks a free port) and returns it with its actual address.
+async fn bind(addr: &str) -> Result<(TcpListener, SocketAddr), StartError> {
+    let failed = |source| StartError::Listen {
+        addr: addr.to_string(),
+        source,
+    };
+    let listener = TcpListener::bind(addr).await.map_err(failed)?;
+    let local = listener.local_addr().map_err(failed)?;
+    Ok((listener, local))
+}
+
 /// A running pgnear: its listening address and the handle to stop it.
 pub struct Proxy {
     addr: SocketAddr,
@@ -108,26 +119,8 @@ impl Proxy {
             Some(Arc::new(upstream(Role::Replica, url)?))
         };
         let creds = Credentials::new(&primary_url.user, primary_url.password.as_deref());
-        let listener = TcpListener::bind(&config.proxy.listen)
-            .await
-            .map_err(|source| StartError::Listen {
-                addr: config.proxy.listen.clone(),
-                source,
-            })?;
-        let addr = listener.local_addr().map_err(|source| StartError::Listen {
-            addr: config.proxy.listen.clone(),
-            source,
-        })?;
-        let admin = TcpListener::bind(&config.proxy.admin_listen)
-            .await
-            .map_err(|source| StartError::Listen {
-                addr: config.proxy.admin_listen.clone(),
-                source,
-            })?;
-        let admin_addr = admin.local_addr().map_err(|source| StartError::Listen {
-            addr: config.proxy.admin_listen.clone(),
-            source,
-        })?;
+        let (listener, addr) = bind(&config.proxy.listen).await?;
+        let (admin, admin_addr) = bind(&config.proxy.admin_listen).await?;
         let (stop, shutdown) = watch::channel(false);
         let primary = Arc::new(upstream(Role::Primary, primary_url)?);
         let metrics = Arc::new(admin::metrics::Metrics::new(config.proxy.metrics));
