@@ -253,6 +253,7 @@ pub struct PoolConfig {
     pub min_idle: usize,
     pub acquire_timeout: HumanDuration,
     pub idle_timeout: HumanDuration,
+    pub max_lifetime: HumanDuration,
 }
 
 impl Default for PoolConfig {
@@ -264,6 +265,7 @@ impl Default for PoolConfig {
             min_idle: 0,
             acquire_timeout: ms(5_000),
             idle_timeout: ms(600_000),
+            max_lifetime: ms(3_600_000),
         }
     }
 }

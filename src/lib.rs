@@ -38,6 +38,8 @@ pub struct Shared {
     pub config: Config,
     pub primary: Arc<Upstream>,
     pub replica: Option<Arc<Upstream>>,
+    pub primary_pool: Arc<backend::pool::Pool>,
+    pub replica_pool: Option<Arc<backend::pool::Pool>>,
     /// The replica's replay position and health (present when a replica is configured).
     pub watcher: Option<Arc<consistency::watcher::Watcher>>,
     pub probe: Arc<backend::health::PrimaryProbe>,
@@ -48,6 +50,16 @@ pub struct Shared {
     pub cancels: Arc<CancelRegistry>,
     pub classifier: router::cache::ClassifyCache,
     pub shutdown: watch::Receiver<bool>,
+}
+
+impl Shared {
+    /// The pool for `role`'s server connections (the primary's when no replica is configured).
+    pub fn pool(&self, role: Role) -> &Arc<backend::pool::Pool> {
+        match (role, &self.replica_pool) {
+            (Role::Replica, Some(p)) => p,
+            _ => &self.primary_pool,
+        }
+    }
 }
 
 /// Why pgnear could not start.
@@ -141,9 +153,24 @@ impl Proxy {
         if let Some(w) = &watcher {
             w.first_contact(connect_timeout).await;
         }
+        let pool = |upstream: &Arc<Upstream>, size| {
+            backend::pool::Pool::spawn(
+                upstream.clone(),
+                size,
+                config.pool.clone(),
+                metrics.clone(),
+                shutdown.clone(),
+            )
+        };
+        let primary_pool = pool(&primary, config.pool.primary_size);
+        let replica_pool = replica
+            .as_ref()
+            .map(|r| pool(r, config.pool.replica_size));
         let shared = Arc::new(Shared {
             primary,
             replica,
+            primary_pool,
+            replica_pool,
             watcher,
             probe,
             metrics,

@@ -8,7 +8,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use common::*;
-use pgnear::config::{ConsistencyMode, HumanDuration, OnTimeout};
+use pgnear::config::{ConsistencyMode, HumanDuration, OnTimeout, PoolMode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_postgres::Client;
 
@@ -155,7 +155,14 @@ fn concurrent_write_then_read_across_distance_is_never_stale() {
         setup_table("checker").await;
         let relay = &cluster().replica(REPLICA).unwrap().relay;
         relay.set_delay(Duration::from_millis(10));
-        let p = proxy(REPLICA, |_| {}).await;
+        // Transaction pooling: 32 sessions share 8 + 8 server connections, and each still
+        // reads its own writes.
+        let p = proxy(REPLICA, |c| {
+            c.pool.mode = PoolMode::Transaction;
+            c.pool.primary_size = 8;
+            c.pool.replica_size = 8;
+        })
+        .await;
         let u = url(&p);
         let sessions = 32;
         let pairs = 500;

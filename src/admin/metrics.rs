@@ -52,6 +52,21 @@ pub struct Metrics {
     pub replica_replay_lsn: IntGauge,
     upstream_up: IntGaugeVec,
     errors: [IntCounter; 8],
+    pools: [PoolMetrics; 2],
+}
+
+/// One upstream's pool series (labelled `upstream="primary|replica"`).
+pub struct PoolMetrics {
+    /// Server connections open (idle or in use).
+    pub open: IntGauge,
+    pub idle: IntGauge,
+    /// Time a session waited for a server connection (0 when one was idle).
+    pub acquire_seconds: Histogram,
+    pub acquire_timeouts: IntCounter,
+    /// Server connections opened.
+    pub connects: IntCounter,
+    /// `DISCARD ALL` run before a connection went back to the pool.
+    pub resets: IntCounter,
 }
 
 fn role_index(r: Role) -> usize {
@@ -109,6 +124,48 @@ impl Metrics {
                 .buckets(latency.clone()),
             ),
         );
+        let pool_vec = |name: &str, help: &str| {
+            registered(&registry, IntGaugeVec::new(Opts::new(name, help), &["upstream"]))
+        };
+        let pool_open = pool_vec(
+            "pgnear_pool_connections",
+            "Server connections open (idle or in use), by upstream",
+        );
+        let pool_idle = pool_vec(
+            "pgnear_pool_idle_connections",
+            "Server connections idle in the pool, by upstream",
+        );
+        let pool_acquire = histogram_vec(
+            "pgnear_pool_acquire_duration_seconds",
+            "Time sessions waited for a server connection, by upstream",
+            &["upstream"],
+        );
+        let pool_timeouts = counter_vec(
+            "pgnear_pool_acquire_timeouts_total",
+            "Sessions that got no server connection within pool.acquire_timeout (53300)",
+            &["upstream"],
+        );
+        let pool_connects = counter_vec(
+            "pgnear_pool_server_connects_total",
+            "Server connections opened, by upstream",
+            &["upstream"],
+        );
+        let pool_resets = counter_vec(
+            "pgnear_pool_resets_total",
+            "DISCARD ALL run before a server connection went back to the pool, by upstream",
+            &["upstream"],
+        );
+        let pools = [Role::Primary, Role::Replica].map(|r| {
+            let l = [r.name()];
+            PoolMetrics {
+                open: pool_open.with_label_values(&l),
+                idle: pool_idle.with_label_values(&l),
+                acquire_seconds: pool_acquire.with_label_values(&l),
+                acquire_timeouts: pool_timeouts.with_label_values(&l),
+                connects: pool_connects.with_label_values(&l),
+                resets: pool_resets.with_label_values(&l),
+            }
+        });
         let replica_lag_seconds = registered(
             &registry,
             Gauge::new(
@@ -172,8 +229,13 @@ impl Metrics {
                 ),
             ),
             errors,
+            pools,
             registry,
         }
+    }
+
+    pub fn pool(&self, role: Role) -> &PoolMetrics {
+        &self.pools[role_index(role)]
     }
 
     pub fn statement(&self, role: Role, reason: Reason) {

@@ -1,5 +1,7 @@
-//! The server side: connections to upstreams (startup, auth, TLS) and cancel forwarding.
+//! The server side: connections to upstreams (startup, auth, TLS), their pools, health probes
+//! and cancel forwarding.
 
 pub mod conn;
 pub mod control;
 pub mod health;
+pub mod pool;

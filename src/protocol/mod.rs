@@ -86,3 +86,15 @@ mod tests {
         assert_eq!(super::frames(b"X\0\0\0\x01").count(), 0);
     }
 }
+
+/// A message built from its tag and the parts of its body.
+pub fn build_frame(tag: u8, parts: &[&[u8]]) -> bytes::BytesMut {
+    let len: usize = parts.iter().map(|p| p.len()).sum();
+    let mut out = bytes::BytesMut::with_capacity(len + 5);
+    out.extend_from_slice(&[tag]);
+    out.extend_from_slice(&((len + 4) as u32).to_be_bytes());
+    for p in parts {
+        out.extend_from_slice(p);
+    }
+    out
+}

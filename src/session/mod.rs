@@ -16,6 +16,8 @@ use tokio::time::Instant;
 use self::server::{Seen, Server};
 use self::state::SessionState;
 use crate::backend::conn::{send_cancel, Role};
+use crate::backend::pool::TERMINATE;
+use crate::config::PoolMode;
 use crate::cancel::{CancelKey, CancelTarget};
 use crate::consistency::{gate, Lsn};
 use crate::error::{ErrorKind, PgError};
@@ -32,7 +34,6 @@ pub struct Session {
     client: Stream,
     cbuf: BytesMut,
     cout: BytesMut,
-    startup: Startup,
     database: String,
     primary: Option<Server>,
     replica: Option<Server>,
@@ -69,10 +70,11 @@ enum Flow {
 }
 
 impl Session {
-    /// Connects the session's first server, completes the client's startup and returns the
-    /// session. The first server is the local replica when it can serve reads (a new client in
-    /// a far region then pays no cross-region handshake), else the primary; the other one is
-    /// connected on first use.
+    /// Completes the client's startup and returns the session. The client is told the server
+    /// parameters pgnear has cached for its database, so it waits for no upstream; without
+    /// them (the first client of a database) a server connection is taken first: from the
+    /// local replica when it can serve reads (a far region then pays no cross-region
+    /// handshake), else the primary.
     pub async fn establish(
         shared: Arc<Shared>,
         mut client: Stream,
@@ -83,35 +85,62 @@ impl Session {
             .filter(|d| !d.is_empty())
             .unwrap_or(&shared.primary.url.database)
             .to_string();
+        let state = match SessionState::from_startup(&startup.params) {
+            Ok(s) => s,
+            Err(why) => {
+                let e = PgError::new(
+                    ErrorKind::Protocol,
+                    format!("invalid startup parameter \"options\": {why}"),
+                );
+                return Err((client, e));
+            }
+        };
         let replica_ready = shared.watcher.as_ref().is_some_and(|w| {
             let c = &shared.config.consistency;
             gate::decide(c.mode, None, &w.current(), c.max_replica_lag.0) == gate::Gate::Go
         });
-        let mut home = Role::Primary;
-        let mut conn = None;
-        if let (true, Some(replica)) = (replica_ready, &shared.replica) {
-            match replica.connect(&database, &startup.params).await {
-                Ok(c) => (home, conn) = (Role::Replica, Some(c)),
-                Err(e) => {
-                    tracing::warn!(error = %e, "replica unavailable at startup; using the primary")
+        let home = if replica_ready && shared.replica_pool.is_some() {
+            Role::Replica
+        } else {
+            Role::Primary
+        };
+        let mut first = None;
+        let params = match shared.pool(home).cached_params(&database) {
+            Some(p) => p,
+            None => {
+                let mut got = Err(PgError::upstream("unreachable"));
+                for role in [home, Role::Primary] {
+                    got = shared.pool(role).acquire(&database).await.map(|c| (role, c));
+                    match &got {
+                        Err(e) if role == Role::Replica => {
+                            tracing::warn!(error = %e, "replica unavailable at startup; using the primary")
+                        }
+                        _ => break,
+                    }
+                }
+                match got {
+                    Ok((role, conn)) => {
+                        let params = conn.params.clone().into();
+                        first = Some(Server::new(conn, role));
+                        params
+                    }
+                    Err(e) => return Err((client, e)),
                 }
             }
-        }
-        let conn = match conn {
-            Some(c) => c,
-            None => match shared.primary.connect(&database, &startup.params).await {
-                Ok(c) => c,
-                Err(e) => return Err((client, e)),
-            },
         };
         let cancel = shared.cancels.register();
         let mut out = BytesMut::new();
-        for (k, v) in &conn.params {
-            // pgnear as a whole accepts writes, whichever server answered the startup.
+        for (k, v) in params.iter() {
+            // pgnear as a whole accepts writes, whichever server answered the startup; the
+            // client's own settings are what its session will have.
             let v = if k == "in_hot_standby" {
                 "off"
             } else {
-                v.as_str()
+                startup
+                    .params
+                    .iter()
+                    .find(|(name, _)| name.eq_ignore_ascii_case(k))
+                    .map_or(v.as_str(), |(_, v)| v.as_str())
             };
             write::parameter_status(&mut out, k, v);
         }
@@ -131,12 +160,11 @@ impl Session {
             ));
         }
         let write_mode = shared.config.routing.write_mode;
-        Ok(Session {
+        let mut session = Session {
             shared,
             client,
             cbuf: BytesMut::new(),
             cout: BytesMut::new(),
-            startup,
             database,
             primary: None,
             replica: None,
@@ -145,7 +173,7 @@ impl Session {
             last: home,
             cancel,
             cancel_role: None,
-            state: SessionState::default(),
+            state,
             open_tx: None,
             unnamed_role: None,
             write_lsn: None,
@@ -154,11 +182,14 @@ impl Session {
             write_mode,
             deferred_begin: None,
             unsynced: None,
-        })
-        .map(|mut session| {
-            *session.slot(home) = Some(Server::new(conn, home));
-            session
-        })
+        };
+        if let Some(server) = first {
+            let role = server.role;
+            session.last = role;
+            *session.slot(role) = Some(server);
+            session.release_if_done(role);
+        }
+        Ok(session)
     }
 
     /// Relays until the client leaves or pgnear shuts down. On an error the client is told
@@ -173,23 +204,56 @@ impl Session {
             let _ = self.client.write_all(&out).await;
         }
         let _ = self.client.shutdown().await;
-        for s in [self.primary.as_ref(), self.replica.as_ref()]
-            .into_iter()
-            .flatten()
-        {
+        for role in [Role::Primary, Role::Replica] {
+            let Some(mut s) = self.slot(role).take() else {
+                continue;
+            };
+            if s.is_reusable() {
+                let reset = self.needs_reset(&s);
+                self.shared.pool(role).release(s.conn, reset);
+                continue;
+            }
             if !s.expect.is_empty() {
                 // The client left with a query running: stop the server's work now.
                 let timeout = self.shared.config.upstream.connect_timeout.0;
                 send_cancel(s.conn.addr, s.conn.pid, &s.conn.secret, timeout).await;
             }
-        }
-        for s in [self.primary.as_mut(), self.replica.as_mut()]
-            .into_iter()
-            .flatten()
-        {
             // Terminate, so the server ends the session (and rolls back) at once.
-            let _ = s.conn.stream.write_all(b"X\0\0\0\x04").await;
+            let _ = s.conn.stream.write_all(TERMINATE).await;
         }
+    }
+
+    /// Whether a server connection needs `DISCARD ALL` before another session gets it.
+    fn needs_reset(&self, s: &Server) -> bool {
+        s.dirty || self.state.pins.any()
+    }
+
+    /// In transaction mode, gives a server connection back to the pool once it has finished
+    /// the session's transaction (or autocommit statement) and owes nothing, unless the
+    /// session is pinned to it.
+    fn release_if_done(&mut self, role: Role) {
+        if self.shared.config.pool.mode != PoolMode::Transaction
+            || self.state.pins.any()
+            || self.unsynced == Some(role)
+            || self.open_tx == Some(role)
+            || !self.slot_ref(role).is_some_and(Server::is_reusable)
+        {
+            return;
+        }
+        let Some(s) = self.slot(role).take() else {
+            return;
+        };
+        if self.cancel_role == Some(role) {
+            self.cancel_role = None;
+            if let Ok(mut slot) = self.cancel.slot.lock() {
+                *slot = None;
+            }
+        }
+        if self.unnamed_role == Some(role) {
+            self.unnamed_role = None;
+        }
+        let reset = s.dirty;
+        self.shared.pool(role).release(s.conn, reset);
     }
 
     async fn relay(&mut self) -> Result<(), PgError> {
@@ -385,25 +449,25 @@ impl Session {
         };
         self.drain(other).await?;
         if self.slot(role).is_none() {
-            let upstream = match role {
-                Role::Primary => &self.shared.primary,
-                Role::Replica => self.shared.replica.as_ref().unwrap_or(&self.shared.primary),
-            };
-            let conn = upstream
-                .connect(&self.database, &self.startup.params)
-                .await?;
+            let conn = self.shared.pool(role).acquire(&self.database).await?;
             *self.slot(role) = Some(Server::new(conn, role));
         }
         self.last = role;
         let seq = self.state.seq();
-        let synced = self.slot_ref(role).map_or(seq, |s| s.synced);
-        if synced < seq {
-            let replay = self.state.replay_since(synced);
+        let server = self.slot_ref(role).expect("connected above");
+        if server.synced != seq {
+            let replay = if server.synced == state::FROM_POOL {
+                self.state.sync_from(&server.conn.carry.applied)
+            } else {
+                self.state.replay_since(server.synced)
+            };
+            let applied = self.state.applied();
             let server = self.slot(role).as_mut().expect("connected above");
             if let Some(sql) = replay {
                 server.send_internal_query(&sql, expect::Purpose::Sync);
             }
             server.synced = seq;
+            server.conn.carry.applied = applied;
         }
         if self.cancel_role != Some(role) {
             self.cancel_role = Some(role);
@@ -488,8 +552,10 @@ impl Session {
             }
             if let Some(change) = request.change.filter(|_| !request.failed) {
                 let seq = self.state.commit_change(change);
+                let applied = self.state.applied();
                 if let Some(s) = self.slot(role).as_mut() {
                     s.synced = seq;
+                    s.conn.carry.applied = applied;
                 }
             }
         }
@@ -527,6 +593,7 @@ impl Session {
             // Boxed: retrying goes through server(), which may relay (and so re-enter this function).
             Box::pin(self.retry_on_primary(frame)).await?;
         }
+        self.release_if_done(role);
         Ok(())
     }
 }

@@ -10,12 +10,12 @@ use super::expect;
 use super::server::Request;
 use super::Session;
 use crate::backend::conn::Role;
-use crate::config::{OnTimeout, WriteMode};
+use crate::config::{OnTimeout, PoolMode, WriteMode};
 use crate::consistency::gate::{self, Gate};
 use crate::consistency::Lsn;
 use crate::error::{ErrorKind, PgError};
 use crate::protocol::frontend::query_text;
-use crate::protocol::{cstr, frames, tag, write};
+use crate::protocol::{build_frame, cstr, frames, tag, write};
 use crate::router::classify::{Classified, Hint, Kind};
 use crate::router::route::{decide, Context, Reason, Request as RouteRequest, RouteSetting};
 
@@ -34,6 +34,8 @@ struct BatchPlan {
     parsed: Vec<String>,
     closed: Vec<String>,
     parsed_unnamed: bool,
+    /// May leave state on the server that pgnear does not track (see `Server::dirty`).
+    taints: bool,
     /// A statement in the batch may be a COPY.
     copy: bool,
     syncs: usize,
@@ -200,7 +202,9 @@ impl Session {
             capture_after,
             ..Request::default()
         };
+        let taints = self.taints(&c);
         let server = self.server(role).await?;
+        server.dirty |= taints;
         server.send_query(&frame, request);
         if capture {
             server.send_internal_query(WRITE_LSN_QUERY, expect::Purpose::WriteLsn);
@@ -453,19 +457,44 @@ impl Session {
             .iter()
             .filter_map(|n| self.state.statements.get(n).map(|f| (n.clone(), f.clone())))
             .collect();
+        let shared_names = self.shares_statements();
+        let limit = if shared_names {
+            STATEMENTS_PER_CONNECTION
+        } else {
+            usize::MAX
+        };
         let server = self.server(role).await?;
+        server.dirty |= plan.taints;
         for name in std::mem::take(&mut server.to_close) {
             server.send_internal_frame(tag::CLOSE, &close_frame(&name));
         }
         for (name, parse) in statements {
-            if server.prepared.insert(name) {
+            if !server.has_statement(&name) {
                 server.send_internal_frame(tag::PARSE, &parse);
+                if let Some(old) = server.add_statement(&name, limit) {
+                    server.send_internal_frame(tag::CLOSE, &close_frame(&old));
+                }
             }
         }
         if let Some(parse) = &unnamed {
             server.send_internal_frame(tag::PARSE, parse);
         }
         for (t, frame) in frames(&batch) {
+            if t == tag::PARSE {
+                let name = cstr(&frame[5..]).map_or("", |(n, _)| n);
+                if shared_names && !name.is_empty() && server.has_statement(name) {
+                    // Another session prepared it here already: the client still gets its
+                    // ParseComplete (or its error), from a scratch statement dropped at once.
+                    server.send_client_frame(t, &renamed_parse(frame, SCRATCH_STATEMENT));
+                    server.send_internal_frame(tag::CLOSE, &close_frame(SCRATCH_STATEMENT));
+                    continue;
+                }
+                if !name.is_empty() {
+                    if let Some(old) = server.add_statement(name, limit) {
+                        server.send_internal_frame(tag::CLOSE, &close_frame(&old));
+                    }
+                }
+            }
             server.send_client_frame(t, frame);
         }
         for i in 0..plan.syncs {
@@ -479,9 +508,8 @@ impl Session {
         if capture_lsn && !plan.copy {
             server.send_internal_query(WRITE_LSN_QUERY, expect::Purpose::WriteLsn);
         }
-        server.prepared.extend(plan.parsed.iter().cloned());
         for name in &plan.closed {
-            server.prepared.remove(name);
+            server.remove_statement(name);
         }
         let other = match role {
             Role::Primary => self.replica.as_mut(),
@@ -489,7 +517,7 @@ impl Session {
         };
         if let Some(other) = other {
             for name in &plan.closed {
-                if other.prepared.remove(name) {
+                if other.remove_statement(name) {
                     other.to_close.push(name.clone());
                 }
             }
@@ -514,6 +542,9 @@ impl Session {
         };
         let mut parsed_unnamed = false;
         let mut bound_portals: Vec<&str> = Vec::new();
+        if self.shares_statements() {
+            self.rename_statements()?;
+        }
         let batch = std::mem::take(&mut self.batch);
         let bad = |what: &str| PgError::protocol(format!("invalid {what} message"));
         for (t, frame) in frames(&batch) {
@@ -532,6 +563,9 @@ impl Session {
                     } else {
                         self.state.statements.insert(name.to_string(), frame);
                         plan.parsed.push(name.to_string());
+                        // A session's own statement names leave state behind; transaction
+                        // mode's shared ones are meant to stay.
+                        plan.taints |= !self.shares_statements();
                     }
                 }
                 tag::BIND => {
@@ -544,7 +578,7 @@ impl Session {
                     let kind = *body.first().ok_or_else(|| bad("Describe/Close"))?;
                     let (name, _) = cstr(&body[1..]).ok_or_else(|| bad("Describe/Close"))?;
                     match (t, kind) {
-                        (tag::CLOSE, b'S') if !name.is_empty() => {
+                        (tag::CLOSE, b'S') if !name.is_empty() && name != NO_STATEMENT => {
                             plan.closed.push(name.to_string())
                         }
                         (tag::DESCRIBE, b'S') => self.note_use(name, parsed_unnamed, &mut plan),
@@ -644,6 +678,107 @@ impl Session {
             self.state.pins.extended_state = true;
             plan.read = false;
         }
+        plan.taints |= self.taints(c);
+    }
+
+    /// Whether running `c` may leave state on its server that pgnear does not track and a
+    /// later session must not see. Settings are tracked (re-applied per session). In session
+    /// mode a write may have changed anything (`set_config`, a cursor WITH HOLD...); in
+    /// transaction mode, as in other poolers, that is the application's contract.
+    fn taints(&self, c: &Classified) -> bool {
+        let session_mode = self.shared.config.pool.mode == PoolMode::Session;
+        c.statements.iter().any(|s| match s.kind {
+            Kind::Write => session_mode,
+            Kind::Listen
+            | Kind::CreateTemp
+            | Kind::AdvisoryLock
+            | Kind::Prepare { .. }
+            | Kind::Discard { .. } => true,
+            _ => false,
+        })
+    }
+
+    /// Transaction mode shares prepared statements between sessions, under names derived from
+    /// their text (`pgnear_<hash>`).
+    fn shares_statements(&self) -> bool {
+        self.shared.config.pool.mode == PoolMode::Transaction
+    }
+
+    /// Rewrites the batch's statement names (Parse, Bind, Describe, Close) to the shared
+    /// server-side names. A Close only forgets the client's name: it is sent for a name that
+    /// never exists, which the server answers with CloseComplete.
+    fn rename_statements(&mut self) -> Result<(), PgError> {
+        let batch = std::mem::take(&mut self.batch);
+        let mut out = BytesMut::with_capacity(batch.len() + 64);
+        let bad = |what: &str| PgError::protocol(format!("invalid {what} message"));
+        for (t, frame) in frames(&batch) {
+            let body = &frame[5..];
+            match t {
+                tag::PARSE => {
+                    let (name, used) = cstr(body).ok_or_else(|| bad("Parse"))?;
+                    if name.is_empty() {
+                        out.extend_from_slice(frame);
+                        continue;
+                    }
+                    let shared = self.shared_name(&body[used..]);
+                    self.state.names.insert(name.to_string(), shared.clone());
+                    out.extend_from_slice(&renamed_parse(frame, &shared));
+                }
+                tag::BIND => {
+                    let (portal, used) = cstr(body).ok_or_else(|| bad("Bind"))?;
+                    let (stmt, used2) = cstr(&body[used..]).ok_or_else(|| bad("Bind"))?;
+                    match self.state.names.get(stmt) {
+                        Some(shared) => out.extend_from_slice(&build_frame(
+                            tag::BIND,
+                            &[
+                                portal.as_bytes(),
+                                b"\0",
+                                shared.as_bytes(),
+                                b"\0",
+                                &body[used + used2..],
+                            ],
+                        )),
+                        None => out.extend_from_slice(frame),
+                    }
+                }
+                tag::DESCRIBE | tag::CLOSE if body.first() == Some(&b'S') => {
+                    let (name, _) = cstr(&body[1..]).ok_or_else(|| bad("Describe/Close"))?;
+                    let target = if t == tag::CLOSE {
+                        self.state.names.remove(name).map(|_| NO_STATEMENT.to_string())
+                    } else {
+                        self.state.names.get(name).cloned()
+                    };
+                    match target {
+                        Some(target) => out.extend_from_slice(&build_frame(
+                            t,
+                            &[b"S", target.as_bytes(), b"\0"],
+                        )),
+                        None => out.extend_from_slice(frame),
+                    }
+                }
+                _ => out.extend_from_slice(frame),
+            }
+        }
+        self.batch = out;
+        Ok(())
+    }
+
+    /// `pgnear_` and a hash of the statement's text and parameter types (and the search_path
+    /// it is planned under, which decides what its names mean).
+    fn shared_name(&self, text_and_types: &[u8]) -> String {
+        use sha2::Digest;
+        let mut h = sha2::Sha256::new();
+        h.update(text_and_types);
+        if let Some(sql) = self.state.setting_sql("search_path") {
+            h.update(sql.as_bytes());
+        }
+        let digest = h.finalize();
+        let mut name = String::with_capacity(39);
+        name.push_str("pgnear_");
+        for b in &digest[..16] {
+            name.push_str(&format!("{b:02x}"));
+        }
+        name
     }
 
     /// Answers SHOW/SET/RESET pgnear.* itself, after everything sent before it was answered.
@@ -779,13 +914,23 @@ fn not_consistent(target: Lsn, reached: Option<Lsn>, timeout: std::time::Duratio
     e
 }
 
-fn close_frame(name: &str) -> Vec<u8> {
-    let mut f = vec![tag::CLOSE];
-    f.extend_from_slice(&((4 + 1 + name.len() + 1) as u32).to_be_bytes());
-    f.push(b'S');
-    f.extend_from_slice(name.as_bytes());
-    f.push(0);
-    f
+/// Server-side prepared statements kept per connection in transaction mode; past this the
+/// least recently used is closed.
+const STATEMENTS_PER_CONNECTION: usize = 1000;
+/// A statement name that never exists on a server.
+const NO_STATEMENT: &str = "pgnear_none";
+/// A statement parsed only to answer a client's Parse, closed at once.
+const SCRATCH_STATEMENT: &str = "pgnear_scratch";
+
+/// A Parse frame with its statement name replaced.
+fn renamed_parse(frame: &[u8], name: &str) -> BytesMut {
+    let body = &frame[5..];
+    let rest = cstr(body).map_or(body, |(_, used)| &body[used..]);
+    build_frame(tag::PARSE, &[name.as_bytes(), b"\0", rest])
+}
+
+fn close_frame(name: &str) -> BytesMut {
+    build_frame(tag::CLOSE, &[b"S", name.as_bytes(), b"\0"])
 }
 
 fn unknown_setting(name: &str) -> PgError {

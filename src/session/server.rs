@@ -2,14 +2,15 @@
 //! status, and the scan that turns its bytes into frames forwarded to the client (raw) or
 //! consumed by pgnear.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::VecDeque;
 
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::expect::{Expectations, Owner, Pending, Purpose};
 use super::state::PendingState;
-use crate::backend::conn::{Role, ServerConn};
+use crate::backend::conn::Role;
+use crate::backend::pool::Pooled;
 use crate::error::PgError;
 use crate::protocol::backend::{self as be, header};
 
@@ -37,7 +38,9 @@ pub struct Request {
 }
 
 pub struct Server {
-    pub conn: ServerConn,
+    /// The connection, with what it carries between sessions (applied settings, prepared
+    /// statements).
+    pub conn: Pooled,
     pub role: Role,
     rbuf: BytesMut,
     pub out: BytesMut,
@@ -48,12 +51,14 @@ pub struct Server {
     skip: usize,
     /// Client requests in flight, oldest first.
     pub requests: VecDeque<Request>,
-    /// Named prepared statements this server has.
-    pub prepared: HashSet<String>,
     /// Statements the client closed elsewhere, to close here before the next use.
     pub to_close: Vec<String>,
-    /// Sequence number of the session state this server has applied.
+    /// Sequence number of the session state this server has applied (`state::FROM_POOL`: see
+    /// `conn.carry.applied`).
     pub synced: u64,
+    /// It ran something that may leave state behind that pgnear does not track (a write, a
+    /// pin, a named statement): `DISCARD ALL` before another session gets it.
+    pub dirty: bool,
     /// A tentative answer's first frames.
     held: BytesMut,
     /// The replica refused the tentative request; its remaining answer is dropped.
@@ -72,7 +77,7 @@ pub struct Seen {
 }
 
 impl Server {
-    pub fn new(conn: ServerConn, role: Role) -> Server {
+    pub fn new(conn: Pooled, role: Role) -> Server {
         Server {
             conn,
             role,
@@ -82,9 +87,9 @@ impl Server {
             tx: b'I',
             skip: 0,
             requests: VecDeque::new(),
-            prepared: HashSet::new(),
             to_close: Vec::new(),
-            synced: 0,
+            synced: super::state::FROM_POOL,
+            dirty: false,
             held: BytesMut::new(),
             retrying: false,
         }
@@ -101,6 +106,51 @@ impl Server {
     /// Idle: nothing owed and no transaction open.
     pub fn is_idle(&self) -> bool {
         self.expect.is_empty() && self.tx == b'I'
+    }
+
+    /// Idle with nothing buffered either way: it can serve another session.
+    pub fn is_reusable(&self) -> bool {
+        self.is_idle() && self.requests.is_empty() && self.out.is_empty() && self.rbuf.is_empty()
+    }
+
+    /// Whether the server has the named statement (marking it used).
+    pub fn has_statement(&mut self, name: &str) -> bool {
+        let tick = self.next_tick();
+        match self.conn.carry.prepared.get_mut(name) {
+            Some(t) => {
+                *t = tick;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Records a statement parsed on the server. Past `limit` statements, the least recently
+    /// used one is closed on the server and returned.
+    pub fn add_statement(&mut self, name: &str, limit: usize) -> Option<String> {
+        let tick = self.next_tick();
+        self.conn.carry.prepared.insert(name.to_string(), tick);
+        if self.conn.carry.prepared.len() <= limit {
+            return None;
+        }
+        let oldest = self
+            .conn
+            .carry
+            .prepared
+            .iter()
+            .min_by_key(|(_, t)| **t)
+            .map(|(n, _)| n.clone())?;
+        self.conn.carry.prepared.remove(&oldest);
+        Some(oldest)
+    }
+
+    pub fn remove_statement(&mut self, name: &str) -> bool {
+        self.conn.carry.prepared.remove(name).is_some()
+    }
+
+    fn next_tick(&mut self) -> u64 {
+        self.conn.carry.tick += 1;
+        self.conn.carry.tick
     }
 
     /// Queues a whole client frame and what it will be answered with.

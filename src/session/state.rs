@@ -46,6 +46,8 @@ pub struct SessionState {
     pub statements: HashMap<String, Bytes>,
     /// The last unnamed Parse, which travels with a Bind that reaches another server.
     pub unnamed: Option<Bytes>,
+    /// Transaction mode: the client's statement names -> the shared server-side names.
+    pub names: HashMap<String, String>,
 }
 
 impl Default for SessionState {
@@ -58,6 +60,7 @@ impl Default for SessionState {
             seq: 0,
             statements: HashMap::new(),
             unnamed: None,
+            names: HashMap::new(),
         }
     }
 }
@@ -70,7 +73,81 @@ pub struct PendingState {
     effects: Vec<Kind>,
 }
 
+/// A server's `synced` value when what it has applied is known only from its `Carry`
+/// (a connection fresh from the pool).
+pub const FROM_POOL: u64 = u64::MAX;
+
+/// Startup parameters that are not settings to apply with SET.
+const NOT_SETTINGS: [&str; 4] = ["user", "database", "replication", "options"];
+
 impl SessionState {
+    /// The session's initial state: the client's startup parameters (and `-c name=value` /
+    /// `--name=value` items of `options`), applied with SET on every server connection it
+    /// uses, since pooled connections are opened without them.
+    pub fn from_startup(params: &[(String, String)]) -> Result<SessionState, String> {
+        let mut state = SessionState::default();
+        let mut settings: Vec<(String, String)> = Vec::new();
+        for (k, v) in params {
+            if k == "options" {
+                settings.extend(parse_options(v)?);
+            } else if !NOT_SETTINGS.contains(&k.as_str()) && !k.starts_with("_pq_.") {
+                settings.push((k.clone(), v.clone()));
+            }
+        }
+        for (name, value) in settings {
+            let name = name.to_ascii_lowercase();
+            let sql = format!("SET {} TO {}", quote_name(&name), quote_literal(&value));
+            if name == "default_transaction_read_only" {
+                state.read_only_default = is_true(&value);
+            }
+            state.log.retain(|e| e.name.as_deref() != Some(name.as_str()));
+            state.seq += 1;
+            state.log.push(Entry {
+                seq: state.seq,
+                name: Some(name),
+                sql,
+            });
+        }
+        Ok(state)
+    }
+
+    /// The SQL that set `name`, if the session set it (or a reset or multi-setting statement
+    /// that may have).
+    pub fn setting_sql(&self, name: &str) -> Option<&str> {
+        self.log
+            .iter()
+            .rev()
+            .find(|e| e.name.as_deref().is_none_or(|n| n == name))
+            .map(|e| e.sql.as_str())
+    }
+
+    /// The settings as a server that is in sync has them (kept with the connection).
+    pub fn applied(&self) -> Vec<(Option<String>, String)> {
+        self.log
+            .iter()
+            .map(|e| (e.name.clone(), e.sql.clone()))
+            .collect()
+    }
+
+    /// What brings a connection that has `applied` (from another session, or from this one
+    /// earlier) to this session's settings: nothing when they match, the missing tail when
+    /// it has a prefix of them, else a reset and all of them.
+    pub fn sync_from(&self, applied: &[(Option<String>, String)]) -> Option<String> {
+        let common = applied
+            .iter()
+            .zip(&self.log)
+            .take_while(|((n, sql), e)| *n == e.name && *sql == e.sql)
+            .count();
+        let mut parts: Vec<&str> = Vec::new();
+        if common < applied.len() {
+            parts.push("SET SESSION AUTHORIZATION DEFAULT; RESET ALL");
+            parts.extend(self.log.iter().map(|e| e.sql.as_str()));
+        } else {
+            parts.extend(self.log[common..].iter().map(|e| e.sql.as_str()));
+        }
+        (!parts.is_empty()).then(|| parts.join("; "))
+    }
+
     /// The sequence number a freshly synced server is at.
     pub fn seq(&self) -> u64 {
         self.seq
@@ -154,6 +231,7 @@ impl SessionState {
                     if *all {
                         self.pins = Pins::default();
                         self.statements.clear();
+                        self.names.clear();
                         self.unnamed = None;
                         self.read_only_default = false;
                         self.setting = RouteSetting::Auto;
@@ -201,6 +279,54 @@ impl SessionState {
     }
 }
 
+/// Splits a startup `options` value (`-c a=b -c c=d`, `--a=b`, backslash escapes a space).
+fn parse_options(options: &str) -> Result<Vec<(String, String)>, String> {
+    let mut words = Vec::new();
+    let mut word = String::new();
+    let mut chars = options.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => word.extend(chars.next()),
+            c if c.is_whitespace() => {
+                if !word.is_empty() {
+                    words.push(std::mem::take(&mut word));
+                }
+            }
+            c => word.push(c),
+        }
+    }
+    if !word.is_empty() {
+        words.push(word);
+    }
+    let mut out = Vec::new();
+    let mut words = words.into_iter();
+    while let Some(w) = words.next() {
+        let item = if w == "-c" {
+            words.next().ok_or("\"-c\" without a setting")?
+        } else if let Some(rest) = w.strip_prefix("-c").or_else(|| w.strip_prefix("--")) {
+            rest.to_string()
+        } else {
+            return Err(format!("unsupported item {w:?} (pgnear accepts -c name=value and --name=value)"));
+        };
+        let (name, value) = item
+            .split_once('=')
+            .ok_or_else(|| format!("{item:?} is not name=value"))?;
+        out.push((name.replace('-', "_"), value.to_string()));
+    }
+    Ok(out)
+}
+
+fn quote_name(name: &str) -> String {
+    name.split('.')
+        .map(|part| format!("\"{}\"", part.replace('"', "\"\"")))
+        .collect::<Vec<_>>()
+        .join(".")
+}
+
+fn quote_literal(value: &str) -> String {
+    format!("E'{}'", value.replace('\\', "\\\\").replace('\'', "''"))
+}
+
 fn is_true(v: &str) -> bool {
     let v = v.trim().trim_matches('\'').to_ascii_lowercase();
     matches!(v.as_str(), "on" | "true" | "yes" | "1" | "t" | "y")
@@ -242,6 +368,38 @@ mod tests {
         assert_eq!(s.replay_since(s.seq()), None);
         run(&mut s, "SELECT 1");
         assert_eq!(s.replay_since(s.seq()), None);
+    }
+
+    #[test]
+    fn startup_parameters_become_settings() {
+        let params: Vec<(String, String)> = [
+            ("user", "app"),
+            ("database", "db"),
+            ("application_name", "it's"),
+            ("DateStyle", "ISO"),
+            ("options", "-c search_path=a\\ b --statement-timeout=5s"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let s = SessionState::from_startup(&params).unwrap();
+        assert_eq!(
+            s.sync_from(&[]).unwrap(),
+            "SET \"application_name\" TO E'it''s'; SET \"datestyle\" TO E'ISO'; \
+             SET \"search_path\" TO E'a b'; SET \"statement_timeout\" TO E'5s'"
+        );
+        assert_eq!(s.sync_from(&s.applied()), None);
+        let mut more = SessionState::from_startup(&params).unwrap();
+        run(&mut more, "SET work_mem = '8MB'");
+        assert_eq!(
+            more.sync_from(&s.applied()).unwrap(),
+            "SET work_mem = '8MB'"
+        );
+        assert!(s
+            .sync_from(&more.applied())
+            .unwrap()
+            .starts_with("SET SESSION AUTHORIZATION DEFAULT; RESET ALL; SET \"application_name\""));
+        assert!(SessionState::from_startup(&[("options".into(), "-x".into())]).is_err());
     }
 
     #[test]
