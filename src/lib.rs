@@ -163,9 +163,7 @@ impl Proxy {
             )
         };
         let primary_pool = pool(&primary, config.pool.primary_size);
-        let replica_pool = replica
-            .as_ref()
-            .map(|r| pool(r, config.pool.replica_size));
+        let replica_pool = replica.as_ref().map(|r| pool(r, config.pool.replica_size));
         let shared = Arc::new(Shared {
             primary,
             replica,

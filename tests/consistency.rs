@@ -4,20 +4,12 @@
 
 mod common;
 
-use std::sync::Mutex;
 use std::time::Duration;
 
 use common::*;
 use pgnear::config::{ConsistencyMode, HumanDuration, OnTimeout, PoolMode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_postgres::Client;
-
-/// Tests that pause replay or add latency must not overlap.
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 async fn replica_admin() -> Client {
     let c = cluster();

@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 use common::*;
 
 /// The tests stop servers of the shared cluster: one at a time.
-static SERIAL: Mutex<()> = Mutex::new(());
 
 #[derive(Default)]
 struct Seen {
@@ -21,7 +20,7 @@ struct Seen {
 
 #[test]
 fn reads_survive_the_replica_dying_and_come_back_to_it() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = serial();
     run(async {
         let p = proxy(REPLICA, |_| {}).await;
         let u = url(&p);
@@ -101,7 +100,7 @@ fn reads_survive_the_replica_dying_and_come_back_to_it() {
 
 #[test]
 fn with_the_primary_down_new_clients_read_and_writes_fail_fast() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = serial();
     run(async {
         let direct = on_primary("CREATE TABLE IF NOT EXISTS primary_down (a int)").await;
         drop(direct);

@@ -125,7 +125,10 @@ impl Metrics {
             ),
         );
         let pool_vec = |name: &str, help: &str| {
-            registered(&registry, IntGaugeVec::new(Opts::new(name, help), &["upstream"]))
+            registered(
+                &registry,
+                IntGaugeVec::new(Opts::new(name, help), &["upstream"]),
+            )
         };
         let pool_open = pool_vec(
             "pgnear_pool_connections",

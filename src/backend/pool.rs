@@ -249,7 +249,10 @@ impl Pool {
                     pool.put(p);
                 }
                 _ => {
-                    tracing::debug!(upstream = pool.upstream.role.name(), "reset failed; connection closed");
+                    tracing::debug!(
+                        upstream = pool.upstream.role.name(),
+                        "reset failed; connection closed"
+                    );
                     drop(p);
                     pool.returned.notify_one();
                     pool.gauges();
@@ -304,7 +307,8 @@ impl Pool {
                     // Newest last: keep the newest `keep` even when idle for long.
                     for i in (0..list.len()).rev() {
                         let idle = &list[i];
-                        let timed_out = kept >= keep && idle.since.elapsed() >= self.config.idle_timeout.0;
+                        let timed_out =
+                            kept >= keep && idle.since.elapsed() >= self.config.idle_timeout.0;
                         if timed_out || !self.usable(&idle.pooled) {
                             list.remove(i);
                         } else {
@@ -354,7 +358,9 @@ async fn discard_all(stream: &mut Stream) -> std::io::Result<()> {
             be::ERROR_RESPONSE => failed = true,
             be::READY_FOR_QUERY if !failed && body.first() == Some(&b'I') => return Ok(()),
             be::READY_FOR_QUERY => {
-                return Err(std::io::Error::other("DISCARD ALL did not leave the connection idle"))
+                return Err(std::io::Error::other(
+                    "DISCARD ALL did not leave the connection idle",
+                ))
             }
             _ => {}
         }

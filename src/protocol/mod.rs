@@ -76,17 +76,6 @@ pub fn frames(buf: &[u8]) -> impl Iterator<Item = (u8, &[u8])> {
     })
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn frames_iterates_and_stops_at_garbage() {
-        let buf = b"P\0\0\0\x05xS\0\0\0\x04Q\0\0";
-        let got: Vec<(u8, usize)> = super::frames(buf).map(|(t, f)| (t, f.len())).collect();
-        assert_eq!(got, vec![(b'P', 6), (b'S', 5)]);
-        assert_eq!(super::frames(b"X\0\0\0\x01").count(), 0);
-    }
-}
-
 /// A message built from its tag and the parts of its body.
 pub fn build_frame(tag: u8, parts: &[&[u8]]) -> bytes::BytesMut {
     let len: usize = parts.iter().map(|p| p.len()).sum();
@@ -97,4 +86,15 @@ pub fn build_frame(tag: u8, parts: &[&[u8]]) -> bytes::BytesMut {
         out.extend_from_slice(p);
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn frames_iterates_and_stops_at_garbage() {
+        let buf = b"P\0\0\0\x05xS\0\0\0\x04Q\0\0";
+        let got: Vec<(u8, usize)> = super::frames(buf).map(|(t, f)| (t, f.len())).collect();
+        assert_eq!(got, vec![(b'P', 6), (b'S', 5)]);
+        assert_eq!(super::frames(b"X\0\0\0\x01").count(), 0);
+    }
 }

@@ -17,8 +17,8 @@ use self::server::{Seen, Server};
 use self::state::SessionState;
 use crate::backend::conn::{send_cancel, Role};
 use crate::backend::pool::TERMINATE;
-use crate::config::PoolMode;
 use crate::cancel::{CancelKey, CancelTarget};
+use crate::config::PoolMode;
 use crate::consistency::{gate, Lsn};
 use crate::error::{ErrorKind, PgError};
 use crate::protocol::frontend::{next_frame, Startup};
@@ -110,7 +110,11 @@ impl Session {
             None => {
                 let mut got = Err(PgError::upstream("unreachable"));
                 for role in [home, Role::Primary] {
-                    got = shared.pool(role).acquire(&database).await.map(|c| (role, c));
+                    got = shared
+                        .pool(role)
+                        .acquire(&database)
+                        .await
+                        .map(|c| (role, c));
                     match &got {
                         Err(e) if role == Role::Replica => {
                             tracing::warn!(error = %e, "replica unavailable at startup; using the primary")
@@ -358,15 +362,19 @@ impl Session {
     }
 
     /// A primary that could not be connected on first use fails the request, not the session:
-    /// its reads can go on (the session has no state on a primary it never reached).
+    /// its reads can go on (the session has no state on a primary it never reached). So does a
+    /// pool that had no connection free within `acquire_timeout` (nothing was sent).
     async fn unless_primary_unreachable(
         &mut self,
         sent: Result<(), PgError>,
         syncs: usize,
     ) -> Result<(), PgError> {
         match sent {
-            Err(e) if e.kind == ErrorKind::Upstream && self.primary.is_none() => {
-                tracing::warn!(error = %e, "primary unreachable; request failed");
+            Err(e)
+                if (e.kind == ErrorKind::Upstream && self.primary.is_none())
+                    || e.kind == ErrorKind::Capacity =>
+            {
+                tracing::warn!(error = %e, "no server for the request; it failed");
                 self.shared.metrics.error(e.kind);
                 self.batch.clear();
                 self.batch_tags.clear();

@@ -744,15 +744,16 @@ impl Session {
                 tag::DESCRIBE | tag::CLOSE if body.first() == Some(&b'S') => {
                     let (name, _) = cstr(&body[1..]).ok_or_else(|| bad("Describe/Close"))?;
                     let target = if t == tag::CLOSE {
-                        self.state.names.remove(name).map(|_| NO_STATEMENT.to_string())
+                        self.state
+                            .names
+                            .remove(name)
+                            .map(|_| NO_STATEMENT.to_string())
                     } else {
                         self.state.names.get(name).cloned()
                     };
                     match target {
-                        Some(target) => out.extend_from_slice(&build_frame(
-                            t,
-                            &[b"S", target.as_bytes(), b"\0"],
-                        )),
+                        Some(target) => out
+                            .extend_from_slice(&build_frame(t, &[b"S", target.as_bytes(), b"\0"])),
                         None => out.extend_from_slice(frame),
                     }
                 }

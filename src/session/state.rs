@@ -100,7 +100,9 @@ impl SessionState {
             if name == "default_transaction_read_only" {
                 state.read_only_default = is_true(&value);
             }
-            state.log.retain(|e| e.name.as_deref() != Some(name.as_str()));
+            state
+                .log
+                .retain(|e| e.name.as_deref() != Some(name.as_str()));
             state.seq += 1;
             state.log.push(Entry {
                 seq: state.seq,
@@ -306,7 +308,9 @@ fn parse_options(options: &str) -> Result<Vec<(String, String)>, String> {
         } else if let Some(rest) = w.strip_prefix("-c").or_else(|| w.strip_prefix("--")) {
             rest.to_string()
         } else {
-            return Err(format!("unsupported item {w:?} (pgnear accepts -c name=value and --name=value)"));
+            return Err(format!(
+                "unsupported item {w:?} (pgnear accepts -c name=value and --name=value)"
+            ));
         };
         let (name, value) = item
             .split_once('=')

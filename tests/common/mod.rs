@@ -27,6 +27,13 @@ pub fn rt() -> &'static Runtime {
     })
 }
 
+/// Serializes the tests of a binary that change the shared cluster (pause replay, stop
+/// servers) or count its connections.
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Runs a test body on the shared runtime, bounded so that a hang fails instead of blocking CI.
 pub fn run<F: Future<Output = ()>>(f: F) {
     cluster();
