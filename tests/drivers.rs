@@ -10,6 +10,8 @@
 //! missing install step.
 
 mod common;
+#[path = "drivers/regressions.rs"]
+mod regressions;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -28,6 +30,8 @@ struct Lab {
     /// The same database straight on the primary (no pgnear, no TLS).
     direct_url: String,
     ca_path: PathBuf,
+    /// pgnear's client listener.
+    addr: std::net::SocketAddr,
     _dir: tempfile::TempDir,
     _proxy: pgnear::Proxy,
 }
@@ -74,6 +78,7 @@ fn lab() -> &'static Lab {
             pgnear_url,
             direct_url: cluster().primary_url_from(PRIMARY),
             ca_path,
+            addr: proxy.addr(),
             _dir: dir,
             _proxy: proxy,
         }
