@@ -157,6 +157,14 @@ impl Session {
         let starts_read_only_tx = c.statements.first().is_some_and(|s| {
             matches!(s.kind, Kind::Begin { read_only } if read_only || self.state.read_only_default)
         });
+        // A Flush-ended exchange that only prepared (asyncpg's way, e.g. before its COPY) does
+        // not hold the Query: see `dispatch_batch`.
+        let prepared_on = self
+            .unsynced
+            .filter(|_| !self.unsynced_executed && self.open_tx.is_none());
+        if prepared_on.is_some() {
+            self.unsynced = None;
+        }
         let (role, reason) = if let Some(role) = self.unsynced.take() {
             // A Query ends an exchange a Flush left open; it runs where that exchange is.
             (role, Reason::Transaction)
@@ -172,6 +180,9 @@ impl Session {
             decide(request, self.context())
         };
         let (role, reason) = self.settle(role, reason).await?;
+        if let Some(prepared_on) = prepared_on.filter(|&r| r != role) {
+            self.sync_prepared_only(prepared_on);
+        }
         if let Some(e) = self.refused.take() {
             return self.refuse_request(e, 1).await;
         }
@@ -400,7 +411,15 @@ impl Session {
             self.start_deferred(false).await?;
         }
         let plan = self.plan_batch()?;
-        let (role, reason) = if let Some(role) = self.unsynced {
+        // An exchange a Flush left open after only Parse/Describe (asyncpg prepares every
+        // statement that way) holds nothing the next statement depends on: when that statement
+        // runs, it is routed on its own, and the server that prepared is sent a Sync.
+        let movable = self.unsynced.is_some()
+            && !self.unsynced_executed
+            && plan.executes
+            && !plan.sticky
+            && self.open_tx.is_none();
+        let (role, reason) = if let Some(role) = self.unsynced.filter(|_| !movable) {
             // The rest of an exchange that a Flush left open (an implicit transaction, a
             // skip-to-Sync after an error) belongs to the server that has it.
             (role, Reason::Transaction)
@@ -434,7 +453,15 @@ impl Session {
             Some(TxEffect::End) => self.open_tx = None,
             None => {}
         }
+        let mut executed_before = self.unsynced.is_some() && self.unsynced_executed;
+        if let Some(prepared_on) = self.unsynced.filter(|_| movable) {
+            executed_before = false;
+            if prepared_on != role {
+                self.sync_prepared_only(prepared_on);
+            }
+        }
         self.unsynced = (plan.syncs == 0).then_some(role);
+        self.unsynced_executed = plan.syncs == 0 && (plan.executes || executed_before);
         let capture_lsn = role == Role::Primary
             && plan.executes
             && self.open_tx.is_none()
@@ -504,6 +531,14 @@ impl Session {
         self.batch.clear();
         self.batch_tags.clear();
         Ok(())
+    }
+
+    /// Ends an exchange that only prepared and described on `role` (it was left open by a
+    /// Flush, and what follows runs elsewhere): pgnear's own Sync, its answer swallowed.
+    fn sync_prepared_only(&mut self, role: Role) {
+        if let Some(s) = self.slot(role).as_mut() {
+            s.send_internal_frame(tag::SYNC, &[tag::SYNC, 0, 0, 0, 4]);
+        }
     }
 
     /// Reads the batch: which statements it parses, binds, runs and closes.
