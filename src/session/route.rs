@@ -8,6 +8,7 @@ use bytes::{Bytes, BytesMut};
 
 use super::expect;
 use super::server::Request;
+use super::state::PendingState;
 use super::Session;
 use crate::backend::conn::Role;
 use crate::config::{OnTimeout, WriteMode};
@@ -40,6 +41,15 @@ struct BatchPlan {
     /// Runs something (Execute, FunctionCall); a batch that only prepares and describes does not.
     executes: bool,
     tx: Option<TxEffect>,
+    /// Every statement it parses or uses is a session SET/RESET (pgjdbc's start-up
+    /// `SET extra_float_digits = 3`): it runs where the session is, like a simple-query SET.
+    /// (`None`: no statement.)
+    state_only: Option<bool>,
+    /// Portals bound in the batch that change session state (SET, LISTEN, …), not yet executed.
+    bound_changes: Vec<(String, PendingState)>,
+    /// Session-state changes the batch executes: pins apply when it is sent, SET/RESET are
+    /// recorded for replay on the other server once it succeeds, as for a simple query.
+    changes: Vec<PendingState>,
 }
 
 #[derive(Clone, Copy)]
@@ -425,6 +435,9 @@ impl Session {
             (role, Reason::Transaction)
         } else if plan.sticky {
             (self.last, Reason::Transaction)
+        } else if plan.state_only == Some(true) && self.open_tx.is_none() {
+            // SET and RESET run where the session is; other servers get them replayed later.
+            (self.last, Reason::Read)
         } else {
             let request = RouteRequest {
                 read: plan.read,
@@ -448,6 +461,9 @@ impl Session {
         if plan.executes {
             self.shared.metrics.statement(role, reason);
         }
+        for change in &plan.changes {
+            self.state.apply_pins(change);
+        }
         match plan.tx {
             Some(TxEffect::Begin) => self.open_tx = Some(role),
             Some(TxEffect::End) => self.open_tx = None,
@@ -466,6 +482,7 @@ impl Session {
             && plan.executes
             && self.open_tx.is_none()
             && !plan.read
+            && plan.state_only != Some(true)
             && plan.syncs > 0
             && !self.state.pins.extended_state
             && self.captures_lsn();
@@ -495,9 +512,14 @@ impl Session {
         for (t, frame) in frames(&batch) {
             server.send_client_frame(t, frame);
         }
+        let mut change = plan.changes.into_iter().reduce(|mut all, c| {
+            all.extend(c);
+            all
+        });
         for i in 0..plan.syncs {
             let last = i + 1 == plan.syncs;
             server.requests.push_back(Request {
+                change: if last { change.take() } else { None },
                 capture_after: last && capture_lsn && plan.copy,
                 started: Some(std::time::Instant::now()),
                 ..Request::default()
@@ -574,6 +596,18 @@ impl Session {
                     let (stmt, _) = cstr(&body[used..]).ok_or_else(|| bad("Bind"))?;
                     bound_portals.push(portal);
                     self.note_use(stmt, parsed_unnamed, &mut plan);
+                    let sql = match stmt {
+                        "" => self.state.unnamed.as_ref(),
+                        name => self.state.statements.get(name),
+                    }
+                    .and_then(|parse| parse_text(parse));
+                    plan.bound_changes.retain(|(p, _)| p != portal);
+                    if let Some(sql) = sql {
+                        let c = self.classify(sql);
+                        if let Some(change) = self.state.prepare_change(sql, &c) {
+                            plan.bound_changes.push((portal.to_string(), change));
+                        }
+                    }
                 }
                 tag::DESCRIBE | tag::CLOSE => {
                     let kind = *body.first().ok_or_else(|| bad("Describe/Close"))?;
@@ -595,6 +629,9 @@ impl Session {
                     if !bound_portals.contains(&portal) {
                         plan.sticky = true;
                     }
+                    if let Some(i) = plan.bound_changes.iter().position(|(p, _)| p == portal) {
+                        plan.changes.push(plan.bound_changes.remove(i).1);
+                    }
                 }
                 tag::FUNCTION_CALL => {
                     plan.executes = true;
@@ -606,6 +643,11 @@ impl Session {
         }
         self.batch = batch;
         plan.parsed_unnamed = parsed_unnamed;
+        if !plan.changes.is_empty() && plan.syncs == 0 {
+            // A Flush-driven exchange may still fail and roll its SET back: recording it at
+            // the Sync is not tracked, so the session stays on this server instead.
+            self.state.pins.extended_state = true;
+        }
         if !plan.executes && !self.state.pins.extended_state {
             // Preparing and describing any statement works on a standby and writes nothing: the
             // replica saves a round trip to a far primary, which re-prepares it when it runs.
@@ -631,7 +673,10 @@ impl Session {
             match self.statement_class(Some(stmt)) {
                 Some(c) => self.note_statement(&c, plan),
                 // Unknown to pgnear: let the server report it, on the primary.
-                None => plan.read = false,
+                None => {
+                    plan.read = false;
+                    plan.state_only = Some(false);
+                }
             }
         }
     }
@@ -641,14 +686,12 @@ impl Session {
             Some(n) => self.state.statements.get(n)?,
             None => self.state.unnamed.as_ref()?,
         };
-        let body = &frame[5..];
-        let (_, used) = cstr(body)?;
-        let (sql, _) = cstr(&body[used..])?;
-        Some(self.classify(sql))
+        Some(self.classify(parse_text(frame)?))
     }
 
     fn note_statement(&mut self, c: &Classified, plan: &mut BatchPlan) {
         plan.read &= c.is_read();
+        plan.state_only = Some(plan.state_only.unwrap_or(true) && is_state_only(c));
         plan.hint = plan.hint.or(c.hint);
         if let Some(effect) = tx_effect(c) {
             plan.tx = Some(effect);
@@ -675,7 +718,28 @@ impl Session {
                     | Kind::Set { local: true, .. }
             )
         });
-        if changes_state {
+        // What pgnear tracks for simple queries (SET/RESET replayed, LISTEN and the like
+        // pinning until released) it tracks here too, from the Execute (see `plan_batch`).
+        let tracked = c.statements.iter().all(|s| {
+            matches!(
+                s.kind,
+                Kind::Read
+                    | Kind::Write
+                    | Kind::Empty
+                    | Kind::Set { .. }
+                    | Kind::Reset { .. }
+                    | Kind::SetSessionCharacteristics { .. }
+                    | Kind::Discard { .. }
+                    | Kind::Listen
+                    | Kind::Unlisten { .. }
+                    | Kind::CreateTemp
+                    | Kind::AdvisoryLock
+                    | Kind::AdvisoryUnlockAll
+                    | Kind::Prepare { .. }
+                    | Kind::Deallocate { .. }
+            )
+        });
+        if changes_state && !tracked {
             self.state.pins.extended_state = true;
             plan.read = false;
         }
@@ -778,6 +842,13 @@ impl Session {
             _ => Err(unknown_setting(name)),
         }
     }
+}
+
+/// The query text of a Parse frame.
+fn parse_text(frame: &[u8]) -> Option<&str> {
+    let body = &frame[5..];
+    let (_, used) = cstr(body)?;
+    Some(cstr(&body[used..])?.0)
 }
 
 /// Whether a statement may be a COPY (then nothing may be pipelined behind it).

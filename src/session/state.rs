@@ -70,6 +70,15 @@ pub struct PendingState {
     effects: Vec<Kind>,
 }
 
+impl PendingState {
+    /// Adds the change of a later statement (one Sync of the extended protocol ends both).
+    pub fn extend(&mut self, later: PendingState) {
+        self.sql = format!("{}; {}", self.sql, later.sql);
+        self.names.extend(later.names);
+        self.effects.extend(later.effects);
+    }
+}
+
 impl SessionState {
     /// The sequence number a freshly synced server is at.
     pub fn seq(&self) -> u64 {

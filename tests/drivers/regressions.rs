@@ -167,6 +167,72 @@ fn a_statement_prepared_with_flush_runs_where_it_belongs() {
     });
 }
 
+/// pgjdbc runs `SET extra_float_digits = 3` (and `SET application_name`) through the extended
+/// protocol right after connecting. pgnear pinned every session that changed state that way to
+/// the primary for good, so no pgjdbc read ever reached the replica (nor any asyncpg read after
+/// `add_listener`, which LISTENs through the extended protocol). A session SET/RESET is now
+/// replayed on the other server as a simple-query one is, a failed one is not, and LISTEN and
+/// the like pin until released.
+#[test]
+fn session_state_through_the_extended_protocol_is_tracked_not_pinned() {
+    run(async {
+        let p = proxy(REPLICA, |_| {}).await;
+        let c = connect(&url(&p)).await;
+        c.execute("SET extra_float_digits = 3", &[]).await.unwrap();
+        c.execute("SET application_name = 'extended'", &[])
+            .await
+            .unwrap();
+        let e = c
+            .execute("SET extra_float_digits = 'lots'", &[])
+            .await
+            .unwrap_err();
+        assert_eq!(sqlstate(&e), "22023", "{e}");
+        let q = "SELECT pg_is_in_recovery(), current_setting('extra_float_digits'), \
+                 current_setting('application_name')";
+        let row = c.query_one(q, &[]).await.unwrap();
+        let got: (bool, String, String) = (row.get(0), row.get(1), row.get(2));
+        assert_eq!(got, (true, "3".into(), "extended".into()), "on the replica");
+        // The primary joins now: it gets the SETs replayed (not the failed one).
+        let row = c
+            .query_one(&format!("/* pgnear:primary */ {q}"), &[])
+            .await
+            .unwrap();
+        let got: (bool, String, String) = (row.get(0), row.get(1), row.get(2));
+        assert_eq!(
+            got,
+            (false, "3".into(), "extended".into()),
+            "on the primary"
+        );
+        c.execute("RESET application_name", &[]).await.unwrap();
+        let row = c
+            .query_one(
+                "SELECT pg_is_in_recovery(), current_setting('application_name')",
+                &[],
+            )
+            .await
+            .unwrap();
+        assert!(row.get::<_, bool>(0), "still not pinned");
+        let name: String = row.get(1);
+        assert_eq!(name, "", "RESET reached the replica");
+        let row = c
+            .query_one(
+                "/* pgnear:primary */ SELECT current_setting('application_name')",
+                &[],
+            )
+            .await
+            .unwrap();
+        assert_eq!(row.get::<_, String>(0), "", "RESET reached the primary");
+        // LISTEN through the extended protocol (asyncpg's add_listener) pins the session like a
+        // simple-query LISTEN, and UNLISTEN * releases it, instead of pinning it for good.
+        let replica = "SELECT pg_is_in_recovery()";
+        c.execute("LISTEN extended", &[]).await.unwrap();
+        assert!(!c.query_one(replica, &[]).await.unwrap().get::<_, bool>(0));
+        c.execute("UNLISTEN *", &[]).await.unwrap();
+        assert!(c.query_one(replica, &[]).await.unwrap().get::<_, bool>(0));
+        p.shutdown().await;
+    });
+}
+
 /// libpq 17+ (psycopg's `cancel_safe`, psql's Ctrl-C) sends a CancelRequest over TLS and waits
 /// for the server to close. pgnear dropped the TLS stream without close_notify, which OpenSSL
 /// reports as "unexpected eof": the client was told its cancel failed.
