@@ -56,6 +56,9 @@ pub struct Session {
     min_lsn: Option<Lsn>,
     /// The server of an extended-protocol exchange that ended in Flush, not yet Sync.
     unsynced: Option<Role>,
+    /// That exchange executed something (else it only prepared and described, and what follows
+    /// may run elsewhere: see `dispatch_batch`).
+    unsynced_executed: bool,
     /// A `BEGIN` answered by pgnear and not yet sent (see `start_deferred`).
     deferred_begin: Option<bytes::Bytes>,
     /// `routing.write_mode`, or the session's `SET pgnear.write_mode`.
@@ -186,6 +189,7 @@ impl Session {
             write_mode,
             deferred_begin: None,
             unsynced: None,
+            unsynced_executed: false,
         };
         if let Some(server) = first {
             let role = server.role;

@@ -8,6 +8,7 @@ use bytes::{Bytes, BytesMut};
 
 use super::expect;
 use super::server::Request;
+use super::state::PendingState;
 use super::Session;
 use crate::backend::conn::Role;
 use crate::config::{OnTimeout, PoolMode, WriteMode};
@@ -42,6 +43,15 @@ struct BatchPlan {
     /// Runs something (Execute, FunctionCall); a batch that only prepares and describes does not.
     executes: bool,
     tx: Option<TxEffect>,
+    /// Every statement it parses or uses is a session SET/RESET (pgjdbc's start-up
+    /// `SET extra_float_digits = 3`): it runs where the session is, like a simple-query SET.
+    /// (`None`: no statement.)
+    state_only: Option<bool>,
+    /// Portals bound in the batch that change session state (SET, LISTEN, …), not yet executed.
+    bound_changes: Vec<(String, PendingState)>,
+    /// Session-state changes the batch executes: pins apply when it is sent, SET/RESET are
+    /// recorded for replay on the other server once it succeeds, as for a simple query.
+    changes: Vec<PendingState>,
 }
 
 #[derive(Clone, Copy)]
@@ -159,6 +169,14 @@ impl Session {
         let starts_read_only_tx = c.statements.first().is_some_and(|s| {
             matches!(s.kind, Kind::Begin { read_only } if read_only || self.state.read_only_default)
         });
+        // A Flush-ended exchange that only prepared (asyncpg's way, e.g. before its COPY) does
+        // not hold the Query: see `dispatch_batch`.
+        let prepared_on = self
+            .unsynced
+            .filter(|_| !self.unsynced_executed && self.open_tx.is_none());
+        if prepared_on.is_some() {
+            self.unsynced = None;
+        }
         let (role, reason) = if let Some(role) = self.unsynced.take() {
             // A Query ends an exchange a Flush left open; it runs where that exchange is.
             (role, Reason::Transaction)
@@ -174,6 +192,9 @@ impl Session {
             decide(request, self.context())
         };
         let (role, reason) = self.settle(role, reason).await?;
+        if let Some(prepared_on) = prepared_on.filter(|&r| r != role) {
+            self.sync_prepared_only(prepared_on);
+        }
         if let Some(e) = self.refused.take() {
             return self.refuse_request(e, 1).await;
         }
@@ -404,12 +425,23 @@ impl Session {
             self.start_deferred(false).await?;
         }
         let plan = self.plan_batch()?;
-        let (role, reason) = if let Some(role) = self.unsynced {
+        // An exchange a Flush left open after only Parse/Describe (asyncpg prepares every
+        // statement that way) holds nothing the next statement depends on: when that statement
+        // runs, it is routed on its own, and the server that prepared is sent a Sync.
+        let movable = self.unsynced.is_some()
+            && !self.unsynced_executed
+            && plan.executes
+            && !plan.sticky
+            && self.open_tx.is_none();
+        let (role, reason) = if let Some(role) = self.unsynced.filter(|_| !movable) {
             // The rest of an exchange that a Flush left open (an implicit transaction, a
             // skip-to-Sync after an error) belongs to the server that has it.
             (role, Reason::Transaction)
         } else if plan.sticky {
             (self.last, Reason::Transaction)
+        } else if plan.state_only == Some(true) && self.open_tx.is_none() {
+            // SET and RESET run where the session is; other servers get them replayed later.
+            (self.last, Reason::Read)
         } else {
             let request = RouteRequest {
                 read: plan.read,
@@ -433,16 +465,28 @@ impl Session {
         if plan.executes {
             self.shared.metrics.statement(role, reason);
         }
+        for change in &plan.changes {
+            self.state.apply_pins(change);
+        }
         match plan.tx {
             Some(TxEffect::Begin) => self.open_tx = Some(role),
             Some(TxEffect::End) => self.open_tx = None,
             None => {}
         }
+        let mut executed_before = self.unsynced.is_some() && self.unsynced_executed;
+        if let Some(prepared_on) = self.unsynced.filter(|_| movable) {
+            executed_before = false;
+            if prepared_on != role {
+                self.sync_prepared_only(prepared_on);
+            }
+        }
         self.unsynced = (plan.syncs == 0).then_some(role);
+        self.unsynced_executed = plan.syncs == 0 && (plan.executes || executed_before);
         let capture_lsn = role == Role::Primary
             && plan.executes
             && self.open_tx.is_none()
             && !plan.read
+            && plan.state_only != Some(true)
             && plan.syncs > 0
             && !self.state.pins.extended_state
             && self.captures_lsn();
@@ -497,9 +541,14 @@ impl Session {
             }
             server.send_client_frame(t, frame);
         }
+        let mut change = plan.changes.into_iter().reduce(|mut all, c| {
+            all.extend(c);
+            all
+        });
         for i in 0..plan.syncs {
             let last = i + 1 == plan.syncs;
             server.requests.push_back(Request {
+                change: if last { change.take() } else { None },
                 capture_after: last && capture_lsn && plan.copy,
                 started: Some(std::time::Instant::now()),
                 ..Request::default()
@@ -532,6 +581,14 @@ impl Session {
         self.batch.clear();
         self.batch_tags.clear();
         Ok(())
+    }
+
+    /// Ends an exchange that only prepared and described on `role` (it was left open by a
+    /// Flush, and what follows runs elsewhere): pgnear's own Sync, its answer swallowed.
+    fn sync_prepared_only(&mut self, role: Role) {
+        if let Some(s) = self.slot(role).as_mut() {
+            s.send_internal_frame(tag::SYNC, &[tag::SYNC, 0, 0, 0, 4]);
+        }
     }
 
     /// Reads the batch: which statements it parses, binds, runs and closes.
@@ -573,6 +630,18 @@ impl Session {
                     let (stmt, _) = cstr(&body[used..]).ok_or_else(|| bad("Bind"))?;
                     bound_portals.push(portal);
                     self.note_use(stmt, parsed_unnamed, &mut plan);
+                    let sql = match stmt {
+                        "" => self.state.unnamed.as_ref(),
+                        name => self.state.statements.get(name),
+                    }
+                    .and_then(|parse| parse_text(parse));
+                    plan.bound_changes.retain(|(p, _)| p != portal);
+                    if let Some(sql) = sql {
+                        let c = self.classify(sql);
+                        if let Some(change) = self.state.prepare_change(sql, &c) {
+                            plan.bound_changes.push((portal.to_string(), change));
+                        }
+                    }
                 }
                 tag::DESCRIBE | tag::CLOSE => {
                     let kind = *body.first().ok_or_else(|| bad("Describe/Close"))?;
@@ -594,6 +663,9 @@ impl Session {
                     if !bound_portals.contains(&portal) {
                         plan.sticky = true;
                     }
+                    if let Some(i) = plan.bound_changes.iter().position(|(p, _)| p == portal) {
+                        plan.changes.push(plan.bound_changes.remove(i).1);
+                    }
                 }
                 tag::FUNCTION_CALL => {
                     plan.executes = true;
@@ -605,6 +677,11 @@ impl Session {
         }
         self.batch = batch;
         plan.parsed_unnamed = parsed_unnamed;
+        if !plan.changes.is_empty() && plan.syncs == 0 {
+            // A Flush-driven exchange may still fail and roll its SET back: recording it at
+            // the Sync is not tracked, so the session stays on this server instead.
+            self.state.pins.extended_state = true;
+        }
         if !plan.executes && !self.state.pins.extended_state {
             // Preparing and describing any statement works on a standby and writes nothing: the
             // replica saves a round trip to a far primary, which re-prepares it when it runs.
@@ -630,7 +707,10 @@ impl Session {
             match self.statement_class(Some(stmt)) {
                 Some(c) => self.note_statement(&c, plan),
                 // Unknown to pgnear: let the server report it, on the primary.
-                None => plan.read = false,
+                None => {
+                    plan.read = false;
+                    plan.state_only = Some(false);
+                }
             }
         }
     }
@@ -640,14 +720,12 @@ impl Session {
             Some(n) => self.state.statements.get(n)?,
             None => self.state.unnamed.as_ref()?,
         };
-        let body = &frame[5..];
-        let (_, used) = cstr(body)?;
-        let (sql, _) = cstr(&body[used..])?;
-        Some(self.classify(sql))
+        Some(self.classify(parse_text(frame)?))
     }
 
     fn note_statement(&mut self, c: &Classified, plan: &mut BatchPlan) {
         plan.read &= c.is_read();
+        plan.state_only = Some(plan.state_only.unwrap_or(true) && is_state_only(c));
         plan.hint = plan.hint.or(c.hint);
         if let Some(effect) = tx_effect(c) {
             plan.tx = Some(effect);
@@ -674,7 +752,28 @@ impl Session {
                     | Kind::Set { local: true, .. }
             )
         });
-        if changes_state {
+        // What pgnear tracks for simple queries (SET/RESET replayed, LISTEN and the like
+        // pinning until released) it tracks here too, from the Execute (see `plan_batch`).
+        let tracked = c.statements.iter().all(|s| {
+            matches!(
+                s.kind,
+                Kind::Read
+                    | Kind::Write
+                    | Kind::Empty
+                    | Kind::Set { .. }
+                    | Kind::Reset { .. }
+                    | Kind::SetSessionCharacteristics { .. }
+                    | Kind::Discard { .. }
+                    | Kind::Listen
+                    | Kind::Unlisten { .. }
+                    | Kind::CreateTemp
+                    | Kind::AdvisoryLock
+                    | Kind::AdvisoryUnlockAll
+                    | Kind::Prepare { .. }
+                    | Kind::Deallocate { .. }
+            )
+        });
+        if changes_state && !tracked {
             self.state.pins.extended_state = true;
             plan.read = false;
         }
@@ -879,6 +978,13 @@ impl Session {
             _ => Err(unknown_setting(name)),
         }
     }
+}
+
+/// The query text of a Parse frame.
+fn parse_text(frame: &[u8]) -> Option<&str> {
+    let body = &frame[5..];
+    let (_, used) = cstr(body)?;
+    Some(cstr(&body[used..])?.0)
 }
 
 /// Whether a statement may be a COPY (then nothing may be pipelined behind it).

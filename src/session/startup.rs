@@ -67,6 +67,9 @@ pub async fn handshake(shared: &Shared, slot: &mut Option<Stream>) -> Result<Han
                     }
                     None => tracing::debug!("cancel request for an unknown or idle key ignored"),
                 }
+                // Close as Postgres does: over TLS with close_notify. libpq 17+ sends cancels
+                // over TLS and reports a bare EOF as a failed cancel.
+                let _ = stream.shutdown().await;
                 return Ok(Handshake::Done);
             }
             StartupPacket::Startup(startup) => {

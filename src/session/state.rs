@@ -80,6 +80,15 @@ pub const FROM_POOL: u64 = u64::MAX;
 /// Startup parameters that are not settings to apply with SET.
 const NOT_SETTINGS: [&str; 4] = ["user", "database", "replication", "options"];
 
+impl PendingState {
+    /// Adds the change of a later statement (one Sync of the extended protocol ends both).
+    pub fn extend(&mut self, later: PendingState) {
+        self.sql = format!("{}; {}", self.sql, later.sql);
+        self.names.extend(later.names);
+        self.effects.extend(later.effects);
+    }
+}
+
 impl SessionState {
     /// The session's initial state: the client's startup parameters (and `-c name=value` /
     /// `--name=value` items of `options`), applied with SET on every server connection it
