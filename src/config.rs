@@ -450,13 +450,12 @@ impl Config {
                 UpstreamUrl::parse(value).map_err(|why| invalid(key, mask_url(value), &why))?;
             }
         }
-        if !self.upstream.nameserver.is_empty()
-            && self.upstream.nameserver.parse::<SocketAddr>().is_err()
-        {
+        if !self.upstream.nameserver.is_empty() && self.nameserver().is_none() {
             return Err(invalid(
                 "upstream.nameserver",
                 &self.upstream.nameserver,
-                "an address like [fdaa::3]:53",
+                "an IP address with an optional port, 53 by default: [fdaa::3]:53, fdaa::3, \
+                 127.0.0.1:5353; or empty for the system's nameservers from /etc/resolv.conf",
             ));
         }
         for (key, size) in [
@@ -501,6 +500,11 @@ impl Config {
     /// The primary upstream (validated).
     pub fn primary(&self) -> UpstreamUrl {
         UpstreamUrl::parse(&self.upstream.primary_url).expect("validated")
+    }
+
+    /// `upstream.nameserver` as an address; `None` when empty (the system's nameservers).
+    pub fn nameserver(&self) -> Option<SocketAddr> {
+        crate::discovery::parse_nameserver(&self.upstream.nameserver)
     }
 
     /// The client auth method in force, following DESIGN.md's default rule.
@@ -633,6 +637,18 @@ mod tests {
             (
                 "[upstream]\nprimary_url = \"mysql://x\"",
                 &["upstream.primary_url"],
+            ),
+            (
+                "[upstream]\nnameserver = \"dns.internal:53\"",
+                &[
+                    "upstream.nameserver",
+                    "dns.internal:53",
+                    "an IP address with an optional port",
+                ],
+            ),
+            (
+                "[upstream]\nnameserver = \"127.0.0.1:99999\"",
+                &["upstream.nameserver", "127.0.0.1:99999"],
             ),
         ];
         for (text, needles) in cases {

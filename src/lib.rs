@@ -9,6 +9,7 @@ pub mod backend;
 pub mod cancel;
 pub mod config;
 pub mod consistency;
+pub mod discovery;
 pub mod error;
 pub mod lab;
 pub mod listener;
@@ -76,6 +77,12 @@ pub enum StartError {
     OpenWithoutAuth(String),
     #[error("auth.method {0:?} needs a password in the primary upstream URL")]
     NoPassword(AuthMethod),
+    #[error("cannot set up DNS for the {role} upstream {host}: {source}")]
+    Dns {
+        role: &'static str,
+        host: String,
+        source: Box<hickory_resolver::net::NetError>,
+    },
 }
 
 /// Binds a listener (port 0 picks a free port) and returns it with its actual address.
@@ -114,15 +121,35 @@ impl Proxy {
             Some(tls::server_config(&config.tls.cert, &config.tls.key)?)
         };
         let connect_timeout = config.upstream.connect_timeout.0;
-        let upstream = |role, url: upstream_url::UpstreamUrl| -> Result<Upstream, StartError> {
-            let tls = tls::client_config(url.sslmode, url.sslrootcert.as_deref())?;
-            Ok(Upstream {
-                role,
-                url,
-                tls,
-                connect_timeout,
-            })
-        };
+        let metrics = Arc::new(admin::metrics::Metrics::new(config.proxy.metrics));
+        let (stop, shutdown) = watch::channel(false);
+        let nameservers = discovery::Nameservers::read(config.nameserver());
+        let upstream =
+            |role: Role, url: upstream_url::UpstreamUrl| -> Result<Upstream, StartError> {
+                let tls = tls::client_config(url.sslmode, url.sslrootcert.as_deref())?;
+                // A lookup is part of connecting: it gets the connect timeout.
+                let dns = discovery::Discovery::start(
+                    role,
+                    &url.host,
+                    url.port,
+                    &nameservers,
+                    connect_timeout,
+                    metrics.clone(),
+                    shutdown.clone(),
+                )
+                .map_err(|source| StartError::Dns {
+                    role: role.name(),
+                    host: url.host.clone(),
+                    source: Box::new(source),
+                })?;
+                Ok(Upstream {
+                    role,
+                    url,
+                    tls,
+                    connect_timeout,
+                    dns,
+                })
+            };
         let replica = if config.upstream.replica_url.is_empty() {
             None
         } else {
@@ -133,9 +160,7 @@ impl Proxy {
         let creds = Credentials::new(&primary_url.user, primary_url.password.as_deref());
         let (listener, addr) = bind(&config.proxy.listen).await?;
         let (admin, admin_addr) = bind(&config.proxy.admin_listen).await?;
-        let (stop, shutdown) = watch::channel(false);
         let primary = Arc::new(upstream(Role::Primary, primary_url)?);
-        let metrics = Arc::new(admin::metrics::Metrics::new(config.proxy.metrics));
         let probe = backend::health::PrimaryProbe::spawn(
             primary.clone(),
             metrics.clone(),
@@ -230,8 +255,9 @@ pub fn check_report(config: &Config) -> String {
         (c, p) if c == p => format!("primary region {c}"),
         (c, p) => format!("replica region {c} (primary region {p})"),
     };
+    let nameservers = discovery::Nameservers::read(config.nameserver());
     format!(
-        "# pgnear check: configuration is valid\n# role: {role}\n# primary upstream: {primary} (sslmode {:?})\n# replica upstream: {replica}\n# client auth: {:?}\n\n{}",
+        "# pgnear check: configuration is valid\n# role: {role}\n# primary upstream: {primary} (sslmode {:?})\n# replica upstream: {replica}\n# nameserver: {nameservers}; /etc/hosts first\n# client auth: {:?}\n\n{}",
         primary.sslmode,
         config.auth_method(),
         config.render_masked()

@@ -90,6 +90,16 @@ fn readiness(shared: &Shared) -> Result<&'static str, &'static str> {
     }
 }
 
+/// The upstream's current DNS answer, as strings.
+fn addresses(upstream: &crate::backend::conn::Upstream) -> Vec<String> {
+    upstream
+        .dns
+        .current()
+        .iter()
+        .map(|a| a.to_string())
+        .collect()
+}
+
 fn status(shared: &Shared) -> serde_json::Value {
     let c = &shared.config;
     let role = match (c.regions.current.as_str(), c.regions.primary.as_str()) {
@@ -101,6 +111,7 @@ fn status(shared: &Shared) -> serde_json::Value {
     let mut upstreams = vec![serde_json::json!({
         "role": "primary",
         "url": shared.primary.url.to_string(),
+        "addresses": addresses(&shared.primary),
         "up": primary.up,
         "wal_lsn": primary.lsn.map(|l| l.to_string()),
     })];
@@ -109,6 +120,7 @@ fn status(shared: &Shared) -> serde_json::Value {
         upstreams.push(serde_json::json!({
             "role": "replica",
             "url": r.url.to_string(),
+            "addresses": addresses(r),
             "up": s.up,
             "in_recovery": s.in_recovery,
             "replay_lsn": s.replay.map(|l| l.to_string()),

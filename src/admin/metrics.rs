@@ -52,6 +52,8 @@ pub struct Metrics {
     pub replica_replay_lsn: IntGauge,
     upstream_up: IntGaugeVec,
     errors: [IntCounter; 8],
+    dns_changes: [IntCounter; 2],
+    dns_failures: [IntCounter; 2],
     pools: [PoolMetrics; 2],
 }
 
@@ -169,6 +171,18 @@ impl Metrics {
                 resets: pool_resets.with_label_values(&l),
             }
         });
+        let by_upstream = |name: &str, help: &str| {
+            let vec = counter_vec(name, help, &["upstream"]);
+            [Role::Primary, Role::Replica].map(|r| vec.with_label_values(&[r.name()]))
+        };
+        let dns_changes = by_upstream(
+            "pgnear_dns_changes_total",
+            "Times an upstream host's DNS answer changed (a different set of addresses)",
+        );
+        let dns_failures = by_upstream(
+            "pgnear_dns_failures_total",
+            "Failed DNS lookups of an upstream host (the last good addresses stay in use)",
+        );
         let replica_lag_seconds = registered(
             &registry,
             Gauge::new(
@@ -233,6 +247,8 @@ impl Metrics {
             ),
             errors,
             pools,
+            dns_changes,
+            dns_failures,
             registry,
         }
     }
@@ -289,6 +305,14 @@ impl Metrics {
             .set(i64::from(up));
     }
 
+    pub fn dns_change(&self, role: Role) {
+        self.dns_changes[role_index(role)].inc();
+    }
+
+    pub fn dns_failure(&self, role: Role) {
+        self.dns_failures[role_index(role)].inc();
+    }
+
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut out = Vec::new();
@@ -343,6 +367,7 @@ mod tests {
         m.statement(Role::Replica, Reason::Read);
         m.error(ErrorKind::Auth);
         m.upstream_up(Role::Primary, true);
+        m.dns_change(Role::Replica);
         {
             let _g = ClientGuard::new(&m);
             assert_eq!(m.clients.get(), 1);
@@ -355,6 +380,8 @@ mod tests {
         );
         assert!(text.contains("pgnear_errors_total{kind=\"auth\"} 1"));
         assert!(text.contains("pgnear_upstream_up{upstream=\"primary\"} 1"));
+        assert!(text.contains("pgnear_dns_changes_total{upstream=\"replica\"} 1"));
+        assert!(text.contains("pgnear_dns_failures_total{upstream=\"primary\"} 0"));
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             assert!(line.starts_with("pgnear_"), "{line}");
         }

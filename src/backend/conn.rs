@@ -12,6 +12,7 @@ use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::discovery::Discovery;
 use crate::error::{ErrorKind, PgError};
 use crate::protocol::backend::{self as be, error_fields};
 use crate::tls::Stream;
@@ -39,6 +40,8 @@ pub struct Upstream {
     pub url: UpstreamUrl,
     pub tls: Option<Arc<rustls::ClientConfig>>,
     pub connect_timeout: Duration,
+    /// Where the host is now (DNS discovery; fixed for an IP literal).
+    pub dns: Arc<Discovery>,
 }
 
 /// An authenticated server connection, ready for queries.
@@ -61,46 +64,60 @@ impl Upstream {
         ))
     }
 
-    async fn resolve(&self) -> Result<Vec<SocketAddr>, PgError> {
-        if let Ok(ip) = self.url.host.parse::<std::net::IpAddr>() {
-            return Ok(vec![SocketAddr::new(ip, self.url.port)]);
-        }
-        let addrs: Vec<SocketAddr> =
-            tokio::net::lookup_host((self.url.host.as_str(), self.url.port))
-                .await
-                .map_err(|e| self.fail(format!("cannot resolve host: {e}")))?
-                .collect();
-        if addrs.is_empty() {
-            return Err(self.fail("host has no addresses"));
-        }
-        Ok(addrs)
+    async fn resolve(&self) -> Result<Arc<[SocketAddr]>, PgError> {
+        self.dns
+            .addrs()
+            .await
+            .map_err(|e| self.fail(format!("cannot resolve host: {e}")))
     }
 
-    /// Opens a TCP connection to the first address that answers within `connect_timeout`.
+    /// Opens a TCP connection to the first address that answers within `connect_timeout`. A
+    /// failed address makes discovery look the host up again, and the addresses that brings
+    /// are tried too (discovery rate-limits lookups, so this is at most one more round).
     async fn tcp(&self) -> Result<(TcpStream, SocketAddr), PgError> {
-        let mut last = None;
-        for addr in self.resolve().await? {
-            match tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr)).await {
-                Ok(Ok(s)) => {
-                    s.set_nodelay(true).ok();
-                    let keepalive = socket2::TcpKeepalive::new()
-                        .with_time(Duration::from_secs(30))
-                        .with_interval(Duration::from_secs(10));
-                    socket2::SockRef::from(&s)
-                        .set_tcp_keepalive(&keepalive)
-                        .ok();
-                    return Ok((s, addr));
-                }
-                Ok(Err(e)) => last = Some(format!("{addr}: {e}")),
-                Err(_) => {
-                    last = Some(format!(
+        let mut tried: Vec<SocketAddr> = Vec::new();
+        let mut failures: Vec<String> = Vec::new();
+        for round in 0..2 {
+            let addrs = match self.resolve().await {
+                Ok(addrs) => addrs,
+                Err(e) if round == 0 => return Err(e),
+                Err(_) => break,
+            };
+            let untried: Vec<SocketAddr> = addrs
+                .iter()
+                .copied()
+                .filter(|a| !tried.contains(a))
+                .collect();
+            if untried.is_empty() {
+                break;
+            }
+            for addr in untried {
+                tried.push(addr);
+                match tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr)).await {
+                    Ok(Ok(s)) => {
+                        s.set_nodelay(true).ok();
+                        let keepalive = socket2::TcpKeepalive::new()
+                            .with_time(Duration::from_secs(30))
+                            .with_interval(Duration::from_secs(10));
+                        socket2::SockRef::from(&s)
+                            .set_tcp_keepalive(&keepalive)
+                            .ok();
+                        return Ok((s, addr));
+                    }
+                    Ok(Err(e)) => failures.push(format!("{addr}: {e}")),
+                    Err(_) => failures.push(format!(
                         "{addr}: connect timed out after {:?}",
                         self.connect_timeout
-                    ))
+                    )),
                 }
+                self.dns.connect_failed(addr);
             }
         }
-        Err(self.fail(last.unwrap_or_else(|| "no address".into())))
+        Err(self.fail(if failures.is_empty() {
+            "no address".to_string()
+        } else {
+            failures.join("; ")
+        }))
     }
 
     /// Connects and authenticates. `params` are startup parameters to pass on (application_name,

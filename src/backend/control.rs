@@ -26,6 +26,11 @@ impl ControlConn {
         })
     }
 
+    /// The server address this connection went to.
+    pub fn addr(&self) -> std::net::SocketAddr {
+        self.conn.addr
+    }
+
     /// Runs `sql` and returns the text columns of its first row (`None` for NULL).
     /// Not cancel-safe: drop the connection if the future is dropped.
     pub async fn query_row(&mut self, sql: &str) -> Result<Vec<Option<String>>, PgError> {

@@ -59,6 +59,13 @@ impl PrimaryProbe {
         let mut conn: Option<ControlConn> = None;
         let mut failures = 0u32;
         loop {
+            if conn
+                .as_ref()
+                .is_some_and(|c| !primary.dns.is_current(c.addr()))
+            {
+                tracing::info!(primary = %primary.url, "the probe's address left DNS; reconnecting");
+                conn = None;
+            }
             let result = async {
                 if conn.is_none() {
                     conn = Some(ControlConn::connect(&primary).await?);

@@ -5,7 +5,8 @@
 //!
 //! Connections are opened without the client's startup parameters: sessions apply their own
 //! settings with SET (see `session::state`), so any client can use any connection of its
-//! database. What a connection carries between sessions (the settings applied, the prepared
+//! database. Connections to an address that has left the upstream's DNS answer are retired
+//! when next looked at. What a connection carries between sessions (the settings applied, the prepared
 //! statements it has) travels with it as `Carry`.
 
 use std::collections::HashMap;
@@ -213,11 +214,13 @@ impl Pool {
         victim.is_some()
     }
 
-    /// Not too old and not closed or spoken to by the server while idle: an idle connection
-    /// has nothing to read, so readable means EOF or a FATAL message (checked without a round
-    /// trip, by peeking at the socket).
+    /// Not too old, still at an address DNS gives for the upstream, and not closed or spoken
+    /// to by the server while idle: an idle connection has nothing to read, so readable means
+    /// EOF or a FATAL message (checked without a round trip, by peeking at the socket).
     fn usable(&self, p: &Pooled) -> bool {
-        if p.created.elapsed() >= self.config.max_lifetime.0 {
+        if p.created.elapsed() >= self.config.max_lifetime.0
+            || !self.upstream.dns.is_current(p.addr)
+        {
             return false;
         }
         let tcp = match &p.conn.stream {

@@ -109,6 +109,15 @@ impl Watcher {
             if *shutdown.borrow() {
                 return;
             }
+            // The host now names other servers (e.g. another nearest replica): watch those,
+            // as sessions will use them.
+            if conn
+                .as_ref()
+                .is_some_and(|c| !replica.dns.is_current(c.addr()))
+            {
+                tracing::info!(replica = %replica.url, "the watched address left DNS; reconnecting");
+                conn = None;
+            }
             if conn.is_none() {
                 match ControlConn::connect(&replica).await {
                     Ok(c) => {

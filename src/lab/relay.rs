@@ -1,5 +1,6 @@
-//! A userspace TCP relay that simulates distance: it listens on `127.0.0.1:0` and forwards
-//! every accepted connection to a target, adding a one-way delay in each direction.
+//! A userspace TCP relay that simulates distance: it listens (on `127.0.0.1:0` unless told
+//! otherwise) and forwards every accepted connection to a target, adding a one-way delay in each
+//! direction.
 //!
 //! It models latency, not bandwidth. Each direction of a connection has a reader, which stamps
 //! every chunk it reads with `now + delay` and queues it (at most [`MAX_IN_FLIGHT`] bytes queued
@@ -77,7 +78,17 @@ impl Shared {
 impl Relay {
     /// Listens on `127.0.0.1:0` and forwards to `target` with `one_way` delay each direction.
     pub async fn start(target: SocketAddr, one_way: Duration) -> io::Result<Relay> {
-        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await?;
+        Relay::start_on((Ipv4Addr::LOCALHOST, 0).into(), target, one_way).await
+    }
+
+    /// Like [`Relay::start`], listening on `bind` (e.g. another loopback address, or a port
+    /// another relay already uses on a different address).
+    pub async fn start_on(
+        bind: SocketAddr,
+        target: SocketAddr,
+        one_way: Duration,
+    ) -> io::Result<Relay> {
+        let listener = TcpListener::bind(bind).await?;
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
             delay_nanos: AtomicU64::new(nanos(one_way)),

@@ -216,14 +216,19 @@ impl Session {
             let Some(mut s) = self.slot(role).take() else {
                 continue;
             };
-            if s.is_reusable() {
+            let timeout = self.shared.config.upstream.connect_timeout.0;
+            if s.requests.is_empty() && self.unsynced != Some(role) && !s.expect.is_empty() {
+                // Only pgnear's own queries are in flight (a commit-position lookup): let them
+                // finish so the connection can be pooled.
+                let _ = tokio::time::timeout(timeout, s.finish_internal()).await;
+            }
+            if s.is_reusable() && self.unsynced != Some(role) {
                 let reset = self.needs_reset(&s);
                 self.shared.pool(role).release(s.conn, reset);
                 continue;
             }
             if !s.expect.is_empty() {
                 // The client left with a query running: stop the server's work now.
-                let timeout = self.shared.config.upstream.connect_timeout.0;
                 send_cancel(s.conn.addr, s.conn.pid, &s.conn.secret, timeout).await;
             }
             // Terminate, so the server ends the session (and rolls back) at once.

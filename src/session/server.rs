@@ -203,6 +203,19 @@ impl Server {
         Ok(())
     }
 
+    /// Reads and consumes the answers to pgnear's own queries, once no client request is in
+    /// flight (the client is gone).
+    pub async fn finish_internal(&mut self) -> Result<(), PgError> {
+        self.flush().await?;
+        let mut sink = BytesMut::new();
+        while !self.expect.is_empty() {
+            self.read().await?;
+            self.scan(&mut sink, &mut Seen::default())?;
+            sink.clear();
+        }
+        Ok(())
+    }
+
     /// Reads more bytes. Cancel-safe (read_buf is).
     pub async fn read(&mut self) -> Result<(), PgError> {
         if self.rbuf.capacity() - self.rbuf.len() < 1024 {
