@@ -147,3 +147,48 @@ fn with_the_primary_down_new_clients_read_and_writes_fail_fast() {
         p.shutdown().await;
     });
 }
+
+#[test]
+fn a_silent_partition_ends_a_write_with_08006_instead_of_a_hang() {
+    let _serial = serial();
+    run(async {
+        drop(on_primary("CREATE TABLE IF NOT EXISTS partitioned (a int)").await);
+        let p = proxy(REPLICA, |c| {
+            c.upstream.connect_timeout = pgnear::config::HumanDuration(Duration::from_millis(500))
+        })
+        .await;
+        let c = connect(&url(&p)).await;
+        c.execute("INSERT INTO partitioned VALUES (1)", &[])
+            .await
+            .unwrap();
+        // The path to the primary accepts bytes and delivers none, as a partition does; TCP
+        // would wait for many minutes before giving up.
+        let relay = &cluster().replica(REPLICA).unwrap().relay;
+        relay.partition(true);
+        let e = c
+            .execute("INSERT INTO partitioned VALUES (2)", &[])
+            .await
+            .expect_err("the write cannot complete");
+        relay.partition(false);
+        let db = e.as_db_error().expect("an error from pgnear");
+        assert_eq!(db.code().code(), "08006", "{}", db.message());
+        assert!(
+            db.message().contains("primary upstream stopped answering"),
+            "{}",
+            db.message()
+        );
+        eventually("writes work again", Duration::from_secs(30), || async {
+            let Ok((c, conn)) = tokio_postgres::connect(&url(&p), tokio_postgres::NoTls).await
+            else {
+                return false;
+            };
+            tokio::spawn(conn);
+            c.execute("INSERT INTO partitioned VALUES (3)", &[])
+                .await
+                .is_ok()
+        })
+        .await;
+        cluster().wait_replicas_caught_up().await.unwrap();
+        p.shutdown().await;
+    });
+}

@@ -16,6 +16,7 @@ use tokio::time::Instant;
 use self::server::{Seen, Server};
 use self::state::SessionState;
 use crate::backend::conn::{send_cancel, Role};
+use crate::backend::health::PROBE_INTERVAL;
 use crate::backend::pool::TERMINATE;
 use crate::cancel::{CancelKey, CancelTarget};
 use crate::config::PoolMode;
@@ -272,6 +273,8 @@ impl Session {
     async fn relay(&mut self) -> Result<(), PgError> {
         let mut shutdown = self.shared.shutdown.clone();
         let mut deadline: Option<Instant> = None;
+        let mut health = tokio::time::interval(PROBE_INTERVAL);
+        health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             if deadline.is_some() && self.is_idle() {
                 return Err(shutting_down());
@@ -303,12 +306,46 @@ impl Session {
                         }
                     }
                 }
+                _ = health.tick(), if self.in_flight() => self.check_silent_servers().await?,
                 _ = stopped(&mut shutdown), if deadline.is_none() => {
                     deadline = Some(Instant::now() + self.shared.config.proxy.shutdown_grace.0);
                 }
                 _ = sleep_until_opt(deadline) => return Err(shutting_down()),
             }
         }
+    }
+
+    fn in_flight(&self) -> bool {
+        [&self.primary, &self.replica]
+            .into_iter()
+            .flatten()
+            .any(|s| !s.expect.is_empty())
+    }
+
+    /// A server that owes answers, has sent nothing for `connect_timeout`, and whose upstream
+    /// the health checks report down is taken as lost (a silent partition: TCP alone would
+    /// wait for many minutes). Losing the primary ends the session with 08006; the replica's
+    /// statements fail with 08006 and the session goes on.
+    async fn check_silent_servers(&mut self) -> Result<(), PgError> {
+        let limit = self.shared.config.upstream.connect_timeout.0;
+        for role in [Role::Primary, Role::Replica] {
+            let silent = self
+                .slot_ref(role)
+                .is_some_and(|s| !s.expect.is_empty() && s.silent_for() >= limit);
+            let down = match role {
+                Role::Primary => !self.shared.probe.current().up,
+                Role::Replica => !self.shared.watcher.as_ref().is_some_and(|w| w.current().up),
+            };
+            if silent && down {
+                let e = PgError::upstream(format!(
+                    "{} upstream stopped answering: nothing received for {limit:?} and its health checks fail",
+                    role.name()
+                ))
+                .with_detail("The statement may or may not have completed.");
+                self.server_failed(role, e).await?;
+            }
+        }
+        Ok(())
     }
 
     fn is_idle(&self) -> bool {

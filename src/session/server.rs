@@ -61,6 +61,9 @@ pub struct Server {
     pub dirty: bool,
     /// A tentative answer's first frames.
     held: BytesMut,
+    /// When bytes last arrived or were sent (or the session took the connection), to tell a
+    /// server that went silent.
+    last_activity: std::time::Instant,
     /// The replica refused the tentative request; its remaining answer is dropped.
     retrying: bool,
 }
@@ -91,6 +94,7 @@ impl Server {
             synced: super::state::FROM_POOL,
             dirty: false,
             held: BytesMut::new(),
+            last_activity: std::time::Instant::now(),
             retrying: false,
         }
     }
@@ -101,6 +105,11 @@ impl Server {
             self.role.name(),
             self.conn.addr
         ))
+    }
+
+    /// How long since anything was sent to or received from the server.
+    pub fn silent_for(&self) -> std::time::Duration {
+        self.last_activity.elapsed()
     }
 
     /// Idle: nothing owed and no transaction open.
@@ -199,6 +208,7 @@ impl Server {
                 .await
                 .map_err(|e| self.lost(e))?;
             self.out.clear();
+            self.last_activity = std::time::Instant::now();
         }
         Ok(())
     }
@@ -223,7 +233,10 @@ impl Server {
         }
         match self.conn.stream.read_buf(&mut self.rbuf).await {
             Ok(0) => Err(self.lost("server closed the connection")),
-            Ok(_) => Ok(()),
+            Ok(_) => {
+                self.last_activity = std::time::Instant::now();
+                Ok(())
+            }
             Err(e) => Err(self.lost(e)),
         }
     }
