@@ -557,3 +557,55 @@ fn a_sync_follows_the_flush_ended_exchange_it_closes() {
         p.shutdown().await;
     });
 }
+
+/// Drivers that prepare everything (psycopg after a few runs, asyncpg, pgjdbc) send pgnear's
+/// in-band commands through Parse/Bind/Execute; pgnear answers them there too, without
+/// pinning the session.
+#[test]
+fn pgnear_commands_in_the_extended_protocol() {
+    run(async {
+        let p = proxy(REPLICA, |_| {}).await;
+        let c = connect(&url(&p)).await;
+        for _ in 0..3 {
+            let row = c.query_one("SHOW pgnear.region", &[]).await.unwrap();
+            assert_eq!(row.get::<_, String>(0), REPLICA);
+            assert_eq!(row.columns()[0].name(), "pgnear.region");
+        }
+        let show = c.prepare("SHOW pgnear.route").await.unwrap();
+        assert_eq!(show.params().len(), 0);
+        assert_eq!(show.columns()[0].name(), "pgnear.route");
+        async fn route(c: &Client, show: &tokio_postgres::Statement) -> String {
+            c.query_one(show, &[]).await.unwrap().get(0)
+        }
+        assert_eq!(route(&c, &show).await, "auto");
+        assert!(on_replica(&c).await, "reads stay on the replica");
+        c.execute("SET pgnear.route = 'primary'", &[])
+            .await
+            .unwrap();
+        assert_eq!(route(&c, &show).await, "primary");
+        assert!(
+            !on_replica(&c).await,
+            "the session's reads go to the primary"
+        );
+        c.execute("RESET pgnear.route", &[]).await.unwrap();
+        assert_eq!(route(&c, &show).await, "auto");
+        assert!(on_replica(&c).await);
+        let e = c
+            .query_one("SHOW pgnear.nonsense", &[])
+            .await
+            .expect_err("an unknown setting");
+        assert_eq!(sqlstate(&e), "42704", "{e}");
+        // The write position arrives through the extended protocol as well.
+        c.execute("CREATE TABLE IF NOT EXISTS ext_pgnear (a int)", &[])
+            .await
+            .unwrap();
+        let lsn: String = c
+            .query_one("SHOW pgnear.write_lsn", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert!(lsn.contains('/'), "{lsn}");
+        drop(show);
+        p.shutdown().await;
+    });
+}

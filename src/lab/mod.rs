@@ -3,6 +3,7 @@
 
 pub mod cluster;
 pub mod postgres;
+pub mod process;
 pub mod relay;
 
 use std::collections::BTreeMap;

@@ -85,7 +85,13 @@ pub fn negotiate_protocol_version(out: &mut BytesMut, unsupported: Vec<String>) 
 
 /// A one-column text result (RowDescription, DataRow, CommandComplete) for in-band SHOW commands.
 pub fn single_text_row(out: &mut BytesMut, column: &str, value: Option<&str>) {
-    // RowDescription: one text column, no table.
+    text_row_description(out, column);
+    text_data_row(out, value);
+    command_complete(out, "SHOW");
+}
+
+/// RowDescription of one text column, no table.
+pub fn text_row_description(out: &mut BytesMut, column: &str) {
     out.put_u8(b'T');
     let len_at = out.len();
     out.put_u32(0);
@@ -99,7 +105,10 @@ pub fn single_text_row(out: &mut BytesMut, column: &str, value: Option<&str>) {
     out.put_i32(-1);
     out.put_i16(0); // text format
     patch_len(out, len_at);
-    // DataRow
+}
+
+/// DataRow of one text value (a text value's binary format is the same bytes).
+pub fn text_data_row(out: &mut BytesMut, value: Option<&str>) {
     out.put_u8(b'D');
     let len_at = out.len();
     out.put_u32(0);
@@ -112,7 +121,20 @@ pub fn single_text_row(out: &mut BytesMut, column: &str, value: Option<&str>) {
         None => out.put_i32(-1),
     }
     patch_len(out, len_at);
-    command_complete(out, "SHOW");
+}
+
+/// A message with an empty body (ParseComplete '1', BindComplete '2', CloseComplete '3',
+/// NoData 'n').
+pub fn empty(out: &mut BytesMut, tag: u8) {
+    out.put_u8(tag);
+    out.put_u32(4);
+}
+
+/// ParameterDescription of a statement without parameters.
+pub fn no_parameters(out: &mut BytesMut) {
+    out.put_u8(b't');
+    out.put_u32(6);
+    out.put_i16(0);
 }
 
 pub fn command_complete(out: &mut BytesMut, tag: &str) {

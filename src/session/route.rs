@@ -37,6 +37,9 @@ struct BatchPlan {
     parsed_unnamed: bool,
     /// May leave state on the server that pgnear does not track (see `Server::dirty`).
     taints: bool,
+    /// Parses or uses a pgnear command (`SHOW pgnear.…`), and parses or uses anything else.
+    pgnear: bool,
+    other: bool,
     /// A statement in the batch may be a COPY.
     copy: bool,
     syncs: usize,
@@ -116,6 +119,15 @@ fn is_pgnear(c: &Classified) -> bool {
             Kind::PgnearSet { .. } | Kind::PgnearShow { .. } | Kind::PgnearReset { .. }
         )
     })
+}
+
+/// The command, when `c` is exactly one pgnear command.
+fn pgnear_command(c: &Classified) -> Option<Kind> {
+    let mut statements = c.statements.iter().filter(|s| s.kind != Kind::Empty);
+    match (statements.next(), statements.next()) {
+        (Some(s), None) if is_pgnear(c) => Some(s.kind.clone()),
+        _ => None,
+    }
 }
 
 impl Session {
@@ -425,6 +437,9 @@ impl Session {
             self.start_deferred(false).await?;
         }
         let plan = self.plan_batch()?;
+        if plan.pgnear && !plan.other && !plan.sticky {
+            return self.answer_pgnear_batch().await;
+        }
         // An exchange a Flush left open after only Parse/Describe (asyncpg prepares every
         // statement that way) holds nothing the next statement depends on: when that statement
         // runs, it is routed on its own, and the server that prepared is sent a Sync.
@@ -670,6 +685,7 @@ impl Session {
                 tag::FUNCTION_CALL => {
                     plan.executes = true;
                     plan.read = false;
+                    plan.other = true;
                 }
                 tag::SYNC => plan.syncs += 1,
                 _ => {}
@@ -710,6 +726,7 @@ impl Session {
                 None => {
                     plan.read = false;
                     plan.state_only = Some(false);
+                    plan.other = true;
                 }
             }
         }
@@ -724,6 +741,11 @@ impl Session {
     }
 
     fn note_statement(&mut self, c: &Classified, plan: &mut BatchPlan) {
+        if pgnear_command(c).is_some() {
+            plan.pgnear = true;
+            return;
+        }
+        plan.other = true;
         plan.read &= c.is_read();
         plan.state_only = Some(plan.state_only.unwrap_or(true) && is_state_only(c));
         plan.hint = plan.hint.or(c.hint);
@@ -903,33 +925,122 @@ impl Session {
                     ..e
                 },
             );
-        } else {
-            for s in &c.statements {
-                match &s.kind {
-                    Kind::PgnearShow { name } => match self.show(name) {
-                        Some(value) => write::single_text_row(
-                            &mut out,
-                            &format!("pgnear.{name}"),
-                            value.as_deref(),
-                        ),
-                        None => write::error_response(&mut out, &unknown_setting(name)),
-                    },
-                    Kind::PgnearSet { name, value } => match self.set(name, Some(value)) {
-                        Ok(()) => write::command_complete(&mut out, "SET"),
-                        Err(e) => write::error_response(&mut out, &e),
-                    },
-                    Kind::PgnearReset { name } => {
-                        match self.set(name.as_deref().unwrap_or("route"), None) {
-                            Ok(()) => write::command_complete(&mut out, "RESET"),
-                            Err(e) => write::error_response(&mut out, &e),
-                        }
-                    }
-                    _ => {}
-                }
-            }
+        } else if let Some(kind) = pgnear_command(c) {
+            self.run_pgnear(&kind, &mut out, true);
         }
         write::ready_for_query(&mut out, self.client_tx_status());
         self.write_client(&out).await
+    }
+
+    /// Runs one in-band command, writing its answer (with the RowDescription of a SHOW when
+    /// `describe`, as the simple protocol has it). False when it failed.
+    fn run_pgnear(&mut self, kind: &Kind, out: &mut BytesMut, describe: bool) -> bool {
+        let done = match kind {
+            Kind::PgnearShow { name } => match self.show(name) {
+                Some(value) => {
+                    if describe {
+                        write::text_row_description(out, &format!("pgnear.{name}"));
+                    }
+                    write::text_data_row(out, value.as_deref());
+                    Ok("SHOW")
+                }
+                None => Err(unknown_setting(name)),
+            },
+            Kind::PgnearSet { name, value } => self.set(name, Some(value)).map(|()| "SET"),
+            Kind::PgnearReset { name } => self
+                .set(name.as_deref().unwrap_or("route"), None)
+                .map(|()| "RESET"),
+            _ => Ok("SHOW"),
+        };
+        match done {
+            Ok(tag) => {
+                write::command_complete(out, tag);
+                true
+            }
+            Err(e) => {
+                write::error_response(out, &e);
+                false
+            }
+        }
+    }
+
+    /// Answers an extended-protocol batch whose every statement is a pgnear command (drivers
+    /// that prepare everything, e.g. psycopg after a few runs, send `SHOW pgnear.write_lsn`
+    /// this way), after everything sent before it was answered.
+    async fn answer_pgnear_batch(&mut self) -> Result<(), PgError> {
+        self.drain_all().await?;
+        let batch = std::mem::take(&mut self.batch);
+        let mut out = BytesMut::new();
+        let mut portals: Vec<(String, Option<Kind>)> = Vec::new();
+        let mut failed = false;
+        for (t, frame) in frames(&batch) {
+            let body = &frame[5..];
+            if failed && t != tag::SYNC {
+                continue;
+            }
+            let name_at =
+                |at: usize| cstr(body.get(at..).unwrap_or_default()).map_or("", |(n, _)| n);
+            match t {
+                tag::PARSE => {
+                    if name_at(0).is_empty() {
+                        // The server's unnamed statement is no longer the client's.
+                        self.unnamed_role = None;
+                    }
+                    write::empty(&mut out, b'1');
+                }
+                tag::BIND => {
+                    let (portal, used) = cstr(body).unwrap_or_default();
+                    let kind = self.statement_command(name_at(used));
+                    portals.retain(|(p, _)| p != portal);
+                    portals.push((portal.to_string(), kind));
+                    write::empty(&mut out, b'2');
+                }
+                tag::DESCRIBE => {
+                    let name = name_at(1);
+                    let kind = if body.first() == Some(&b'S') {
+                        write::no_parameters(&mut out);
+                        self.statement_command(name)
+                    } else {
+                        portals
+                            .iter()
+                            .find(|(p, _)| p == name)
+                            .and_then(|(_, k)| k.clone())
+                    };
+                    match kind {
+                        Some(Kind::PgnearShow { name }) => {
+                            write::text_row_description(&mut out, &format!("pgnear.{name}"))
+                        }
+                        _ => write::empty(&mut out, b'n'),
+                    }
+                }
+                tag::EXECUTE => {
+                    let portal = name_at(0);
+                    let kind = portals
+                        .iter()
+                        .find(|(p, _)| p == portal)
+                        .and_then(|(_, k)| k.clone());
+                    if let Some(kind) = kind {
+                        failed = !self.run_pgnear(&kind, &mut out, false);
+                    }
+                }
+                tag::CLOSE => write::empty(&mut out, b'3'),
+                tag::SYNC => {
+                    failed = false;
+                    write::ready_for_query(&mut out, self.client_tx_status());
+                }
+                _ => {}
+            }
+        }
+        self.batch = batch;
+        self.batch.clear();
+        self.batch_tags.clear();
+        self.write_client(&out).await
+    }
+
+    /// The pgnear command a prepared statement (`""`: the unnamed one) is, if it is one.
+    fn statement_command(&self, name: &str) -> Option<Kind> {
+        let c = self.statement_class((!name.is_empty()).then_some(name))?;
+        pgnear_command(&c)
     }
 
     fn show(&self, name: &str) -> Option<Option<String>> {
