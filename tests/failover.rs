@@ -170,13 +170,20 @@ fn a_silent_partition_ends_a_write_with_08006_instead_of_a_hang() {
             .await
             .expect_err("the write cannot complete");
         relay.partition(false);
-        let db = e.as_db_error().expect("an error from pgnear");
-        assert_eq!(db.code().code(), "08006", "{}", db.message());
-        assert!(
-            db.message().contains("primary upstream stopped answering"),
-            "{}",
-            db.message()
-        );
+        // The session ends (its state was on the primary): the client reads pgnear's FATAL
+        // 08006, or, when pgnear was still waiting for an earlier answer and the client had no
+        // request of its own in flight, just the close.
+        match e.as_db_error() {
+            Some(db) => {
+                assert_eq!(db.code().code(), "08006", "{}", db.message());
+                assert!(
+                    db.message().contains("primary upstream stopped answering"),
+                    "{}",
+                    db.message()
+                );
+            }
+            None => assert!(c.is_closed(), "{e}"),
+        }
         eventually("writes work again", Duration::from_secs(30), || async {
             let Ok((c, conn)) = tokio_postgres::connect(&url(&p), tokio_postgres::NoTls).await
             else {

@@ -558,9 +558,11 @@ impl Session {
             .as_ref()
             .is_some_and(|s| !s.expect.is_empty())
         {
-            match read_opt(self.slot(role)).await {
-                Ok(()) => self.on_server(role).await?,
-                Err(e) => return self.server_failed(role, e).await,
+            // Bounded like the relay loop: a server gone silent is noticed here too.
+            match tokio::time::timeout(PROBE_INTERVAL, read_opt(self.slot(role))).await {
+                Ok(Ok(())) => self.on_server(role).await?,
+                Ok(Err(e)) => return self.server_failed(role, e).await,
+                Err(_) => self.check_silent_servers().await?,
             }
         }
         Ok(())
