@@ -2,28 +2,36 @@
 //!
 //! One run starts a two-region lab (primary `iad`, replica `syd`) and measures side by side:
 //! A. local overhead: pgbench read-only against the syd replica directly, through pgnear and
-//!    through PgBouncer (transaction mode); TPC-B against the primary directly and through pgnear;
-//! B. multi-region latency at 100 ms RTT: an app in syd talking to the primary vs through pgnear;
+//!    through PgBouncer (transaction mode), also with a new connection per transaction (`-C`);
+//!    TPC-B against the primary directly and through pgnear;
+//! B. multi-region latency at 100 ms RTT: an app in syd talking to the primary vs through pgnear
+//!    (forward mode with a warm pool, and replay mode), including a new connection's first
+//!    write; the distributions are drawn in `target/bench-latency.svg`;
 //! C. memory of the real `pgnear` binary (`target/release/pgnear`, which cargo builds alongside
-//!    this bench): idle, with many idle clients, and while one client streams 100 MB.
+//!    this bench): idle, with 10,000 idle clients (and PgBouncer's for comparison), and while
+//!    one client streams 100 MB.
 //!
 //! The Markdown report goes to stdout and `target/bench-report.md`; progress goes to stderr.
 //! `PGNEAR_BENCH_SECS` sets the pgbench run length (default 10 s), `PGNEAR_BENCH_SAMPLES` the
-//! latency samples per measurement (default 200). Each pgbench configuration runs 3 times with
-//! the targets interleaved and reports the median: this machine is small and shared.
+//! latency samples per measurement (default 200), `PGNEAR_BENCH_IDLE_CLIENTS` the idle clients
+//! of section C (default 10,000). Each pgbench configuration runs 3 times with the targets
+//! interleaved and reports the median: this machine is small and shared.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use pgnear::config::WriteMode;
 use pgnear::lab::cluster::{Cluster, ClusterOptions};
 use pgnear::lab::{proxy_config, proxy_url};
 use pgnear::Proxy;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 use tokio_postgres::{Client, NoTls};
 
@@ -31,11 +39,16 @@ const PRIMARY: &str = "iad";
 const REPLICA: &str = "syd";
 const REPS: usize = 3;
 const ONE_WAY: Duration = Duration::from_millis(50);
-const IDLE_CLIENTS: usize = 2_000;
+const IDLE_CLIENTS: usize = 10_000;
+/// Warm connections per upstream for the multi-region pgnear (`pool.min_idle`): one for the next
+/// client while another is being reset (`DISCARD ALL`, one round trip) after a write.
+const MIN_IDLE: usize = 2;
 const PGBOUNCER: &str = "/usr/sbin/pgbouncer";
 const HEAD: &str = "| pgbench | target | TPS | avg latency (ms) | TPS vs direct | added latency (µs) |\n|---|---|---:|---:|---:|---:|\n";
 const READ_SQL: &str = "SELECT abalance FROM pgbench_accounts WHERE aid = $1";
 const WRITE_SQL: &str = "UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid = $1";
+const INSERT_SQL: &str =
+    "INSERT INTO pgbench_history (tid, bid, aid, delta, mtime) VALUES (1, 1, 1, 0, now())";
 const STREAM_SQL: &str =
     "COPY (SELECT repeat('x', 1000) FROM generate_series(1, 100000)) TO STDOUT";
 
@@ -44,6 +57,28 @@ struct Bench<'a> {
     cluster: &'a Cluster,
     secs: u64,
     samples: usize,
+    idle_clients: usize,
+    /// Rows of the report's summary table, added by the sections as they measure.
+    summary: Mutex<Vec<String>>,
+}
+
+impl Bench<'_> {
+    /// A summary row: figure, target, measured, verdict.
+    fn summary(&self, cells: [&str; 4]) {
+        let row = format!("| {} |", cells.join(" | "));
+        self.summary
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(row);
+    }
+}
+
+fn verdict(met: bool) -> &'static str {
+    if met {
+        "met"
+    } else {
+        "**not met**"
+    }
 }
 
 /// pgbench targets: (name, address).
@@ -57,9 +92,10 @@ fn main() -> anyhow::Result<()> {
     let _ = subscriber.with_writer(std::io::stderr).try_init();
     let secs = env_num("PGNEAR_BENCH_SECS", 10).max(1);
     let samples = env_num("PGNEAR_BENCH_SAMPLES", 200).max(1);
+    let idle_clients = env_num("PGNEAR_BENCH_IDLE_CLIENTS", IDLE_CLIENTS).max(1);
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     let runtime = runtime.worker_threads(2).enable_all().build()?;
-    let report = runtime.block_on(run(secs, samples))?;
+    let report = runtime.block_on(run(secs, samples, idle_clients))?;
     print!("{report}");
     let path = target_dir().join("bench-report.md");
     std::fs::write(&path, &report).with_context(|| format!("writing {}", path.display()))?;
@@ -68,7 +104,7 @@ fn main() -> anyhow::Result<()> {
 }
 
 /// Starts the lab, runs every section, and shuts the lab down whatever happened.
-async fn run(secs: u64, samples: usize) -> anyhow::Result<String> {
+async fn run(secs: u64, samples: usize, idle_clients: usize) -> anyhow::Result<String> {
     let began = Instant::now();
     progress("starting the lab: primary in iad, replica in syd");
     let regions = vec![PRIMARY.into(), REPLICA.into()];
@@ -82,11 +118,25 @@ async fn run(secs: u64, samples: usize) -> anyhow::Result<String> {
         cluster: &cluster,
         secs,
         samples,
+        idle_clients,
+        summary: Mutex::default(),
     };
     let result = sections(&bench, &mut report).await;
+    let rows = bench
+        .summary
+        .into_inner()
+        .unwrap_or_else(|p| p.into_inner());
     progress("stopping the lab");
     cluster.shutdown().await;
     result?;
+    let summary = format!(
+        "\n## Summary of the new figures\n\n| figure | target | measured (this run) | |\n\
+         |---|---|---|---|\n{}\n",
+        rows.join("\n")
+    );
+    // After the header (the first section), before the sections.
+    let at = report.find("\n## ").unwrap_or(report.len());
+    report.insert_str(at, &summary);
     let total = began.elapsed().as_secs_f64();
     writeln!(report, "\n_Total bench run time: {total:.0} s._")?;
     Ok(report)
@@ -106,7 +156,7 @@ async fn sections(b: &Bench<'_>, out: &mut String) -> anyhow::Result<()> {
     push_section(out, "A. Local overhead (pgbench, no added latency)", local);
     let regions = section_regions(b).await;
     push_section(out, "B. Multi-region latency (100 ms RTT)", regions);
-    let memory = section_memory(cluster).await;
+    let memory = section_memory(b, bouncer.as_deref().ok()).await;
     push_section(out, "C. Memory of the pgnear process", memory);
     let observability = section_observability(b).await;
     push_section(out, "D. Cost of per-statement metrics", observability);
@@ -129,7 +179,7 @@ async fn section_observability(b: &Bench<'_>) -> Res {
     );
     for mode in ["simple", "prepared"] {
         let args = ["-S", "-M", mode, "-c", "8", "-j", "2"];
-        out.push_str(&pgbench_rows(b, &args, &targets, &mut notes).await?);
+        out.push_str(&pgbench_rows(b, &args, &targets, &mut notes).await?.0);
     }
     if !notes.is_empty() {
         write!(out, "\nFailed runs:\n{notes}")?;
@@ -195,7 +245,9 @@ async fn section_local(b: &Bench<'_>, pgbouncer: Option<&Path>) -> anyhow::Resul
          CPUs, so at 8 clients the ratios show CPU cost per query as much as latency.\n\n",
     );
     let bouncer = match pgbouncer {
-        Some(bin) => Bouncer::start(bin, replica, o).await.map(Some),
+        Some(bin) => Bouncer::start(bin, replica, o, "scram-sha-256", 200)
+            .await
+            .map(Some),
         None => Ok(None),
     };
     let bouncer = bouncer.unwrap_or_else(|e| {
@@ -209,13 +261,19 @@ async fn section_local(b: &Bench<'_>, pgbouncer: Option<&Path>) -> anyhow::Resul
     for mode in ["simple", "extended", "prepared"] {
         for (clients, threads) in [("1", "1"), ("8", "2")] {
             let args = ["-S", "-M", mode, "-c", clients, "-j", threads];
-            out.push_str(&pgbench_rows(b, &args, &targets, &mut notes).await?);
+            out.push_str(&pgbench_rows(b, &args, &targets, &mut notes).await?.0);
         }
     }
+    // A new connection (and SCRAM authentication) per transaction: pgnear answers the startup
+    // itself and hands out a pooled server connection; direct, the replica forks a backend.
+    let args = ["-S", "-C", "-M", "simple", "-c", "8", "-j", "2"];
+    let (rows, runs) = pgbench_rows(b, &args, &targets, &mut notes).await?;
+    out.push_str(&rows);
+    write!(out, "\n{}", connect_ratios(b, &targets, &runs))?;
     write!(out, "\n### TPC-B (`pgbench`), iad primary\n\n{HEAD}")?;
     let targets = [("direct", c.primary().addr()), ("pgnear (iad)", iad.addr())];
     let args = ["-c", "8", "-j", "2"];
-    out.push_str(&pgbench_rows(b, &args, &targets, &mut notes).await?);
+    out.push_str(&pgbench_rows(b, &args, &targets, &mut notes).await?.0);
     if !notes.is_empty() {
         write!(out, "\nFailed runs (n/a above):\n{notes}")?;
     }
@@ -225,9 +283,54 @@ async fn section_local(b: &Bench<'_>, pgbouncer: Option<&Path>) -> anyhow::Resul
     Ok(out)
 }
 
+/// The `pgbench -S -C` figures: pgnear's and PgBouncer's TPS against direct (the first target),
+/// as a note for the report; also a summary row.
+fn connect_ratios(b: &Bench<'_>, targets: &Targets, runs: &[Option<Run>]) -> String {
+    let tps = |name: &str| {
+        let i = targets.iter().position(|(n, _)| *n == name)?;
+        runs.get(i).copied().flatten().map(|r| r.tps)
+    };
+    let Some((direct, near)) = tps("direct").zip(tps("pgnear")) else {
+        b.summary([
+            "`pgbench -S -C` 8 clients, pgnear vs direct to the replica",
+            "(report)",
+            "n/a: a run failed",
+            "—",
+        ]);
+        return "- `pgbench -S -C`: no ratio, a run failed.\n".into();
+    };
+    let ratio = near / direct;
+    let mut note = format!(
+        "- New connection per transaction (`pgbench -S -C`, SCRAM each time, 8 clients): \
+         pgnear {near:.0} TPS vs {direct:.0} direct to the replica, {ratio:.2}x"
+    );
+    let mut measured = format!("{ratio:.2}x ({near:.0} vs {direct:.0} TPS)");
+    if let Some(bouncer) = tps("pgbouncer") {
+        let (vs, of) = (near / bouncer, bouncer / direct);
+        let _ = write!(
+            note,
+            "; PgBouncer {bouncer:.0} TPS, {of:.2}x direct; pgnear vs PgBouncer {vs:.2}x"
+        );
+        let _ = write!(measured, "; PgBouncer {of:.2}x, pgnear/PgBouncer {vs:.2}x");
+    }
+    note.push_str(".\n");
+    b.summary([
+        "`pgbench -S -C` 8 clients (new connection per transaction), pgnear vs direct to the replica",
+        "(report the ratio)",
+        &measured,
+        "—",
+    ]);
+    note
+}
+
 /// Runs `args` against each target in turn, `REPS` times over (a target that fails once is not
-/// run again), and returns one table row per target with the median run.
-async fn pgbench_rows(b: &Bench<'_>, args: &[&str], targets: &Targets, notes: &mut String) -> Res {
+/// run again), and returns one table row per target with the median run, and the medians.
+async fn pgbench_rows(
+    b: &Bench<'_>,
+    args: &[&str],
+    targets: &Targets,
+    notes: &mut String,
+) -> anyhow::Result<(String, Vec<Option<Run>>)> {
     let (o, what, secs) = (b.cluster.options(), args.join(" "), b.secs.to_string());
     let args = [args, &["-n", "-T", secs.as_str()][..]].concat();
     let mut cells: Vec<Result<Vec<Run>, String>> = vec![Ok(Vec::new()); targets.len()];
@@ -248,11 +351,12 @@ async fn pgbench_rows(b: &Bench<'_>, args: &[&str], targets: &Targets, notes: &m
         let (tps, lat_ms) = (percentile(&tps, 50.0), percentile(&lat, 50.0));
         Some(Run { tps, lat_ms })
     };
-    let direct = median(&cells[0]);
+    let medians: Vec<Option<Run>> = cells.iter().map(median).collect();
+    let direct = medians[0];
     let one_client = args.windows(2).any(|w| w == ["-c", "1"]);
     let mut out = String::new();
-    for ((name, _), cell) in targets.iter().zip(&cells) {
-        let Some((m, d)) = median(cell).zip(direct) else {
+    for (((name, _), cell), m) in targets.iter().zip(&cells).zip(&medians) {
+        let Some((m, d)) = m.zip(direct) else {
             writeln!(out, "| `{what}` | {name} | n/a | n/a | n/a | n/a |")?;
             if let Err(e) = cell {
                 writeln!(notes, "- {name}, `{what}`: {e}")?;
@@ -267,7 +371,7 @@ async fn pgbench_rows(b: &Bench<'_>, args: &[&str], targets: &Targets, notes: &m
         let row = format!("{tps:.0} | {lat:.3} | {ratio:.2} | {added}");
         writeln!(out, "| `{what}` | {name} | {row} |")?;
     }
-    Ok(out)
+    Ok((out, medians))
 }
 
 /// Runs pgbench as the app user; the result of a timed (`-T`) run is parsed.
@@ -292,12 +396,12 @@ async fn pgbench(o: &ClusterOptions, at: SocketAddr, args: &[&str]) -> Result<Ru
         let line = lines.find(|l| l.contains("error")).unwrap_or("no output");
         return Err(format!("{}: {line}", out.status));
     }
-    let field = |prefix: &str, suffix: &str| {
+    // `tps = N (without initial connection time)`, or `(including reconnection times)` with -C.
+    let field = |prefix: &str| {
         let mut lines = stdout.lines();
-        lines.find_map(|l| l.strip_prefix(prefix)?.strip_suffix(suffix)?.parse().ok())
+        lines.find_map(|l| l.strip_prefix(prefix)?.split(' ').next()?.parse().ok())
     };
-    let tps = field("tps = ", " (without initial connection time)");
-    match (secs, tps, field("latency average = ", " ms")) {
+    match (secs, field("tps = "), field("latency average = ")) {
         (None, ..) => Ok(Run::default()),
         (Some(_), Some(tps), Some(lat_ms)) => Ok(Run { tps, lat_ms }),
         _ => Err(format!("unexpected pgbench output: {}", stdout.trim())),
@@ -323,7 +427,8 @@ async fn ensure_pgbouncer() -> Result<PathBuf, String> {
     }
 }
 
-/// A PgBouncer in transaction mode in front of the replica, in its own temporary directory.
+/// A PgBouncer in transaction mode in front of the replica, in its own temporary directory, with
+/// `auth_type` and `max_client_conn` as given.
 /// Killed on drop, by the pid in its pidfile: under `runuser` it is not our direct child.
 struct Bouncer {
     child: Child,
@@ -332,7 +437,13 @@ struct Bouncer {
 }
 
 impl Bouncer {
-    async fn start(bin: &Path, replica: SocketAddr, o: &ClusterOptions) -> anyhow::Result<Self> {
+    async fn start(
+        bin: &Path,
+        replica: SocketAddr,
+        o: &ClusterOptions,
+        auth_type: &str,
+        max_clients: usize,
+    ) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new().prefix("pgnear-bench-").tempdir()?;
         let d = dir.path();
         let addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
@@ -341,8 +452,8 @@ impl Bouncer {
         let ini = format!(
             "[databases]\n{db} = host={host} port={port} dbname={db}\n\n[pgbouncer]\n\
              listen_addr = 127.0.0.1\nlisten_port = {listen}\nunix_socket_dir =\n\
-             auth_type = scram-sha-256\nauth_file = {}\npool_mode = transaction\n\
-             default_pool_size = 20\nmax_client_conn = 200\npidfile = {}\n",
+             auth_type = {auth_type}\nauth_file = {}\npool_mode = transaction\n\
+             default_pool_size = 20\nmax_client_conn = {max_clients}\npidfile = {}\n",
             users.display(),
             pid.display(),
         );
@@ -357,7 +468,10 @@ impl Bouncer {
             if !chown.await?.success() {
                 bail!("chown -R postgres {} failed", d.display());
             }
-            cmd = command("runuser", &["-u", "postgres", "--"]);
+            // runuser's PAM session lowers the open-files soft limit (to 1024 here): restore ours.
+            let (soft, hard) = nofile("self");
+            let nofile = format!("--nofile={soft}:{hard}");
+            cmd = command("runuser", &["-u", "postgres", "--", "prlimit", &nofile]);
             cmd.arg(bin);
         }
         cmd.arg(d.join("pgbouncer.ini")).current_dir("/");
@@ -372,10 +486,17 @@ impl Bouncer {
     }
 }
 
+impl Bouncer {
+    /// PgBouncer's own pid, from its pidfile.
+    fn pid(&self) -> Option<u32> {
+        let pid = std::fs::read_to_string(self.dir.path().join("pgbouncer.pid"));
+        pid.ok()?.trim().parse().ok()
+    }
+}
+
 impl Drop for Bouncer {
     fn drop(&mut self) {
-        let pid = std::fs::read_to_string(self.dir.path().join("pgbouncer.pid"));
-        if let Some(pid) = pid.ok().and_then(|p| p.trim().parse::<u32>().ok()) {
+        if let Some(pid) = self.pid() {
             let mut kill = std::process::Command::new("kill");
             let _ = kill.args(["-KILL", &pid.to_string()]).status();
         }
@@ -395,34 +516,92 @@ struct Samples {
     write: Vec<f64>,
     raw: Vec<f64>,
     connect: Vec<f64>,
+    /// A new connection's first statement is a write (`INSERT_SQL`).
+    connect_write: Vec<f64>,
 }
 
 async fn section_regions(b: &Bench<'_>) -> Res {
     let relay = &b.cluster.replica(REPLICA).context("no syd replica")?.relay;
     relay.set_delay(ONE_WAY);
-    let result = regions_measure(b.cluster, b.samples).await;
+    let result = regions_measure(b).await;
     relay.set_delay(Duration::ZERO);
     result
 }
 
-async fn regions_measure(cluster: &Cluster, samples: usize) -> Res {
-    let proxy = Proxy::start(proxy_config(cluster, REPLICA)).await?;
-    progress(format!("{} latency samples each, direct", samples));
-    let direct = latency_samples(&cluster.primary_url_from(REPLICA), samples).await;
-    progress("latency samples through pgnear in syd");
-    let near = latency_samples(&proxy_url(cluster, &proxy), samples).await;
-    proxy.shutdown().await;
-    let (d, mut n) = (direct.context("direct")?, near.context("through pgnear")?);
+/// pgnear in syd twice: forward mode and replay mode, both with `pool.min_idle = MIN_IDLE`.
+async fn regions_measure(b: &Bench<'_>) -> Res {
+    let mut config = proxy_config(b.cluster, REPLICA);
+    config.pool.min_idle = MIN_IDLE;
+    let mut replay_config = config.clone();
+    replay_config.routing.write_mode = WriteMode::Replay;
+    let forward = Proxy::start(config).await?;
+    let replay = match Proxy::start(replay_config).await {
+        Ok(p) => p,
+        Err(e) => {
+            forward.shutdown().await;
+            return Err(e.into());
+        }
+    };
+    let result = regions_run(b, &forward, &replay).await;
+    forward.shutdown().await;
+    replay.shutdown().await;
+    result
+}
+
+async fn regions_run(b: &Bench<'_>, forward: &Proxy, replay: &Proxy) -> Res {
+    let (cluster, samples) = (b.cluster, b.samples);
+    let direct_url = cluster.primary_url_from(REPLICA);
+    progress(format!("{samples} latency samples each, direct"));
+    let mut d = latency_samples(&direct_url, samples)
+        .await
+        .context("direct")?;
+    d.connect_write = connect_samples(&direct_url, samples, INSERT_SQL).await?;
+    progress("latency samples through pgnear in syd (forward mode)");
+    let near_url = proxy_url(cluster, forward);
+    let mut n = latency_samples(&near_url, samples)
+        .await
+        .context("through pgnear")?;
+    // The pool is warm again (a write session may have taken a connection), then count what
+    // the new connections' first writes cost the pool.
+    let admin = forward.admin_addr();
+    let idle = r#"pgnear_pool_idle_connections{upstream="primary"}"#;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metric(admin, idle).await.unwrap_or(0.0) < MIN_IDLE as f64 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let warm = metric(admin, idle).await.unwrap_or(f64::NAN);
+    let connects = r#"pgnear_pool_server_connects_total{upstream="primary"}"#;
+    let resets = r#"pgnear_pool_resets_total{upstream="primary"}"#;
+    let before = [metric(admin, connects).await, metric(admin, resets).await];
+    n.connect_write = connect_samples(&near_url, samples, INSERT_SQL)
+        .await
+        .context("connect + INSERT through pgnear")?;
+    let after = [metric(admin, connects).await, metric(admin, resets).await];
+    let [opened, reset] = [0, 1].map(|i| match (before[i], after[i]) {
+        (Some(x), Some(y)) => format!("{:.0}", y - x),
+        _ => "?".into(),
+    });
     progress("read samples straight to the syd replica");
     let replica_url = cluster.replica_url(REPLICA).context("no syd replica")?;
     n.replica_read = latency_samples_reads(&replica_url, samples).await?;
+    progress("latency samples through pgnear in syd (replay mode)");
+    let replay_url = proxy_url(cluster, replay);
+    let r = Samples {
+        read: latency_samples_reads(&replay_url, samples).await?,
+        connect: connect_samples(&replay_url, samples, "SELECT 1").await?,
+        ..Samples::default()
+    };
+
     let delay = ONE_WAY.as_millis();
     let mut out = format!(
         "The syd relay adds {delay} ms each way. The app in syd talks either to the primary \
          directly (`primary_url_from(\"syd\")`) or to pgnear in syd (forward mode, session \
-         consistency). Reads: `{READ_SQL}`; writes: `{WRITE_SQL}`; read after write: the same \
-         read right after a write, same session; connect: a new connection's `SELECT 1`. \
-         Client-side prepared statements; {samples} samples each; milliseconds.\n\n\
+         consistency, session pooling with `pool.min_idle = {MIN_IDLE}`; replay-mode rows: a \
+         second pgnear with `write_mode = \"replay\"`, same pool). Reads: `{READ_SQL}`; writes: \
+         `{WRITE_SQL}`; read after write: the same read right after a write, same session; \
+         connect: a new connection (SCRAM) and its first statement, `SELECT 1` or \
+         `{INSERT_SQL}`, in the simple protocol. Otherwise client-side prepared statements; \
+         {samples} samples each; milliseconds.\n\n\
          | sample | direct p50 | direct p99 | pgnear p50 | pgnear p99 |\n|---|---:|---:|---:|---:|\n"
     );
     let rows = [
@@ -432,9 +611,20 @@ async fn regions_measure(cluster: &Cluster, samples: usize) -> Res {
             &d.read,
             &n.replica_read,
         ),
+        ("read, pgnear in replay mode", &d.read, &r.read),
         ("write", &d.write, &n.write),
         ("read after write", &d.raw, &n.raw),
         ("connect + `SELECT 1`", &d.connect, &n.connect),
+        (
+            "connect + `SELECT 1`, pgnear in replay mode",
+            &d.connect,
+            &r.connect,
+        ),
+        (
+            "connect + first `INSERT`",
+            &d.connect_write,
+            &n.connect_write,
+        ),
     ];
     for (name, d, n) in rows {
         let [d50, d99, n50, n99] =
@@ -468,6 +658,89 @@ async fn regions_measure(cluster: &Cluster, samples: usize) -> Res {
         nr - straight,
         n99 - straight99,
         raw99 - n99
+    )?;
+    let rtt = 2.0 * ONE_WAY.as_secs_f64() * 1000.0;
+    let target = rtt + 5.0;
+    let [dw50, dw99, nw50, nw99] = [
+        (&d.connect_write, 50.0),
+        (&d.connect_write, 99.0),
+        (&n.connect_write, 50.0),
+        (&n.connect_write, 99.0),
+    ]
+    .map(|(v, p)| percentile(v, p));
+    let (rtts50, rtts99) = (dw50 / rtt, dw99 / rtt);
+    writeln!(
+        out,
+        "- New connection + first write (`INSERT`): {dw50:.2} / {dw99:.2} ms (p50 / p99) direct \
+         ({rtts50:.1} / {rtts99:.1} RTT: TCP, SCRAM and the statement each cross the distance) vs \
+         {nw50:.2} / {nw99:.2} ms through pgnear, whose pool was warm ({warm} idle primary \
+         connections before the samples). Target 1 RTT + 5 ms = {target:.0} ms: {} at p50, {} at \
+         p99. During those {samples} samples pgnear opened {opened} server connection(s) to the \
+         primary (the pool's own top-up included) and reset {reset} (`DISCARD ALL`, run in the \
+         background after each session that wrote, in session mode, before the connection is \
+         reused).",
+        verdict(nw50 <= target),
+        verdict(nw99 <= target),
+    )?;
+    let slowest = n.connect_write.iter().copied().fold(0.0, f64::max);
+    let (w50, w99) = (percentile(&n.write, 50.0), percentile(&n.write, 99.0));
+    // Waiting behind a reset adds up to 1 RTT, a new server connection about 4.
+    let waited = match slowest < 1.5 * rtt {
+        true => "so no client waited for a reset or a server handshake",
+        false => "so at least one client waited for a reset or a server handshake",
+    };
+    writeln!(
+        out,
+        "- The same through pgnear, against a write on an established session: {:+.2} ms at \
+         p50, {:+.2} ms at p99 (the local connect and SCRAM exchange with pgnear). Slowest \
+         sample {slowest:.2} ms, {waited} (a reset costs up to 1 RTT, a handshake about 4).",
+        nw50 - w50,
+        nw99 - w99,
+    )?;
+    let p99 = match nw99 <= target {
+        true => "",
+        false => "; p99 not met",
+    };
+    b.summary([
+        "new connection + first write from the far region, pool warm (p50 / p99)",
+        &format!("at most 1 RTT + 5 ms ({target:.0} ms)"),
+        &format!("{nw50:.2} / {nw99:.2} ms vs {dw50:.2} / {dw99:.2} ms direct"),
+        &format!("{} at p50{p99}", verdict(nw50 <= target)),
+    ]);
+
+    let chart = target_dir().join("bench-latency.svg");
+    let groups: [ChartGroup; 5] = [
+        (
+            "read",
+            vec![
+                (0, &d.read),
+                (1, &n.replica_read),
+                (2, &n.read),
+                (3, &r.read),
+            ],
+        ),
+        ("write", vec![(0, &d.write), (2, &n.write)]),
+        ("read after write", vec![(0, &d.raw), (2, &n.raw)]),
+        (
+            "new connection + SELECT 1",
+            vec![(0, &d.connect), (2, &n.connect), (3, &r.connect)],
+        ),
+        (
+            "new connection + INSERT",
+            vec![(0, &d.connect_write), (2, &n.connect_write)],
+        ),
+    ];
+    let title = format!(
+        "App in syd, primary in iad, {:.0} ms RTT: latency per statement ({samples} samples each)",
+        rtt
+    );
+    std::fs::write(&chart, latency_svg(&title, &groups))
+        .with_context(|| format!("writing {}", chart.display()))?;
+    writeln!(
+        out,
+        "- Chart of these distributions: `{}` (box p25 to p75, bar at p50, whiskers p1 to p99; \
+         committed as `docs/latency.svg`).",
+        chart.display()
     )?;
     Ok(out)
 }
@@ -514,33 +787,227 @@ async fn latency_samples(url: &str, n: usize) -> anyhow::Result<Samples> {
         writer.query_one(&reread, &[&aid(i)]).await?;
         out.raw.push(ms(t));
     }
+    drop((reader, writer));
+    out.connect = connect_samples(url, n, "SELECT 1").await?;
+    Ok(out)
+}
+
+/// `n` timed new connections, each running `sql` (simple protocol) and closing, one at a time.
+async fn connect_samples(url: &str, n: usize, sql: &str) -> anyhow::Result<Vec<f64>> {
+    let mut out = Vec::with_capacity(n);
     for _ in 0..n {
         let t = Instant::now();
-        connect(url).await?.simple_query("SELECT 1").await?;
-        out.connect.push(ms(t));
+        connect(url).await?.simple_query(sql).await?;
+        out.push(ms(t));
     }
     Ok(out)
+}
+
+/// One sample of pgnear's `/metrics` (`name` with its labels, as printed), over plain HTTP.
+async fn metric(admin: SocketAddr, name: &str) -> Option<f64> {
+    let mut s = TcpStream::connect(admin).await.ok()?;
+    let request = "GET /metrics HTTP/1.1\r\nHost: pgnear\r\nConnection: close\r\n\r\n";
+    s.write_all(request.as_bytes()).await.ok()?;
+    let mut text = String::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut text));
+    read.await.ok()?.ok()?;
+    let mut lines = text.lines();
+    lines.find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+}
+
+/// What the chart draws for one measurement: its name, and (setup index, samples) per row.
+type ChartGroup<'a> = (&'a str, Vec<(usize, &'a [f64])>);
+
+/// The setups drawn in the chart: legend text and colour, by index.
+const SETUPS: [(&str, &str); 4] = [
+    ("direct to the primary (iad)", "#d62728"),
+    ("direct to the local replica (syd)", "#8c8c8c"),
+    ("pgnear in syd, forward mode", "#1f77b4"),
+    ("pgnear in syd, replay mode", "#2ca02c"),
+];
+
+/// A horizontal box plot (log-scale milliseconds) of latency distributions, grouped by what was
+/// measured, one row per setup (an index into `SETUPS`): plain SVG text.
+fn latency_svg(title: &str, groups: &[ChartGroup]) -> String {
+    let (width, left, right, top, row, gap) = (960.0, 220.0, 70.0, 78.0, 20.0, 14.0);
+    let rows: usize = groups.iter().map(|(_, r)| r.len()).sum();
+    let plot_h = rows as f64 * row + groups.len() as f64 * gap;
+    let height = top + plot_h + 56.0;
+    let all = groups
+        .iter()
+        .flat_map(|(_, r)| r.iter().flat_map(|(_, v)| v.iter()));
+    let (lo, hi) = all.fold((f64::MAX, f64::MIN), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+    let lo = lo.max(1e-3).log10().floor() as i32;
+    let hi = (hi.max(1e-3).log10().ceil() as i32).max(lo + 1);
+    let x = |v: f64| {
+        let f = (v.max(1e-3).log10() - lo as f64) / (hi - lo) as f64;
+        left + f.clamp(0.0, 1.0) * (width - left - right)
+    };
+    let mut svg = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{height}\" \
+         viewBox=\"0 0 {width} {height}\" font-family=\"sans-serif\" font-size=\"12\">\n\
+         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+         <text x=\"{}\" y=\"22\" font-size=\"15\" font-weight=\"bold\" \
+         text-anchor=\"middle\">{}</text>\n",
+        width / 2.0,
+        xml(title)
+    );
+    // Legend.
+    let mut lx = 20.0;
+    for (name, colour) in SETUPS {
+        let _ = writeln!(
+            svg,
+            "<rect x=\"{lx}\" y=\"36\" width=\"14\" height=\"10\" fill=\"{colour}\" \
+             fill-opacity=\"0.45\" stroke=\"{colour}\"/><text x=\"{}\" y=\"45\">{}</text>",
+            lx + 18.0,
+            xml(name)
+        );
+        lx += 18.0 + 6.5 * name.len() as f64 + 16.0;
+    }
+    // Decades: grid lines and labels; lighter lines at 2..9.
+    let bottom = top + plot_h;
+    for e in lo..=hi {
+        let v = 10f64.powi(e);
+        let xv = x(v);
+        let label = if e < 0 {
+            format!("{:.*}", (-e) as usize, v)
+        } else {
+            format!("{v:.0}")
+        };
+        let _ = writeln!(
+            svg,
+            "<line x1=\"{xv:.1}\" y1=\"{}\" x2=\"{xv:.1}\" y2=\"{bottom}\" stroke=\"#bbb\"/>\
+             <text x=\"{xv:.1}\" y=\"{}\" text-anchor=\"middle\">{label}</text>",
+            top - 8.0,
+            bottom + 16.0
+        );
+        for m in 2..10 {
+            let xm = x(v * m as f64);
+            if e < hi {
+                let _ = writeln!(
+                    svg,
+                    "<line x1=\"{xm:.1}\" y1=\"{}\" x2=\"{xm:.1}\" y2=\"{bottom}\" \
+                     stroke=\"#eee\"/>",
+                    top - 8.0
+                );
+            }
+        }
+    }
+    let _ = writeln!(
+        svg,
+        "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">milliseconds, log scale \
+         (box: p25 to p75, bar: p50, whiskers: p1 to p99; the number: p50)</text>",
+        left + (width - left - right) / 2.0,
+        bottom + 36.0
+    );
+    let mut y = top;
+    for (name, series) in groups {
+        let group_h = series.len() as f64 * row;
+        let _ = writeln!(
+            svg,
+            "<text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\" font-weight=\"bold\">{}</text>",
+            left - 10.0,
+            y + group_h / 2.0 + 4.0,
+            xml(name)
+        );
+        for (setup, values) in series {
+            let (_, colour) = SETUPS[*setup];
+            let [p1, p25, p50, p75, p99] =
+                [1.0, 25.0, 50.0, 75.0, 99.0].map(|p| percentile(values, p));
+            let mid = y + row / 2.0;
+            if !values.is_empty() {
+                let _ = writeln!(
+                    svg,
+                    "<line x1=\"{:.1}\" y1=\"{mid}\" x2=\"{:.1}\" y2=\"{mid}\" stroke=\"{colour}\"/>\
+                     <line x1=\"{:.1}\" y1=\"{}\" x2=\"{:.1}\" y2=\"{}\" stroke=\"{colour}\"/>\
+                     <line x1=\"{:.1}\" y1=\"{}\" x2=\"{:.1}\" y2=\"{}\" stroke=\"{colour}\"/>\
+                     <rect x=\"{:.1}\" y=\"{}\" width=\"{:.1}\" height=\"{}\" fill=\"{colour}\" \
+                     fill-opacity=\"0.45\" stroke=\"{colour}\"/>\
+                     <line x1=\"{:.1}\" y1=\"{}\" x2=\"{:.1}\" y2=\"{}\" stroke=\"{colour}\" \
+                     stroke-width=\"3\"/>\
+                     <text x=\"{:.1}\" y=\"{:.1}\" font-size=\"11\">{}</text>",
+                    x(p1),
+                    x(p99),
+                    x(p1),
+                    mid - 4.0,
+                    x(p1),
+                    mid + 4.0,
+                    x(p99),
+                    mid - 4.0,
+                    x(p99),
+                    mid + 4.0,
+                    x(p25),
+                    mid - 6.0,
+                    (x(p75) - x(p25)).max(1.0),
+                    12.0,
+                    x(p50),
+                    mid - 7.0,
+                    x(p50),
+                    mid + 7.0,
+                    x(p99) + 6.0,
+                    mid + 4.0,
+                    fmt_ms(p50)
+                );
+            }
+            y += row;
+        }
+        y += gap;
+        let _ = writeln!(
+            svg,
+            "<line x1=\"{left}\" y1=\"{:.1}\" x2=\"{}\" y2=\"{:.1}\" stroke=\"#ddd\"/>",
+            y - gap / 2.0,
+            width - right,
+            y - gap / 2.0
+        );
+    }
+    svg.push_str("</svg>\n");
+    svg
+}
+
+/// Milliseconds with about three significant digits.
+fn fmt_ms(v: f64) -> String {
+    match v {
+        v if v >= 100.0 => format!("{v:.0} ms"),
+        v if v >= 10.0 => format!("{v:.1} ms"),
+        v if v >= 1.0 => format!("{v:.2} ms"),
+        v => format!("{v:.3} ms"),
+    }
+}
+
+fn xml(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }
 
 // ---------------------------------------------------------------------------------------------
 // C. Memory
 
-async fn section_memory(cluster: &Cluster) -> anyhow::Result<String> {
+async fn section_memory(b: &Bench<'_>, pgbouncer: Option<&Path>) -> Res {
+    let cluster = b.cluster;
     // Cargo builds the package's binaries for its benches and names them here.
     let bin = Path::new(env!("CARGO_BIN_EXE_pgnear"));
     if !bin.is_file() {
         let why = "is missing: `cargo build --release --bin pgnear`";
         return Ok(format!("Skipped: `{}` {why}.\n", bin.display()));
     }
+    let (clients, fd_note) = client_budget(b.idle_clients);
     let listen = SocketAddr::from(([127, 0, 0, 1], free_port()?));
     let log = tempfile::NamedTempFile::new()?;
     let replica_url = cluster.replica_url(REPLICA).context("no syd replica")?;
     let mut cmd = command(bin, &[]);
+    // Clients use trust auth here (a raw startup packet is all they send); pgnear still
+    // authenticates to the servers with SCRAM.
     cmd.env_clear()
         .env("DATABASE_URL", cluster.primary_url_from(REPLICA))
         .env("PGNEAR_REPLICA_URL", replica_url)
         .env("PGNEAR_LISTEN", listen.to_string())
         .env("PGNEAR_ADMIN_LISTEN", "127.0.0.1:0")
+        .env("PGNEAR_AUTH_METHOD", "trust")
+        .env(
+            "PGNEAR_PROXY_MAX_CLIENT_CONNECTIONS",
+            (clients + 100).to_string(),
+        )
         .env("FLY_REGION", REPLICA)
         .env("PRIMARY_REGION", PRIMARY)
         .env("PGNEAR_LOG_LEVEL", "warn");
@@ -548,42 +1015,89 @@ async fn section_memory(cluster: &Cluster) -> anyhow::Result<String> {
     let mut child = cmd.spawn().context("starting pgnear")?;
     let pid = child.id().context("pgnear exited at once")?;
     let result = match wait_listening(listen, &mut child).await {
-        Ok(()) => memory_measure(cluster, pid, listen).await,
+        Ok(()) => memory_measure(b, pid, listen, clients).await,
         Err(e) => Err(e),
     };
     let _ = child.kill().await;
     let log = std::fs::read_to_string(log.path()).unwrap_or_default();
-    let text = result.with_context(|| format!("pgnear log: {}", log.trim()))?;
+    let (text, idle_kb, held_kb, n) =
+        result.with_context(|| format!("pgnear log: {}", log.trim()))?;
     let bin = bin.display();
-    Ok(format!(
-        "Binary `{bin}` in syd, no added latency.\n\n{text}"
-    ))
+    let mut out = format!("Binary `{bin}` in syd, no added latency.\n\n{text}");
+    if let Some(note) = fd_note {
+        writeln!(out, "- {note}")?;
+    }
+    let bouncer = match pgbouncer {
+        None => Err(anyhow::anyhow!("not installed")),
+        Some(bin) => bouncer_memory(cluster, bin, clients).await,
+    };
+    let per = |idle: u64, held: u64, n: usize| held.saturating_sub(idle) as f64 / n.max(1) as f64;
+    let mb = |kb: u64| kb as f64 / 1024.0;
+    write!(
+        out,
+        "\nIdle clients side by side (raw startup packets, trust auth, each client held open and \
+         silent after ReadyForQuery):\n\n\
+         | proxy | clients | VmRSS idle (MB) | VmRSS with the clients (MB) | per client (KB) |\n\
+         |---|---:|---:|---:|---:|\n\
+         | pgnear | {n} | {:.1} | {:.1} | {:.1} |\n",
+        mb(idle_kb),
+        mb(held_kb),
+        per(idle_kb, held_kb, n)
+    )?;
+    match bouncer {
+        Ok((idle, held, bn, limit, failed)) => {
+            writeln!(
+                out,
+                "| PgBouncer (transaction mode, `max_client_conn = {}`, open-files limit {limit}) \
+                 | {bn} | {:.1} | {:.1} | {:.1} |",
+                clients + 100,
+                mb(idle),
+                mb(held),
+                per(idle, held, bn)
+            )?;
+            if let Some(e) = failed {
+                writeln!(
+                    out,
+                    "\n- PgBouncer stopped accepting after {bn} clients: {e}"
+                )?;
+            }
+        }
+        Err(e) => writeln!(out, "| PgBouncer: failed, {e:#} | | | | |")?,
+    }
+    let total = mb(held_kb);
+    b.summary([
+        &format!("pgnear RSS with {n} idle clients"),
+        "at most 100 MB",
+        &format!(
+            "{total:.1} MB ({:.1} KB per client, idle {:.1} MB)",
+            per(idle_kb, held_kb, n),
+            mb(idle_kb)
+        ),
+        verdict(total <= 100.0 && n >= IDLE_CLIENTS),
+    ]);
+    Ok(out)
 }
 
-async fn memory_measure(cluster: &Cluster, pid: u32, addr: SocketAddr) -> anyhow::Result<String> {
-    let o = cluster.options();
+/// The pgnear process with idle clients, then streaming: (the report's table and notes,
+/// idle kB, kB with the clients, clients held).
+async fn memory_measure(
+    b: &Bench<'_>,
+    pid: u32,
+    addr: SocketAddr,
+    target: usize,
+) -> anyhow::Result<(String, u64, u64, usize)> {
+    let o = b.cluster.options();
     let (user, password, db) = (&o.app_user, &o.app_password, &o.database);
     let url = format!("postgres://{user}:{password}@{addr}/{db}?sslmode=disable");
+    // One query served: pgnear has connected to the replica and cached its startup parameters.
     connect(&url).await?.simple_query("SELECT 1").await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let idle = rss_kb(pid)?;
 
-    let (target, why) = client_budget(cluster).await?;
     progress(format!("opening {target} idle clients through pgnear"));
-    let (mut clients, mut failed) = (Vec::with_capacity(target), None);
-    while clients.len() < target && failed.is_none() {
-        let mut batch = tokio::task::JoinSet::new();
-        for _ in 0..(target - clients.len()).min(25) {
-            let url = url.clone();
-            batch.spawn(async move { connect(&url).await });
-        }
-        while let Some(joined) = batch.join_next().await {
-            match joined? {
-                Ok(c) => clients.push(c),
-                Err(e) => failed = Some(format!("{e:#}")),
-            }
-        }
-    }
+    let began = Instant::now();
+    let (clients, failed) = raw_clients(addr, user, db, target).await;
+    let secs = began.elapsed().as_secs_f64();
     tokio::time::sleep(Duration::from_secs(1)).await;
     let (held, n) = (rss_kb(pid)?, clients.len());
     drop(clients);
@@ -592,7 +1106,7 @@ async fn memory_measure(cluster: &Cluster, pid: u32, addr: SocketAddr) -> anyhow
 
     progress("streaming 100 MB through pgnear");
     let hwm_before = status_kb(pid, "VmHWM:")?;
-    let (sampled, secs, outcome) = stream_peak(pid, &url).await?;
+    let (sampled, stream_secs, outcome) = stream_peak(pid, &url).await?;
     // A spike shorter than the sampling period still shows in the high-water mark.
     let hwm = status_kb(pid, "VmHWM:")?;
     let peak = if hwm > hwm_before {
@@ -603,52 +1117,171 @@ async fn memory_measure(cluster: &Cluster, pid: u32, addr: SocketAddr) -> anyhow
     let [idle_mb, held_mb, after_mb, peak_mb] =
         [idle, held, after, peak].map(|kb| kb as f64 / 1024.0);
     let per_client = held.saturating_sub(idle) as f64 / n.max(1) as f64;
-    let (growth, rate) = (peak_mb - after_mb, 100.0 / secs.max(1e-9));
+    let (growth, rate) = (peak_mb - after_mb, 100.0 / stream_secs.max(1e-9));
     let mut out = format!(
         "| state | VmRSS (MB) |\n|---|---:|\n\
          | idle after startup (one query served) | {idle_mb:.1} |\n\
-         | {n} idle authenticated clients | {held_mb:.1} |\n\
+         | {n} idle clients (startup done) | {held_mb:.1} |\n\
          | after those clients left | {after_mb:.1} |\n\
          | peak while one client streams 100 MB | {peak_mb:.1} |\n\n\
-         - Per idle client: {per_client:.1} KB ((RSS with {n} clients - idle) / {n}).\n\
+         - Per idle client: {per_client:.1} KB ((RSS with {n} clients - idle) / {n}); they \
+         connected in {secs:.1} s, 100 at a time, each a raw startup packet read up to \
+         ReadyForQuery (pgnear answers it from cached server parameters: an idle client holds no \
+         server connection).\n\
          - Streaming (`{STREAM_SQL}` by psql, RSS sampled every 50 ms and checked against \
-         VmHWM): peak {growth:+.1} MB over the RSS before it; {secs:.1} s, {rate:.0} MB/s; \
+         VmHWM): peak {growth:+.1} MB over the RSS before it; {stream_secs:.1} s, {rate:.0} MB/s; \
          {outcome}.\n"
     );
-    if let Some(why) = why {
-        writeln!(out, "- Scaled down from {IDLE_CLIENTS} clients: {why}")?;
-    }
     if let Some(e) = failed {
         writeln!(out, "- Connecting stopped after {n} clients: {e}")?;
     }
-    Ok(out)
+    Ok((out, idle, held, n))
 }
 
-/// How many idle clients to open, and why fewer than `IDLE_CLIENTS` if so. pgnear opens a
-/// primary connection per client at startup, so the primary's free slots bound it, as does the
-/// fd limit (this process holds 3 sockets per client: the client and both ends of the relay).
-async fn client_budget(cluster: &Cluster) -> anyhow::Result<(usize, Option<String>)> {
-    let (password, primary) = (cluster.superuser_password(), cluster.primary().addr());
-    let url = format!("postgres://postgres:{password}@{primary}/postgres?sslmode=disable");
-    let sql = "SELECT current_setting('max_connections')::int \
-               - current_setting('superuser_reserved_connections')::int \
-               - (SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend')::int";
-    let free: i32 = connect(&url).await?.query_one(sql, &[]).await?.get(0);
-    let pg_cap = usize::try_from(free - 10).unwrap_or(0);
-    let limits = std::fs::read_to_string("/proc/self/limits").unwrap_or_default();
-    let fds = limits.lines().find(|l| l.starts_with("Max open files"));
-    let fds: usize = fds
-        .and_then(|l| l.split_whitespace().nth(3)?.parse().ok())
-        .unwrap_or(1024);
-    let fd_cap = fds.saturating_sub(256) / 3;
-    let n = IDLE_CLIENTS.min(pg_cap).min(fd_cap);
-    let why = format!(
-        "without a shared pool pgnear opens one server connection per client at startup (the \
-         replica in syd), and the lab's servers had {free} free connection slots \
-         (max_connections = 300), so {pg_cap} fit (10 kept spare); the open-files limit ({fds}) \
-         allows {fd_cap}."
-    );
-    Ok((n, (n < IDLE_CLIENTS).then_some(why)))
+/// What `bouncer_memory` measured: idle kB, kB with the clients, clients held, PgBouncer's
+/// open-files limit, why connecting stopped early.
+type BouncerMemory = (u64, u64, usize, String, Option<String>);
+
+/// A PgBouncer (trust auth) in front of the replica with `clients` idle clients.
+async fn bouncer_memory(
+    cluster: &Cluster,
+    bin: &Path,
+    clients: usize,
+) -> anyhow::Result<BouncerMemory> {
+    let o = cluster.options();
+    let replica = cluster
+        .replica(REPLICA)
+        .context("no syd replica")?
+        .node
+        .addr();
+    let bouncer = Bouncer::start(bin, replica, o, "trust", clients + 100).await?;
+    let pid = bouncer.pid().context("no PgBouncer pid")?;
+    // The first client makes PgBouncer log in to the server; later ones get its parameters.
+    let (first, failed) = raw_clients(bouncer.addr, &o.app_user, &o.database, 1).await;
+    if let Some(e) = failed {
+        bail!("a first client failed: {e}");
+    }
+    drop(first);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let idle = rss_kb(pid)?;
+    progress(format!("opening {clients} idle clients through PgBouncer"));
+    let (held_clients, failed) = raw_clients(bouncer.addr, &o.app_user, &o.database, clients).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let held = rss_kb(pid)?;
+    let n = held_clients.len();
+    drop(held_clients);
+    let limit = nofile(&pid.to_string()).0;
+    if let Some(e) = failed.as_ref().filter(|_| n == 0) {
+        bail!("no client connected: {e}");
+    }
+    Ok((idle, held, n, limit.to_string(), failed))
+}
+
+/// Opens `n` client connections to `addr`, 100 at a time, each a startup packet read up to
+/// ReadyForQuery (trust auth). Stops at the first batch with a failure and says why.
+async fn raw_clients(
+    addr: SocketAddr,
+    user: &str,
+    db: &str,
+    n: usize,
+) -> (Vec<TcpStream>, Option<String>) {
+    let mut startup = Vec::new();
+    startup.extend_from_slice(&196_608u32.to_be_bytes());
+    for (k, v) in [("user", user), ("database", db)] {
+        for s in [k, v] {
+            startup.extend_from_slice(s.as_bytes());
+            startup.push(0);
+        }
+    }
+    startup.push(0);
+    let len = (startup.len() as u32 + 4).to_be_bytes();
+    let packet: Arc<[u8]> = [&len[..], &startup].concat().into();
+    let mut clients = Vec::with_capacity(n);
+    while clients.len() < n {
+        let mut batch = tokio::task::JoinSet::new();
+        for _ in 0..(n - clients.len()).min(100) {
+            let packet = packet.clone();
+            let startup = raw_startup(addr, packet);
+            batch.spawn(tokio::time::timeout(Duration::from_secs(15), startup));
+        }
+        let mut failed = None;
+        while let Some(joined) = batch.join_next().await {
+            match joined {
+                Ok(Ok(Ok(s))) => clients.push(s),
+                Ok(Ok(Err(e))) => failed = Some(format!("{e:#}")),
+                Ok(Err(_)) => failed = Some("no ReadyForQuery within 15 s".into()),
+                Err(e) => failed = Some(e.to_string()),
+            }
+        }
+        if failed.is_some() {
+            return (clients, failed);
+        }
+    }
+    (clients, None)
+}
+
+async fn raw_startup(addr: SocketAddr, packet: Arc<[u8]>) -> anyhow::Result<TcpStream> {
+    let mut s = TcpStream::connect(addr).await?;
+    s.write_all(&packet).await?;
+    let mut body = Vec::new();
+    loop {
+        let mut head = [0u8; 5];
+        s.read_exact(&mut head).await?;
+        let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+        body.resize(len.saturating_sub(4), 0);
+        s.read_exact(&mut body).await?;
+        match head[0] {
+            b'Z' => return Ok(s),
+            b'E' => bail!(
+                "error: {}",
+                String::from_utf8_lossy(&body).replace('\0', " ")
+            ),
+            b'R' if body.get(..4) != Some(&[0, 0, 0, 0]) => bail!("a password was asked for"),
+            _ => {}
+        }
+    }
+}
+
+/// How many idle clients to open: the open-files limit must allow one socket per client here
+/// and in the proxy (which inherits it). A soft limit below what is needed is raised to the
+/// hard limit (`prlimit`) when that helps; the note says what happened.
+fn client_budget(wanted: usize) -> (usize, Option<String>) {
+    let (mut soft, hard) = nofile("self");
+    let needed = wanted + 512;
+    let mut note = None;
+    if soft < needed && hard > soft {
+        let pid = std::process::id().to_string();
+        let set = format!("--nofile={hard}:{hard}");
+        let mut prlimit = std::process::Command::new("prlimit");
+        let ran = prlimit.args(["--pid", &pid, &set]).status();
+        let was = soft;
+        soft = nofile("self").0;
+        note = Some(format!(
+            "Open-files limit raised from {was} to {soft} for this run ({})",
+            match ran {
+                Ok(s) if s.success() => "prlimit".to_string(),
+                Ok(s) => format!("prlimit: {s}"),
+                Err(e) => format!("prlimit: {e}"),
+            }
+        ));
+    }
+    let n = wanted.min(soft.saturating_sub(512));
+    if n < wanted {
+        note = Some(format!(
+            "Scaled down from {wanted} clients: the open-files limit is {soft} (hard {hard}); \
+             raise it (`ulimit -n`) to run them all."
+        ));
+    }
+    (n, note)
+}
+
+/// The open-files limit (soft, hard) of `/proc/<pid>` (`self` for this process).
+fn nofile(pid: &str) -> (usize, usize) {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap_or_default();
+    let line = text.lines().find(|l| l.starts_with("Max open files"));
+    let mut fields = line.map(|l| l.split_whitespace().skip(3));
+    let mut next = || fields.as_mut()?.next()?.parse::<usize>().ok();
+    (next().unwrap_or(1024), next().unwrap_or(1024))
 }
 
 /// Streams 100 MB through pgnear with psql while sampling RSS every 50 ms.
