@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use pgnear::config::WriteMode;
 use pgnear::lab::cluster::{Cluster, ClusterOptions};
+use pgnear::lab::process::{free_port, rss_kb, status_kb, wait_listening, PgnearProcess};
 use pgnear::lab::{proxy_config, proxy_url};
 use pgnear::Proxy;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -992,34 +993,17 @@ async fn section_memory(b: &Bench<'_>, pgbouncer: Option<&Path>) -> Res {
         return Ok(format!("Skipped: `{}` {why}.\n", bin.display()));
     }
     let (clients, fd_note) = client_budget(b.idle_clients);
-    let listen = SocketAddr::from(([127, 0, 0, 1], free_port()?));
-    let log = tempfile::NamedTempFile::new()?;
-    let replica_url = cluster.replica_url(REPLICA).context("no syd replica")?;
-    let mut cmd = command(bin, &[]);
     // Clients use trust auth here (a raw startup packet is all they send); pgnear still
     // authenticates to the servers with SCRAM.
-    cmd.env_clear()
-        .env("DATABASE_URL", cluster.primary_url_from(REPLICA))
-        .env("PGNEAR_REPLICA_URL", replica_url)
-        .env("PGNEAR_LISTEN", listen.to_string())
-        .env("PGNEAR_ADMIN_LISTEN", "127.0.0.1:0")
-        .env("PGNEAR_AUTH_METHOD", "trust")
-        .env(
-            "PGNEAR_PROXY_MAX_CLIENT_CONNECTIONS",
-            (clients + 100).to_string(),
-        )
-        .env("FLY_REGION", REPLICA)
-        .env("PRIMARY_REGION", PRIMARY)
-        .env("PGNEAR_LOG_LEVEL", "warn");
-    cmd.stdout(Stdio::null()).stderr(log.reopen()?);
-    let mut child = cmd.spawn().context("starting pgnear")?;
-    let pid = child.id().context("pgnear exited at once")?;
-    let result = match wait_listening(listen, &mut child).await {
-        Ok(()) => memory_measure(b, pid, listen, clients).await,
-        Err(e) => Err(e),
-    };
-    let _ = child.kill().await;
-    let log = std::fs::read_to_string(log.path()).unwrap_or_default();
+    let limit = (clients + 100).to_string();
+    let env = [
+        ("PGNEAR_AUTH_METHOD", "trust"),
+        ("PGNEAR_PROXY_MAX_CLIENT_CONNECTIONS", limit.as_str()),
+    ];
+    let pgnear = PgnearProcess::start(bin, cluster, REPLICA, &env).await?;
+    let result = memory_measure(b, pgnear.pid, pgnear.addr, clients).await;
+    let log = pgnear.log();
+    pgnear.stop().await;
     let (text, idle_kb, held_kb, n) =
         result.with_context(|| format!("pgnear log: {}", log.trim()))?;
     let bin = bin.display();
@@ -1314,18 +1298,6 @@ async fn stream_peak(pid: u32, url: &str) -> anyhow::Result<(u64, f64, String)> 
     Ok((peak, secs, outcome))
 }
 
-fn rss_kb(pid: u32) -> anyhow::Result<u64> {
-    status_kb(pid, "VmRSS:")
-}
-
-/// A `kB` field of `/proc/<pid>/status`, e.g. `VmRSS:` or `VmHWM:` (the peak RSS so far).
-fn status_kb(pid: u32, field: &str) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let value = status.lines().find_map(|l| l.strip_prefix(field));
-    let kb = value.and_then(|v| v.trim().strip_suffix(" kB")?.trim().parse().ok());
-    kb.with_context(|| format!("no {field} in /proc/{pid}/status"))
-}
-
 // ---------------------------------------------------------------------------------------------
 // Helpers
 
@@ -1344,23 +1316,6 @@ async fn connect(url: &str) -> anyhow::Result<Client> {
     Ok(client)
 }
 
-/// Waits until `addr` accepts connections; fails if `child` exits first or after 15 s.
-async fn wait_listening(addr: SocketAddr, child: &mut Child) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        if let Some(status) = child.try_wait()? {
-            bail!("exited with {status} before listening on {addr}");
-        }
-        if tokio::net::TcpStream::connect(addr).await.is_ok() {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!("not listening on {addr} after 15 s");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// Nearest-rank percentile.
 fn percentile(values: &[f64], p: f64) -> f64 {
     if values.is_empty() {
@@ -1374,11 +1329,6 @@ fn percentile(values: &[f64], p: f64) -> f64 {
 
 fn ms(since: Instant) -> f64 {
     since.elapsed().as_secs_f64() * 1000.0
-}
-
-fn free_port() -> std::io::Result<u16> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(listener.local_addr()?.port())
 }
 
 fn running_as_root() -> bool {

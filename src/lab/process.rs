@@ -55,31 +55,15 @@ impl PgnearProcess {
             addr,
             log,
         };
-        if let Err(e) = p.wait_listening().await {
+        if let Err(e) = wait_listening(addr, &mut p.child).await {
             bail!("{e}; pgnear log: {}", p.log().trim());
         }
         Ok(p)
     }
 
-    async fn wait_listening(&mut self) -> anyhow::Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                bail!("exited with {status} before listening on {}", self.addr);
-            }
-            if tokio::net::TcpStream::connect(self.addr).await.is_ok() {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!("not listening on {} after 15 s", self.addr);
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
     /// Resident memory now, in kB.
     pub fn rss_kb(&self) -> anyhow::Result<u64> {
-        status_kb(self.pid, "VmRSS:")
+        rss_kb(self.pid)
     }
 
     /// Open file descriptors now.
@@ -95,6 +79,28 @@ impl PgnearProcess {
     pub async fn stop(mut self) {
         let _ = self.child.kill().await;
     }
+}
+
+/// Waits until `addr` accepts connections; fails if `child` exits first or after 15 s.
+pub async fn wait_listening(addr: SocketAddr, child: &mut Child) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Some(status) = child.try_wait()? {
+            bail!("exited with {status} before listening on {addr}");
+        }
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("not listening on {addr} after 15 s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Resident memory of a process, in kB.
+pub fn rss_kb(pid: u32) -> anyhow::Result<u64> {
+    status_kb(pid, "VmRSS:")
 }
 
 /// A `kB` field of `/proc/<pid>/status`, e.g. `VmRSS:` or `VmHWM:` (the peak RSS so far).
