@@ -131,9 +131,18 @@ pub fn parse_startup_body(body: &[u8]) -> Result<StartupPacket, PgError> {
     }
 }
 
+/// Tags of the messages a client may send after startup.
+const MESSAGE_TAGS: &[u8] = b"QPBDECSHFdcfX";
+
 /// The next complete frame in `buf`: (tag, total length including tag).
-/// `Ok(None)` means more bytes are needed.
+/// `Ok(None)` means more bytes are needed. An unknown tag is refused at once, as by Postgres,
+/// without waiting for the body its length field announces.
 pub fn next_frame(buf: &BytesMut, max: usize) -> Result<Option<(u8, usize)>, PgError> {
+    if let Some(&t) = buf.first().filter(|t| !MESSAGE_TAGS.contains(t)) {
+        return Err(PgError::protocol(format!(
+            "invalid frontend message type {t}"
+        )));
+    }
     if buf.len() < 5 {
         return Ok(None);
     }
@@ -247,5 +256,12 @@ mod tests {
         assert!(next_frame(&b, 1024).is_err());
         let b = BytesMut::from(&b"Q\x7f\xff\xff\xff"[..]);
         assert!(next_frame(&b, 1024).is_err());
+        // an unknown tag is refused before its length, let alone its body, has arrived
+        for junk in [&b"\0"[..], b"Z\0\0\0\x05", b"p\0\0\x08\0"] {
+            assert!(
+                next_frame(&BytesMut::from(junk), 1 << 20).is_err(),
+                "{junk:?}"
+            );
+        }
     }
 }

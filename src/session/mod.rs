@@ -403,7 +403,19 @@ impl Session {
                     let role = self.last;
                     self.server(role).await?.send_client_frame(t, &frame);
                 }
-                tag::TERMINATE => return Ok(Flow::Terminate),
+                tag::TERMINATE => {
+                    // Like Postgres, run and answer what the client sent before Terminate,
+                    // unless a COPY FROM STDIN waits for data that will not come.
+                    if ![&self.primary, &self.replica]
+                        .into_iter()
+                        .flatten()
+                        .any(|s| s.copy_in)
+                    {
+                        self.flush_servers().await?;
+                        self.drain_all().await?;
+                    }
+                    return Ok(Flow::Terminate);
+                }
                 other => {
                     return Err(PgError::protocol(format!(
                         "invalid frontend message type {other}"

@@ -66,6 +66,9 @@ pub struct Server {
     last_activity: std::time::Instant,
     /// The replica refused the tentative request; its remaining answer is dropped.
     retrying: bool,
+    /// In COPY FROM STDIN (CopyInResponse seen, ReadyForQuery not yet): the server waits for
+    /// the client's data.
+    pub copy_in: bool,
 }
 
 /// What a scan saw that the session cares about.
@@ -96,6 +99,7 @@ impl Server {
             held: BytesMut::new(),
             last_activity: std::time::Instant::now(),
             retrying: false,
+            copy_in: false,
         }
     }
 
@@ -321,7 +325,9 @@ impl Server {
                 }
             }
             match tag {
+                be::COPY_IN => self.copy_in = true,
                 be::READY_FOR_QUERY => {
+                    self.copy_in = false;
                     self.tx = body.first().copied().unwrap_or(b'I');
                     if forward && m.completed.is_some() {
                         if let Some(r) = self.requests.pop_front() {
