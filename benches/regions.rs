@@ -14,7 +14,8 @@
 //! The Markdown report goes to stdout and `target/bench-report.md`; progress goes to stderr.
 //! `PGNEAR_BENCH_SECS` sets the pgbench run length (default 10 s), `PGNEAR_BENCH_SAMPLES` the
 //! latency samples per measurement (default 200), `PGNEAR_BENCH_IDLE_CLIENTS` the idle clients
-//! of section C (default 10,000). Each pgbench configuration runs 3 times with the targets
+//! of section C (default 10,000), `PGNEAR_BENCH_SECTIONS` which sections run (e.g. `AC`; default
+//! all). Each pgbench configuration runs 3 times with the targets
 //! interleaved and reports the median: this machine is small and shared.
 
 use std::fmt::Write as _;
@@ -153,14 +154,25 @@ async fn sections(b: &Bench<'_>, out: &mut String) -> anyhow::Result<()> {
         bail!("pgbench -i failed: {e}");
     }
     cluster.wait_replicas_caught_up().await?;
-    let local = section_local(b, bouncer.as_deref().ok()).await;
-    push_section(out, "A. Local overhead (pgbench, no added latency)", local);
-    let regions = section_regions(b).await;
-    push_section(out, "B. Multi-region latency (100 ms RTT)", regions);
-    let memory = section_memory(b, bouncer.as_deref().ok()).await;
-    push_section(out, "C. Memory of the pgnear process", memory);
-    let observability = section_observability(b).await;
-    push_section(out, "D. Cost of per-statement metrics", observability);
+    // `PGNEAR_BENCH_SECTIONS=AC` runs only sections A and C (default: all).
+    let only = std::env::var("PGNEAR_BENCH_SECTIONS").unwrap_or_default();
+    let wanted = |letter: char| only.is_empty() || only.contains(letter);
+    if wanted('A') {
+        let local = section_local(b, bouncer.as_deref().ok()).await;
+        push_section(out, "A. Local overhead (pgbench, no added latency)", local);
+    }
+    if wanted('B') {
+        let regions = section_regions(b).await;
+        push_section(out, "B. Multi-region latency (100 ms RTT)", regions);
+    }
+    if wanted('C') {
+        let memory = section_memory(b, bouncer.as_deref().ok()).await;
+        push_section(out, "C. Memory of the pgnear process", memory);
+    }
+    if wanted('D') {
+        let observability = section_observability(b).await;
+        push_section(out, "D. Cost of per-statement metrics", observability);
+    }
     Ok(())
 }
 

@@ -65,18 +65,16 @@ async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, admitted: 
     let _counted = crate::admin::metrics::ClientGuard::new(&metrics);
     let mut slot = Some(Stream::Plain(tcp));
     let timeout = shared.config.proxy.startup_timeout.0;
-    let outcome = tokio::time::timeout(timeout, handshake(&shared, &mut slot)).await;
+    // Startup and the session's first steps are boxed: they run once, and unboxed their
+    // futures would enlarge every idle session's task for its whole life.
+    let outcome = Box::pin(tokio::time::timeout(timeout, handshake(&shared, &mut slot))).await;
     let startup = match outcome {
         Ok(Ok(Handshake::Ready(startup))) => startup,
         Ok(Ok(Handshake::Done)) => return,
-        Ok(Err(e)) => return refuse(&shared, slot, e).await,
+        Ok(Err(e)) => return Box::pin(refuse(&shared, slot, e)).await,
         Err(_) => {
-            return refuse(
-                &shared,
-                slot,
-                PgError::protocol("startup timed out (proxy.startup_timeout)"),
-            )
-            .await;
+            let e = PgError::protocol("startup timed out (proxy.startup_timeout)");
+            return Box::pin(refuse(&shared, slot, e)).await;
         }
     };
     let span = tracing::Span::current();
@@ -90,12 +88,12 @@ async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, admitted: 
     if !admitted {
         let e = PgError::new(ErrorKind::Capacity, "sorry, too many clients already")
             .with_detail("proxy.max_client_connections reached");
-        return refuse(&shared, Some(stream), e).await;
+        return Box::pin(refuse(&shared, Some(stream), e)).await;
     }
     tracing::debug!(%peer, "client authenticated");
-    match Session::establish(shared.clone(), stream, startup).await {
+    match Box::pin(Session::establish(shared.clone(), stream, startup)).await {
         Ok(session) => session.run().await,
-        Err((stream, e)) => refuse(&shared, Some(stream), e).await,
+        Err((stream, e)) => Box::pin(refuse(&shared, Some(stream), e)).await,
     }
 }
 

@@ -86,7 +86,7 @@ impl Session {
         shared: Arc<Shared>,
         mut client: Stream,
         startup: Startup,
-    ) -> Result<Session, (Stream, PgError)> {
+    ) -> Result<Box<Session>, (Stream, PgError)> {
         let database = startup
             .get("database")
             .filter(|d| !d.is_empty())
@@ -201,12 +201,13 @@ impl Session {
             *session.slot(role) = Some(server);
             session.release_if_done(role);
         }
-        Ok(session)
+        // Boxed: the session lives as long as the client, and its future is kept small.
+        Ok(Box::new(session))
     }
 
     /// Relays until the client leaves or pgnear shuts down. On an error the client is told
     /// (ErrorResponse) before the connection closes.
-    pub async fn run(mut self) {
+    pub async fn run(mut self: Box<Self>) {
         let result = self.relay().await;
         if let Err(e) = result {
             tracing::debug!(error = %e, "session ends with an error");
@@ -233,7 +234,13 @@ impl Session {
             }
             if !s.expect.is_empty() {
                 // The client left with a query running: stop the server's work now.
-                send_cancel(s.conn.addr, s.conn.pid, &s.conn.secret, timeout).await;
+                Box::pin(send_cancel(
+                    s.conn.addr,
+                    s.conn.pid,
+                    &s.conn.secret,
+                    timeout,
+                ))
+                .await;
             }
             // Terminate, so the server ends the session (and rolls back) at once.
             let _ = s.conn.stream.write_all(TERMINATE).await;
@@ -293,16 +300,16 @@ impl Session {
             tokio::select! {
                 r = read_opt(&mut self.primary) => match r {
                     Ok(()) => self.on_server(Role::Primary).await?,
-                    Err(e) => self.server_failed(Role::Primary, e).await?,
+                    Err(e) => Box::pin(self.server_failed(Role::Primary, e)).await?,
                 },
                 r = read_opt(&mut self.replica) => {
                     match r {
                         Ok(()) => self.on_server(Role::Replica).await?,
-                        Err(e) => self.server_failed(Role::Replica, e).await?,
+                        Err(e) => Box::pin(self.server_failed(Role::Replica, e)).await?,
                     }
                     // Frames held back behind a tentative request can go now.
                     if !self.tentative_in_flight() && !self.cbuf.is_empty() {
-                        if let Flow::Terminate = self.on_client().await? { return Ok(()) }
+                        if let Flow::Terminate = self.client_frames().await? { return Ok(()) }
                     }
                 }
                 r = self.client.read_buf(&mut self.cbuf), if !self.tentative_in_flight() => {
@@ -310,11 +317,11 @@ impl Session {
                         Ok(0) | Err(_) => return Ok(()),
                         Ok(n) => {
                             self.shared.metrics.bytes_in(n);
-                            if let Flow::Terminate = self.on_client().await? { return Ok(()) }
+                            if let Flow::Terminate = self.client_frames().await? { return Ok(()) }
                         }
                     }
                 }
-                _ = health.tick(), if self.in_flight() => self.check_silent_servers().await?,
+                _ = health.tick(), if self.in_flight() => Box::pin(self.check_silent_servers()).await?,
                 _ = stopped(&mut shutdown), if deadline.is_none() => {
                     deadline = Some(Instant::now() + self.shared.config.proxy.shutdown_grace.0);
                 }
@@ -363,6 +370,13 @@ impl Session {
                 .into_iter()
                 .flatten()
                 .all(Server::is_idle)
+    }
+
+    /// `on_client`, boxed: its future is large (routing, waiting for the replica, connecting),
+    /// and inline it would be part of every idle session's task; one allocation per client
+    /// read is the cheaper side. (The relay loop boxes its rare paths for the same reason.)
+    async fn client_frames(&mut self) -> Result<Flow, PgError> {
+        Box::pin(self.on_client()).await
     }
 
     /// Handles every complete frame the client sent, then writes to the servers. Stops early
@@ -523,7 +537,8 @@ impl Session {
         };
         self.drain(other).await?;
         if self.slot(role).is_none() {
-            let conn = self.shared.pool(role).acquire(&self.database).await?;
+            // Boxed: opening a connection is a large future, rarely needed.
+            let conn = Box::pin(self.shared.pool(role).acquire(&self.database)).await?;
             *self.slot(role) = Some(Server::new(conn, role));
         }
         self.last = role;
