@@ -20,6 +20,8 @@ const STREAM_THRESHOLD: usize = 64 * 1024;
 const READ_CHUNK: usize = 16 * 1024;
 /// Most bytes of a tentative answer held back before it is released anyway.
 const HOLD_LIMIT: usize = 16 * 1024;
+/// Most bytes reserved at once for a partial frame before its bytes arrive.
+const MAX_RESERVE: usize = 1024 * 1024;
 
 /// A client request (a Query, or a batch ending in Sync) in flight on a server.
 #[derive(Debug, Default)]
@@ -408,7 +410,9 @@ impl Reader {
         }
         cout.extend_from_slice(&buf[run_start..pos]);
         self.rbuf.advance(pos);
-        self.rbuf.reserve(grow);
+        // Room for the rest of a partial frame, within reason: its length comes from the server
+        // (up to 4 GB); a longer frame grows the buffer as its bytes actually arrive.
+        self.rbuf.reserve(grow.min(MAX_RESERVE));
         Ok(())
     }
 }
@@ -442,6 +446,23 @@ mod tests {
         let out = scan(&mut reader, &mut expect).unwrap();
         assert_eq!(&out[..], b"Z\0\0\0\x05I");
         assert!(expect.is_empty());
+    }
+
+    #[test]
+    fn a_huge_length_from_the_server_reserves_little() {
+        // Found by fuzzing: the header of a frame that is not streamed (here a RowDescription)
+        // claiming ~4 GB made the scan reserve all of it up front.
+        let mut expect = Expectations::default();
+        expect.push(Pending::Query, Owner::Client);
+        let mut reader = Reader::default();
+        reader.feed(b"T\xff\xff\xff\xf0\0\x01");
+        let out = scan(&mut reader, &mut expect).unwrap();
+        assert!(out.is_empty());
+        assert!(reader.rbuf.capacity() <= 2 * MAX_RESERVE);
+        assert!(matches!(
+            scan(&mut reader, &mut expect),
+            Ok(ref o) if o.is_empty()
+        ));
     }
 
     #[test]
