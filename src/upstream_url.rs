@@ -160,6 +160,9 @@ impl UpstreamUrl {
         if host.is_empty() {
             return Err("a host name or address after @".into());
         }
+        if host.contains(['[', ']']) {
+            return Err("an IPv6 host in [brackets]".into());
+        }
         let port = if port.is_empty() {
             5432
         } else {
@@ -253,6 +256,9 @@ mod tests {
             "postgres://a@[fdaa::3]]:5433/c",
             "postgres://app:pw\u{164}fdaa::3]:5433/db",
             "postgres://a@fdaa::3/c",
+            // Found by fuzzing: a host with a bracket inside came back as a different URL.
+            "postgres://npp:$pw@[[upstream]",
+            "postgres://a@x]y:5432/c",
         ] {
             assert!(UpstreamUrl::parse(bad).is_err(), "{bad}");
         }
