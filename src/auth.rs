@@ -127,36 +127,11 @@ async fn scram(
 
     // SASLInitialResponse: mechanism, length, client-first-message.
     let body = read_password_frame(stream, buf).await?;
-    let bad = || PgError::protocol("malformed SASL message");
-    let (mechanism, used) = cstr(&body).ok_or_else(bad)?;
-    if mechanism != "SCRAM-SHA-256" {
-        return Err(PgError::protocol(format!(
-            "SASL mechanism {mechanism:?} is not supported (pgnear offers SCRAM-SHA-256)"
-        )));
-    }
-    let mut rest = &body[used..];
-    if rest.len() < 4 {
-        return Err(bad());
-    }
-    let len = rest.get_i32();
-    if len < 0 || len as usize != rest.len() {
-        return Err(bad());
-    }
-    let client_first = std::str::from_utf8(rest).map_err(|_| bad())?;
-    // gs2 header: "n,," or "y,," (client could bind, we did not offer); "p=" needs -PLUS.
-    let (cbind, after) = client_first.split_once(',').ok_or_else(bad)?;
-    if !matches!(cbind, "n" | "y") {
-        return Err(PgError::protocol(
-            "SCRAM channel binding was not offered by pgnear",
-        ));
-    }
-    let (_authzid, bare) = after.split_once(',').ok_or_else(bad)?;
-    let gs2_header = &client_first[..client_first.len() - bare.len()];
-    let client_nonce = bare
-        .split(',')
-        .find_map(|a| a.strip_prefix("r="))
-        .filter(|n| !n.is_empty())
-        .ok_or_else(bad)?;
+    let ClientFirst {
+        gs2_header,
+        bare,
+        nonce: client_nonce,
+    } = parse_client_first(&body)?;
 
     let mut raw = [0u8; 18];
     rand::rng().fill_bytes(&mut raw);
@@ -171,21 +146,16 @@ async fn scram(
 
     // SASLResponse: client-final-message "c=...,r=...,p=...".
     let body = read_password_frame(stream, buf).await?;
-    let client_final = std::str::from_utf8(&body).map_err(|_| bad())?;
-    let (without_proof, proof) = client_final.rsplit_once(",p=").ok_or_else(bad)?;
-    let mut channel = None;
-    let mut final_nonce = None;
-    for attr in without_proof.split(',') {
-        if let Some(c) = attr.strip_prefix("c=") {
-            channel = Some(c);
-        } else if let Some(r) = attr.strip_prefix("r=") {
-            final_nonce = Some(r);
-        }
-    }
+    let ClientFinal {
+        without_proof,
+        channel,
+        nonce: final_nonce,
+        proof,
+    } = parse_client_final(&body)?;
     if channel != Some(B64.encode(gs2_header).as_str()) || final_nonce != Some(nonce.as_str()) {
         return Err(failed(user));
     }
-    let proof = B64.decode(proof).map_err(|_| bad())?;
+    let proof = B64.decode(proof).map_err(|_| malformed())?;
     let auth_message = format!("{bare},{server_first},{without_proof}");
     let client_signature = hmac(&secret.stored_key, auth_message.as_bytes());
     if proof.len() != client_signature.len() {
@@ -206,6 +176,92 @@ async fn scram(
     );
     // Sent with AuthenticationOk by the caller.
     Ok(())
+}
+
+fn malformed() -> PgError {
+    PgError::protocol("malformed SASL message")
+}
+
+/// What pgnear uses of a SASLInitialResponse body (mechanism, length, client-first-message).
+#[derive(Debug, PartialEq, Eq)]
+pub struct ClientFirst<'a> {
+    /// "n,," or "y,," with an optional authzid.
+    pub gs2_header: &'a str,
+    /// client-first-message-bare.
+    pub bare: &'a str,
+    /// The client's nonce (not empty).
+    pub nonce: &'a str,
+}
+
+/// Parses a SASLInitialResponse body.
+pub fn parse_client_first(body: &[u8]) -> Result<ClientFirst<'_>, PgError> {
+    let (mechanism, used) = cstr(body).ok_or_else(malformed)?;
+    if mechanism != "SCRAM-SHA-256" {
+        return Err(PgError::protocol(format!(
+            "SASL mechanism {mechanism:?} is not supported (pgnear offers SCRAM-SHA-256)"
+        )));
+    }
+    let mut rest = &body[used..];
+    if rest.len() < 4 {
+        return Err(malformed());
+    }
+    let len = rest.get_i32();
+    if len < 0 || len as usize != rest.len() {
+        return Err(malformed());
+    }
+    let client_first = std::str::from_utf8(rest).map_err(|_| malformed())?;
+    // gs2 header: "n,," or "y,," (client could bind, we did not offer); "p=" needs -PLUS.
+    let (cbind, after) = client_first.split_once(',').ok_or_else(malformed)?;
+    if !matches!(cbind, "n" | "y") {
+        return Err(PgError::protocol(
+            "SCRAM channel binding was not offered by pgnear",
+        ));
+    }
+    let (_authzid, bare) = after.split_once(',').ok_or_else(malformed)?;
+    let gs2_header = &client_first[..client_first.len() - bare.len()];
+    let nonce = bare
+        .split(',')
+        .find_map(|a| a.strip_prefix("r="))
+        .filter(|n| !n.is_empty())
+        .ok_or_else(malformed)?;
+    Ok(ClientFirst {
+        gs2_header,
+        bare,
+        nonce,
+    })
+}
+
+/// What pgnear uses of a SASLResponse body (client-final-message "c=...,r=...,p=...").
+#[derive(Debug, PartialEq, Eq)]
+pub struct ClientFinal<'a> {
+    /// client-final-message-without-proof.
+    pub without_proof: &'a str,
+    /// The channel binding attribute (base64 of the gs2 header).
+    pub channel: Option<&'a str>,
+    pub nonce: Option<&'a str>,
+    /// The proof, base64.
+    pub proof: &'a str,
+}
+
+/// Parses a SASLResponse body.
+pub fn parse_client_final(body: &[u8]) -> Result<ClientFinal<'_>, PgError> {
+    let client_final = std::str::from_utf8(body).map_err(|_| malformed())?;
+    let (without_proof, proof) = client_final.rsplit_once(",p=").ok_or_else(malformed)?;
+    let mut channel = None;
+    let mut nonce = None;
+    for attr in without_proof.split(',') {
+        if let Some(c) = attr.strip_prefix("c=") {
+            channel = Some(c);
+        } else if let Some(r) = attr.strip_prefix("r=") {
+            nonce = Some(r);
+        }
+    }
+    Ok(ClientFinal {
+        without_proof,
+        channel,
+        nonce,
+        proof,
+    })
 }
 
 async fn send(stream: &mut Stream, out: &mut BytesMut) -> Result<(), PgError> {
@@ -235,4 +291,56 @@ async fn read_password_frame(stream: &mut Stream, buf: &mut BytesMut) -> Result<
         )));
     }
     Ok(body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn initial(message: &str) -> Vec<u8> {
+        let mut body = b"SCRAM-SHA-256\0".to_vec();
+        body.extend_from_slice(&(message.len() as i32).to_be_bytes());
+        body.extend_from_slice(message.as_bytes());
+        body
+    }
+
+    #[test]
+    fn client_first() {
+        let body = initial("n,,n=,r=rOprNGfwEbeRWgbNEkqO");
+        let f = parse_client_first(&body).unwrap();
+        assert_eq!(
+            f,
+            ClientFirst {
+                gs2_header: "n,,",
+                bare: "n=,r=rOprNGfwEbeRWgbNEkqO",
+                nonce: "rOprNGfwEbeRWgbNEkqO",
+            }
+        );
+        for bad in [
+            initial("p=tls-server-end-point,,n=,r=abc"),
+            initial("n,,n=,r="),
+            b"SCRAM-SHA-256-PLUS\0\0\0\0\x01x".to_vec(),
+            b"SCRAM-SHA-256\0\0\0\0\x09n,,r=abc".to_vec(),
+            b"SCRAM-SHA-256\0\0\0".to_vec(),
+            b"SCRAM-SHA-256".to_vec(),
+        ] {
+            assert!(parse_client_first(&bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn client_final() {
+        let f = parse_client_final(b"c=biws,r=abcdef,p=dGVzdA==").unwrap();
+        assert_eq!(
+            f,
+            ClientFinal {
+                without_proof: "c=biws,r=abcdef",
+                channel: Some("biws"),
+                nonce: Some("abcdef"),
+                proof: "dGVzdA==",
+            }
+        );
+        assert!(parse_client_final(b"c=biws,r=abcdef").is_err());
+        assert!(parse_client_final(b"c=biws,r=abc\xff,p=").is_err());
+    }
 }

@@ -55,7 +55,8 @@ impl HumanDuration {
             "h" => n * 3600.0,
             _ => return None,
         };
-        (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs))
+        // A number too big for a Duration (hundreds of digits) is invalid, not a panic.
+        Duration::try_from_secs_f64(secs).ok()
     }
 }
 
@@ -733,6 +734,10 @@ mod tests {
         assert_eq!(HumanDuration::parse("10"), None);
         assert_eq!(HumanDuration::parse("ms"), None);
         assert_eq!(HumanDuration::parse("-1s"), None);
+        // Found by fuzzing: a number too big for a Duration panicked in from_secs_f64.
+        let huge = format!("{}h", "9".repeat(400));
+        assert_eq!(HumanDuration::parse(&huge), None);
+        assert_eq!(HumanDuration::parse("99999999999999999999999h"), None);
     }
 
     #[test]

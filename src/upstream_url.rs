@@ -143,16 +143,25 @@ impl UpstreamUrl {
         };
         let (host, port) = if let Some(v6) = hostport.strip_prefix('[') {
             let (h, after) = v6.split_once(']').ok_or("an IPv6 host in [brackets]")?;
-            let port = after.strip_prefix(':').unwrap_or("");
+            let port = match after {
+                "" => "",
+                _ => after
+                    .strip_prefix(':')
+                    .ok_or("an IPv6 host in [brackets], then nothing or :port")?,
+            };
             (h.to_string(), port)
         } else {
-            match hostport.rsplit_once(':') {
-                Some((h, p)) => (h.to_string(), p),
-                None => (hostport.to_string(), ""),
+            let (h, p) = hostport.rsplit_once(':').unwrap_or((hostport, ""));
+            if h.contains(':') {
+                return Err("an IPv6 host in [brackets]".into());
             }
+            (h.to_string(), p)
         };
         if host.is_empty() {
             return Err("a host name or address after @".into());
+        }
+        if host.contains(['[', ']']) {
+            return Err("an IPv6 host in [brackets]".into());
         }
         let port = if port.is_empty() {
             5432
@@ -240,6 +249,16 @@ mod tests {
             "postgres://a@h/c?sslmode=maybe",
             "postgres://a@h/c?weird=1",
             "postgres://a@h/%zz",
+            // Found by fuzzing: anything after "]" but ":port" was ignored (the port with it),
+            // and an unbracketed host with ":" came back from `to_url_with_password` as a
+            // different URL.
+            "postgres://a@[fdaa::3]5433/c",
+            "postgres://a@[fdaa::3]]:5433/c",
+            "postgres://app:pw\u{164}fdaa::3]:5433/db",
+            "postgres://a@fdaa::3/c",
+            // Found by fuzzing: a host with a bracket inside came back as a different URL.
+            "postgres://npp:$pw@[[upstream]",
+            "postgres://a@x]y:5432/c",
         ] {
             assert!(UpstreamUrl::parse(bad).is_err(), "{bad}");
         }

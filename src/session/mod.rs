@@ -423,7 +423,7 @@ impl Session {
                     if ![&self.primary, &self.replica]
                         .into_iter()
                         .flatten()
-                        .any(|s| s.copy_in)
+                        .any(|s| s.reader.copy_in)
                     {
                         self.flush_servers().await?;
                         self.drain_all().await?;

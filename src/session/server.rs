@@ -20,6 +20,8 @@ const STREAM_THRESHOLD: usize = 64 * 1024;
 const READ_CHUNK: usize = 16 * 1024;
 /// Most bytes of a tentative answer held back before it is released anyway.
 const HOLD_LIMIT: usize = 16 * 1024;
+/// Most bytes reserved at once for a partial frame before its bytes arrive.
+const MAX_RESERVE: usize = 1024 * 1024;
 
 /// A client request (a Query, or a batch ending in Sync) in flight on a server.
 #[derive(Debug, Default)]
@@ -42,13 +44,12 @@ pub struct Server {
     /// statements).
     pub conn: Pooled,
     pub role: Role,
-    rbuf: BytesMut,
+    /// Bytes read and not yet scanned, and the scan's state between reads.
+    pub reader: Reader,
     pub out: BytesMut,
     pub expect: Expectations,
     /// Transaction status from the last ReadyForQuery: b'I', b'T' or b'E'.
     pub tx: u8,
-    /// Bytes of a partially forwarded frame that still have to pass through.
-    skip: usize,
     /// Client requests in flight, oldest first.
     pub requests: VecDeque<Request>,
     /// Statements the client closed elsewhere, to close here before the next use.
@@ -59,16 +60,35 @@ pub struct Server {
     /// It ran something that may leave state behind that pgnear does not track (a write, a
     /// pin, a named statement): `DISCARD ALL` before another session gets it.
     pub dirty: bool,
-    /// A tentative answer's first frames.
-    held: BytesMut,
     /// When bytes last arrived or were sent (or the session took the connection), to tell a
     /// server that went silent.
     last_activity: std::time::Instant,
+}
+
+/// The read side of a server connection, apart from its socket: bytes read and not yet
+/// scanned, and what the scan keeps between reads. Separate so the scan can be driven from bytes
+/// alone (unit tests, fuzzing: see `feed`).
+#[derive(Debug, Default)]
+pub struct Reader {
+    rbuf: BytesMut,
+    /// Bytes of a partially forwarded frame that still have to pass through.
+    skip: usize,
+    /// A tentative answer's first frames.
+    held: BytesMut,
     /// The replica refused the tentative request; its remaining answer is dropped.
     retrying: bool,
     /// In COPY FROM STDIN (CopyInResponse seen, ReadyForQuery not yet): the server waits for
     /// the client's data.
     pub copy_in: bool,
+}
+
+/// Why a scan stopped.
+#[derive(Debug)]
+pub enum ScanError {
+    /// A frame header no server sends (length under 4).
+    Malformed,
+    /// An error that ends the session's use of this server.
+    Fatal(PgError),
 }
 
 /// What a scan saw that the session cares about.
@@ -87,19 +107,15 @@ impl Server {
         Server {
             conn,
             role,
-            rbuf: BytesMut::new(),
+            reader: Reader::default(),
             out: BytesMut::new(),
             expect: Expectations::default(),
             tx: b'I',
-            skip: 0,
             requests: VecDeque::new(),
             to_close: Vec::new(),
             synced: super::state::FROM_POOL,
             dirty: false,
-            held: BytesMut::new(),
             last_activity: std::time::Instant::now(),
-            retrying: false,
-            copy_in: false,
         }
     }
 
@@ -123,7 +139,10 @@ impl Server {
 
     /// Idle with nothing buffered either way: it can serve another session.
     pub fn is_reusable(&self) -> bool {
-        self.is_idle() && self.requests.is_empty() && self.out.is_empty() && self.rbuf.is_empty()
+        self.is_idle()
+            && self.requests.is_empty()
+            && self.out.is_empty()
+            && self.reader.rbuf.is_empty()
     }
 
     /// Whether the server has the named statement (marking it used).
@@ -232,10 +251,11 @@ impl Server {
 
     /// Reads more bytes. Cancel-safe (read_buf is).
     pub async fn read(&mut self) -> Result<(), PgError> {
-        if self.rbuf.capacity() - self.rbuf.len() < 1024 {
-            self.rbuf.reserve(READ_CHUNK);
+        let rbuf = &mut self.reader.rbuf;
+        if rbuf.capacity() - rbuf.len() < 1024 {
+            rbuf.reserve(READ_CHUNK);
         }
-        match self.conn.stream.read_buf(&mut self.rbuf).await {
+        match self.conn.stream.read_buf(rbuf).await {
             Ok(0) => Err(self.lost("server closed the connection")),
             Ok(_) => {
                 self.last_activity = std::time::Instant::now();
@@ -248,6 +268,37 @@ impl Server {
     /// Moves every complete frame (and the leading part of a long one) out of the read buffer:
     /// frames for the client are appended to `cout` as raw bytes, pgnear's own answers consumed.
     pub fn scan(&mut self, cout: &mut BytesMut, seen: &mut Seen) -> Result<(), PgError> {
+        let r = self.reader.scan(
+            self.role,
+            &mut self.expect,
+            &mut self.tx,
+            &mut self.requests,
+            cout,
+            seen,
+        );
+        r.map_err(|e| match e {
+            ScanError::Malformed => self.lost("malformed message from server"),
+            ScanError::Fatal(e) => e,
+        })
+    }
+}
+
+impl Reader {
+    /// Appends bytes as if read from the server.
+    pub fn feed(&mut self, bytes: &[u8]) {
+        self.rbuf.extend_from_slice(bytes);
+    }
+
+    /// `Server::scan` on this server's `role`, `expect`, `tx` and `requests`.
+    pub fn scan(
+        &mut self,
+        role: Role,
+        expect: &mut Expectations,
+        tx: &mut u8,
+        requests: &mut VecDeque<Request>,
+        cout: &mut BytesMut,
+        seen: &mut Seen,
+    ) -> Result<(), ScanError> {
         let buf = &self.rbuf[..];
         let mut grow = 0;
         let mut pos = 0;
@@ -262,12 +313,12 @@ impl Server {
                 break;
             };
             if total < 5 {
-                return Err(self.lost("malformed message from server"));
+                return Err(ScanError::Malformed);
             }
             let avail = buf.len() - pos;
             if avail < total {
                 let bulk = matches!(tag, be::DATA_ROW | be::COPY_DATA | be::FUNCTION_RESULT);
-                let owner = self.expect.front_owner();
+                let owner = expect.front_owner();
                 if bulk
                     && total > STREAM_THRESHOLD
                     && owner.is_some_and(Owner::is_client)
@@ -280,9 +331,9 @@ impl Server {
                         cout.extend_from_slice(&self.held);
                         self.held.clear();
                         run_start = pos;
-                        self.expect.confirm_front();
+                        expect.confirm_front();
                     }
-                    self.expect.on_frame(tag);
+                    expect.on_frame(tag);
                     self.skip = total - avail;
                     pos = buf.len();
                 } else {
@@ -292,16 +343,16 @@ impl Server {
             }
             let frame = &buf[pos..pos + total];
             let body = &frame[5..];
-            let front = self.expect.front();
-            let m = self.expect.on_frame(tag);
-            tracing::trace!(role = self.role.name(), tag = %(tag as char), ?m, "frame");
+            let front = expect.front();
+            let m = expect.on_frame(tag);
+            tracing::trace!(role = role.name(), tag = %(tag as char), ?m, "frame");
             let mut forward = m.forward;
             if m.owner == Some(Owner::Tentative) {
                 forward = false;
                 if self.retrying {
                     if tag == be::READY_FOR_QUERY {
                         self.retrying = false;
-                        seen.retry = self.requests.pop_front().and_then(|r| r.retry);
+                        seen.retry = requests.pop_front().and_then(|r| r.retry);
                     }
                 } else if tag == be::ERROR_RESPONSE && be::error_fields(body).code == "25006" {
                     self.retrying = true;
@@ -320,7 +371,7 @@ impl Server {
                     run_start = pos;
                     forward = true;
                     if m.completed.is_none() {
-                        self.expect.confirm_front();
+                        expect.confirm_front();
                     }
                 }
             }
@@ -328,9 +379,9 @@ impl Server {
                 be::COPY_IN => self.copy_in = true,
                 be::READY_FOR_QUERY => {
                     self.copy_in = false;
-                    self.tx = body.first().copied().unwrap_or(b'I');
+                    *tx = body.first().copied().unwrap_or(b'I');
                     if forward && m.completed.is_some() {
-                        if let Some(r) = self.requests.pop_front() {
+                        if let Some(r) = requests.pop_front() {
                             seen.done.push(r);
                         }
                     }
@@ -342,16 +393,15 @@ impl Server {
                     // elsewhere: it cannot stand in for the session. Say so instead of blaming the
                     // client's next request.
                     let f = be::error_fields(body);
-                    return Err(PgError::upstream(format!(
+                    return Err(ScanError::Fatal(PgError::upstream(format!(
                         "{} upstream could not take over the session's state: {} ({})",
-                        self.role.name(),
+                        role.name(),
                         f.message,
                         f.code
-                    )));
+                    ))));
                 }
                 be::ERROR_RESPONSE if forward => {
-                    if let Some(r) = self
-                        .requests
+                    if let Some(r) = requests
                         .front_mut()
                         .filter(|_| m.owner.is_some_and(Owner::is_client))
                     {
@@ -359,7 +409,7 @@ impl Server {
                     }
                     // A dying replica's FATAL (e.g. 57P01) would tell the client its session is
                     // over; it is not: pgnear reports the lost statement as 08006 and goes on.
-                    if self.role == Role::Replica
+                    if role == Role::Replica
                         && matches!(be::error_fields(body).severity.as_str(), "FATAL" | "PANIC")
                     {
                         forward = false;
@@ -378,7 +428,68 @@ impl Server {
         }
         cout.extend_from_slice(&buf[run_start..pos]);
         self.rbuf.advance(pos);
-        self.rbuf.reserve(grow);
+        // Room for the rest of a partial frame, within reason: its length comes from the server
+        // (up to 4 GB); a longer frame grows the buffer as its bytes actually arrive.
+        self.rbuf.reserve(grow.min(MAX_RESERVE));
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scan(reader: &mut Reader, expect: &mut Expectations) -> Result<BytesMut, ScanError> {
+        let mut cout = BytesMut::new();
+        reader.scan(
+            Role::Primary,
+            expect,
+            &mut b'I',
+            &mut VecDeque::new(),
+            &mut cout,
+            &mut Seen::default(),
+        )?;
+        Ok(cout)
+    }
+
+    #[test]
+    fn forwards_whole_frames_and_keeps_the_partial_one() {
+        let mut expect = Expectations::default();
+        expect.push(Pending::Query, Owner::Client);
+        let mut reader = Reader::default();
+        reader.feed(b"C\0\0\0\x0dSELECT 1\0Z\0\0");
+        let out = scan(&mut reader, &mut expect).unwrap();
+        assert_eq!(&out[..], b"C\0\0\0\x0dSELECT 1\0");
+        reader.feed(b"\0\x05I");
+        let out = scan(&mut reader, &mut expect).unwrap();
+        assert_eq!(&out[..], b"Z\0\0\0\x05I");
+        assert!(expect.is_empty());
+    }
+
+    #[test]
+    fn a_huge_length_from_the_server_reserves_little() {
+        // Found by fuzzing: the header of a frame that is not streamed (here a RowDescription)
+        // claiming ~4 GB made the scan reserve all of it up front.
+        let mut expect = Expectations::default();
+        expect.push(Pending::Query, Owner::Client);
+        let mut reader = Reader::default();
+        reader.feed(b"T\xff\xff\xff\xf0\0\x01");
+        let out = scan(&mut reader, &mut expect).unwrap();
+        assert!(out.is_empty());
+        assert!(reader.rbuf.capacity() <= 2 * MAX_RESERVE);
+        assert!(matches!(
+            scan(&mut reader, &mut expect),
+            Ok(ref o) if o.is_empty()
+        ));
+    }
+
+    #[test]
+    fn a_length_under_four_is_malformed() {
+        let mut reader = Reader::default();
+        reader.feed(b"Z\0\0\0\x03");
+        assert!(matches!(
+            scan(&mut reader, &mut Expectations::default()),
+            Err(ScanError::Malformed)
+        ));
     }
 }
