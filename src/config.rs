@@ -37,7 +37,10 @@ fn invalid(key: &str, value: impl fmt::Display, allowed: &str) -> ConfigError {
     }
 }
 
-/// A duration written as a human string ("250ms", "2s", "1m", "1h").
+/// The longest duration any setting takes (deadlines are computed as now + the setting).
+pub const MAX_DURATION: Duration = Duration::from_secs(100 * 24 * 3600);
+
+/// A duration written as a human string ("250ms", "2s", "1m", "1h"), at most 100 days.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct HumanDuration(pub Duration);
 
@@ -55,8 +58,11 @@ impl HumanDuration {
             "h" => n * 3600.0,
             _ => return None,
         };
-        // A number too big for a Duration (hundreds of digits) is invalid, not a panic.
-        Duration::try_from_secs_f64(secs).ok()
+        // A number too big for a Duration (hundreds of digits) is invalid, not a panic; so is
+        // anything past MAX_DURATION, which pgnear adds to the current time.
+        Duration::try_from_secs_f64(secs)
+            .ok()
+            .filter(|d| *d <= MAX_DURATION)
     }
 }
 
@@ -76,7 +82,7 @@ impl<'de> Deserialize<'de> for HumanDuration {
         let s = String::deserialize(d)?;
         HumanDuration::parse(&s).map(HumanDuration).ok_or_else(|| {
             serde::de::Error::custom(format!(
-                "invalid duration {s:?} (allowed: a number with a unit: us, ms, s, m, h; e.g. \"250ms\")"
+                "invalid duration {s:?} (allowed: a number with a unit: us, ms, s, m, h, at most 100 days; e.g. \"250ms\")"
             ))
         })
     }
@@ -738,6 +744,9 @@ mod tests {
         let huge = format!("{}h", "9".repeat(400));
         assert_eq!(HumanDuration::parse(&huge), None);
         assert_eq!(HumanDuration::parse("99999999999999999999999h"), None);
+        // Valid for a Duration but would overflow now + duration (shutdown_grace, timeouts).
+        assert_eq!(HumanDuration::parse("99999999999999h"), None);
+        assert_eq!(HumanDuration::parse("2400h"), Some(MAX_DURATION));
     }
 
     #[test]
