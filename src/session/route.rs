@@ -8,7 +8,7 @@ use bytes::{Bytes, BytesMut};
 
 use super::expect;
 use super::server::Request;
-use super::state::PendingState;
+use super::state::{self, PendingState};
 use super::Session;
 use crate::backend::conn::Role;
 use crate::config::{OnTimeout, PoolMode, WriteMode};
@@ -777,23 +777,7 @@ impl Session {
         // What pgnear tracks for simple queries (SET/RESET replayed, LISTEN and the like
         // pinning until released) it tracks here too, from the Execute (see `plan_batch`).
         let tracked = c.statements.iter().all(|s| {
-            matches!(
-                s.kind,
-                Kind::Read
-                    | Kind::Write
-                    | Kind::Empty
-                    | Kind::Set { .. }
-                    | Kind::Reset { .. }
-                    | Kind::SetSessionCharacteristics { .. }
-                    | Kind::Discard { .. }
-                    | Kind::Listen
-                    | Kind::Unlisten { .. }
-                    | Kind::CreateTemp
-                    | Kind::AdvisoryLock
-                    | Kind::AdvisoryUnlockAll
-                    | Kind::Prepare { .. }
-                    | Kind::Deallocate { .. }
-            )
+            matches!(s.kind, Kind::Read | Kind::Write | Kind::Empty) || state::is_tracked(&s.kind)
         });
         if changes_state && !tracked {
             self.state.pins.extended_state = true;

@@ -192,20 +192,7 @@ impl SessionState {
                 }
                 _ => {}
             }
-            if matches!(
-                s.kind,
-                Kind::Listen
-                    | Kind::Unlisten { .. }
-                    | Kind::CreateTemp
-                    | Kind::AdvisoryLock
-                    | Kind::AdvisoryUnlockAll
-                    | Kind::Prepare { .. }
-                    | Kind::Deallocate { .. }
-                    | Kind::Discard { .. }
-                    | Kind::Set { .. }
-                    | Kind::Reset { .. }
-                    | Kind::SetSessionCharacteristics { .. }
-            ) {
+            if is_tracked(&s.kind) {
                 effects.push(s.kind.clone());
             }
         }
@@ -288,6 +275,25 @@ impl SessionState {
         });
         self.seq
     }
+}
+
+/// Statements whose effect on the session pgnear tracks: settings it replays, pins it holds
+/// until released.
+pub fn is_tracked(kind: &Kind) -> bool {
+    matches!(
+        kind,
+        Kind::Listen
+            | Kind::Unlisten { .. }
+            | Kind::CreateTemp
+            | Kind::AdvisoryLock
+            | Kind::AdvisoryUnlockAll
+            | Kind::Prepare { .. }
+            | Kind::Deallocate { .. }
+            | Kind::Discard { .. }
+            | Kind::Set { .. }
+            | Kind::Reset { .. }
+            | Kind::SetSessionCharacteristics { .. }
+    )
 }
 
 /// Splits a startup `options` value (`-c a=b -c c=d`, `--a=b`, backslash escapes a space).

@@ -231,17 +231,26 @@ pub async fn raw_session(proxy: &Proxy) -> tokio::net::TcpStream {
 
 /// Reads backend frames until one with `tag`; returns the tags seen (that one included).
 pub async fn read_until(s: &mut tokio::net::TcpStream, tag: u8) -> Vec<u8> {
+    frames_until(s, tag)
+        .await
+        .into_iter()
+        .map(|(t, _)| t)
+        .collect()
+}
+
+/// Reads backend frames until one with `tag`: every (tag, body) seen, that one included.
+pub async fn frames_until(s: &mut tokio::net::TcpStream, tag: u8) -> Vec<(u8, Vec<u8>)> {
     use tokio::io::AsyncReadExt;
-    let mut tags = Vec::new();
+    let mut out = Vec::new();
     loop {
         let mut head = [0u8; 5];
         s.read_exact(&mut head).await.expect("a backend frame");
         let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
         let mut body = vec![0u8; len - 4];
         s.read_exact(&mut body).await.unwrap();
-        tags.push(head[0]);
+        out.push((head[0], body));
         if head[0] == tag {
-            return tags;
+            return out;
         }
     }
 }

@@ -5,22 +5,6 @@ use tokio::net::TcpStream;
 
 use super::common::*;
 
-/// Reads backend frames until one with `tag`: every (tag, body) seen, that one included.
-async fn frames_until(s: &mut TcpStream, tag: u8) -> Vec<(u8, Vec<u8>)> {
-    let mut out = Vec::new();
-    loop {
-        let mut head = [0u8; 5];
-        s.read_exact(&mut head).await.expect("a backend frame");
-        let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
-        let mut body = vec![0u8; len - 4];
-        s.read_exact(&mut body).await.unwrap();
-        out.push((head[0], body));
-        if head[0] == tag {
-            return out;
-        }
-    }
-}
-
 /// The text of the first column of the first DataRow.
 fn first_text(frames: &[(u8, Vec<u8>)]) -> Option<String> {
     let (_, body) = frames.iter().find(|(t, _)| *t == b'D')?;
