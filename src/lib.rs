@@ -178,17 +178,16 @@ impl Proxy {
         if let Some(w) = &watcher {
             w.first_contact(connect_timeout).await;
         }
-        let pool = |upstream: &Arc<Upstream>, size| {
+        let pool = |upstream: &Arc<Upstream>| {
             backend::pool::Pool::spawn(
                 upstream.clone(),
-                size,
                 config.pool.clone(),
                 metrics.clone(),
                 shutdown.clone(),
             )
         };
-        let primary_pool = pool(&primary, config.pool.primary_size);
-        let replica_pool = replica.as_ref().map(|r| pool(r, config.pool.replica_size));
+        let primary_pool = pool(&primary);
+        let replica_pool = replica.as_ref().map(pool);
         let shared = Arc::new(Shared {
             primary,
             replica,

@@ -77,6 +77,8 @@ struct Inner {
 
 pub struct Pool {
     upstream: Arc<Upstream>,
+    /// Connections it may have open: `primary_size` or `replica_size`.
+    size: usize,
     config: PoolConfig,
     permits: Arc<Semaphore>,
     inner: Mutex<Inner>,
@@ -89,12 +91,16 @@ impl Pool {
     /// Creates the pool and starts its maintenance task (stops when `shutdown` turns true).
     pub fn spawn(
         upstream: Arc<Upstream>,
-        size: usize,
         config: PoolConfig,
         metrics: Arc<crate::admin::metrics::Metrics>,
         shutdown: watch::Receiver<bool>,
     ) -> Arc<Pool> {
+        let size = match upstream.role {
+            super::conn::Role::Primary => config.primary_size,
+            super::conn::Role::Replica => config.replica_size,
+        };
         let pool = Arc::new(Pool {
+            size,
             upstream,
             config,
             permits: Arc::new(Semaphore::new(size)),
@@ -153,7 +159,7 @@ impl Pool {
                             "no {} server connection free within pool.acquire_timeout ({:?}): all {} are in use",
                             self.upstream.role.name(),
                             self.config.acquire_timeout.0,
-                            self.size(),
+                            self.size,
                         ),
                     )
                     .with_hint("Raise pool size or acquire_timeout, or use pool.mode = \"transaction\"."));
@@ -165,13 +171,6 @@ impl Pool {
             .observe(started.elapsed().as_secs_f64());
         self.gauges();
         got
-    }
-
-    fn size(&self) -> usize {
-        match self.upstream.role {
-            super::conn::Role::Primary => self.config.primary_size,
-            super::conn::Role::Replica => self.config.replica_size,
-        }
     }
 
     async fn open(&self, database: &str, permit: OwnedSemaphorePermit) -> Result<Pooled, PgError> {
@@ -286,7 +285,7 @@ impl Pool {
 
     fn gauges(&self) {
         let idle: usize = self.inner().idle.values().map(Vec::len).sum();
-        let open = self.size() - self.permits.available_permits();
+        let open = self.size - self.permits.available_permits();
         self.m().idle.set(idle as i64);
         self.m().open.set(open as i64);
     }

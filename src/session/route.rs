@@ -602,7 +602,7 @@ impl Session {
     /// Flush, and what follows runs elsewhere): pgnear's own Sync, its answer swallowed.
     fn sync_prepared_only(&mut self, role: Role) {
         if let Some(s) = self.slot(role).as_mut() {
-            s.send_internal_frame(tag::SYNC, &[tag::SYNC, 0, 0, 0, 4]);
+            s.send_internal_frame(tag::SYNC, &build_frame(tag::SYNC, &[]));
         }
     }
 
@@ -891,26 +891,24 @@ impl Session {
     async fn answer_pgnear(&mut self, c: &Classified) -> Result<(), PgError> {
         self.drain_all().await?;
         let mut out = BytesMut::new();
-        if c.statements
-            .iter()
-            .filter(|s| !matches!(s.kind, Kind::Empty))
-            .count()
-            != 1
-        {
-            let e = PgError::new(
-                crate::error::ErrorKind::Protocol,
-                "pgnear commands must be sent alone, one per query",
-            )
-            .non_fatal();
-            write::error_response(
-                &mut out,
-                &PgError {
-                    code: Some("0A000".into()),
-                    ..e
-                },
-            );
-        } else if let Some(kind) = pgnear_command(c) {
-            self.run_pgnear(&kind, &mut out, true);
+        match pgnear_command(c) {
+            Some(kind) => {
+                self.run_pgnear(&kind, &mut out, true);
+            }
+            None => {
+                let e = PgError::new(
+                    crate::error::ErrorKind::Protocol,
+                    "pgnear commands must be sent alone, one per query",
+                )
+                .non_fatal();
+                write::error_response(
+                    &mut out,
+                    &PgError {
+                        code: Some("0A000".into()),
+                        ..e
+                    },
+                );
+            }
         }
         write::ready_for_query(&mut out, self.client_tx_status());
         self.write_client(&out).await
