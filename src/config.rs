@@ -261,6 +261,7 @@ pub struct PoolConfig {
     pub acquire_timeout: HumanDuration,
     pub idle_timeout: HumanDuration,
     pub max_lifetime: HumanDuration,
+    pub pipeline: usize,
 }
 
 impl Default for PoolConfig {
@@ -273,6 +274,7 @@ impl Default for PoolConfig {
             acquire_timeout: ms(5_000),
             idle_timeout: ms(600_000),
             max_lifetime: ms(3_600_000),
+            pipeline: 0,
         }
     }
 }
@@ -478,6 +480,13 @@ impl Config {
                 "pool.min_idle",
                 self.pool.min_idle,
                 "at most the smaller of pool.primary_size and pool.replica_size",
+            ));
+        }
+        if self.pool.pipeline >= self.pool.replica_size {
+            return Err(invalid(
+                "pool.pipeline",
+                self.pool.pipeline,
+                "less than pool.replica_size (0 turns pipelining off)",
             ));
         }
         if self.tls.cert.is_empty() != self.tls.key.is_empty() {

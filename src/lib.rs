@@ -41,6 +41,8 @@ pub struct Shared {
     pub replica: Option<Arc<Upstream>>,
     pub primary_pool: Arc<backend::pool::Pool>,
     pub replica_pool: Option<Arc<backend::pool::Pool>>,
+    /// Shared replica connections for pipelined reads (`pool.pipeline`, transaction mode).
+    pub lanes: Option<Arc<session::lane::Lanes>>,
     /// The replica's replay position and health (present when a replica is configured).
     pub watcher: Option<Arc<consistency::watcher::Watcher>>,
     pub probe: Arc<backend::health::PrimaryProbe>,
@@ -188,7 +190,19 @@ impl Proxy {
         };
         let primary_pool = pool(&primary);
         let replica_pool = replica.as_ref().map(pool);
+        let pipelines =
+            config.pool.mode == config::PoolMode::Transaction && config.pool.pipeline > 0;
+        let lanes = replica_pool.as_ref().filter(|_| pipelines).map(|p| {
+            Arc::new(session::lane::Lanes::new(
+                p.clone(),
+                config.pool.clone(),
+                connect_timeout,
+                watcher.clone(),
+                shutdown.clone(),
+            ))
+        });
         let shared = Arc::new(Shared {
+            lanes,
             primary,
             replica,
             primary_pool,

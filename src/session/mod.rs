@@ -2,6 +2,7 @@
 //! decides where each request goes and relays the answers back as raw frames.
 
 pub mod expect;
+pub mod lane;
 mod route;
 pub mod server;
 pub mod startup;

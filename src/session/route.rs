@@ -7,6 +7,7 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 
 use super::expect;
+use super::lane::{Job, Reply};
 use super::server::Request;
 use super::state::{self, PendingState};
 use super::Session;
@@ -203,7 +204,23 @@ impl Session {
             };
             decide(request, self.context())
         };
-        let (role, reason) = self.settle(role, reason).await?;
+        let shareable = prepared_on.is_none()
+            && change.is_none()
+            && self.may_share()
+            && c.statements.len() == 1
+            && c.is_read()
+            && tx_effect(&c).is_none()
+            && !may_copy(sql)
+            && !self.taints(&c);
+        let shared = shareable.then(|| SharedRead {
+            frames: frame.clone(),
+            query: true,
+            statements: Vec::new(),
+        });
+        let (role, reason) = match self.settle(role, reason, shared).await? {
+            Settled::Route(role, reason) => (role, reason),
+            Settled::Done => return Ok(()),
+        };
         if let Some(prepared_on) = prepared_on.filter(|&r| r != role) {
             self.sync_prepared_only(prepared_on);
         }
@@ -383,16 +400,96 @@ impl Session {
 
     /// For a replica route: makes the read consistent and connects the replica, or falls back to
     /// the primary. (With `on_timeout = "error"` it sets `self.refused` instead.)
-    async fn settle(&mut self, role: Role, reason: Reason) -> Result<(Role, Reason), PgError> {
+    /// With `shared`, a read that passes the gate is first offered to the shared (pipelined)
+    /// replica connections: `Settled::Done` when one ran it.
+    async fn settle(
+        &mut self,
+        role: Role,
+        reason: Reason,
+        shared: Option<SharedRead>,
+    ) -> Result<Settled, PgError> {
         // A transaction (or an unsynced exchange) stays where it is, whatever the gate says.
         if role != Role::Replica || reason == Reason::Transaction {
-            return Ok((role, reason));
+            return Ok(Settled::Route(role, reason));
         }
-        Ok(match self.consistent_read().await? {
-            Some(fallback) => (Role::Primary, fallback),
-            None if self.ensure_replica().await.is_err() => (Role::Primary, Reason::Fallback),
-            None => (role, reason),
+        if let Some(fallback) = self.consistent_read().await? {
+            return Ok(Settled::Route(Role::Primary, fallback));
+        }
+        if let Some(read) = shared.filter(|_| self.refused.is_none()) {
+            if self.pipelined(read).await? {
+                self.shared.metrics.statement(role, reason);
+                return Ok(Settled::Done);
+            }
+        }
+        Ok(match self.ensure_replica().await {
+            Err(_) => Settled::Route(Role::Primary, Reason::Fallback),
+            Ok(()) => Settled::Route(role, reason),
         })
+    }
+
+    /// Whether this session's next autocommit read may use a shared replica connection.
+    fn may_share(&self) -> bool {
+        self.shared.lanes.is_some()
+            && self.replica.is_none()
+            && self.open_tx.is_none()
+            && self.unsynced.is_none()
+            && self.deferred_begin.is_none()
+            && !self.state.pins.any()
+    }
+
+    /// Runs a read on a shared replica connection and relays its answer: false when none
+    /// could take it (nothing was sent).
+    async fn pipelined(&mut self, read: SharedRead) -> Result<bool, PgError> {
+        let Some(lanes) = self.shared.lanes.clone() else {
+            return Ok(false);
+        };
+        self.drain_all().await?;
+        let (reply, mut answers) = tokio::sync::mpsc::channel(REPLY_CHUNKS);
+        let job = Job {
+            frames: read.frames,
+            query: read.query,
+            applied: self.state.applied(),
+            statements: read.statements,
+            cancel: self.cancel.slot.clone(),
+            reply,
+        };
+        if lanes.submit(&self.database, job).is_err() {
+            return Ok(false);
+        }
+        // The lane points the cancel slot at its connection while the read runs.
+        self.cancel_role = None;
+        loop {
+            match answers.recv().await {
+                Some(Reply::Bytes(out)) => self.write_client(&out).await?,
+                Some(Reply::Done(request, retry)) => {
+                    if let Some(t) = request.started {
+                        let seconds = t.elapsed().as_secs_f64();
+                        self.shared.metrics.duration(Role::Replica, seconds);
+                    }
+                    if let Some(frame) = retry {
+                        Box::pin(self.retry_on_primary(frame)).await?;
+                    }
+                    return Ok(true);
+                }
+                Some(Reply::Unsent) => return Ok(false),
+                Some(Reply::Failed(e)) => return self.shared_read_failed(e).await.map(|()| true),
+                None => {
+                    let e = PgError::upstream("a shared replica connection was dropped")
+                        .with_detail("The statement may not have completed.");
+                    return self.shared_read_failed(e).await.map(|()| true);
+                }
+            }
+        }
+    }
+
+    /// A read on a shared replica connection failed with the connection: the client gets the
+    /// error and the session goes on, as when its own replica connection is lost.
+    async fn shared_read_failed(&mut self, e: PgError) -> Result<(), PgError> {
+        self.shared.metrics.error(e.kind);
+        let mut out = BytesMut::new();
+        write::error_response(&mut out, &PgError { fatal: false, ..e });
+        write::ready_for_query(&mut out, b'I');
+        self.write_client(&out).await
     }
 
     /// Connects the replica if it is not yet connected.
@@ -465,7 +562,27 @@ impl Session {
             };
             decide(request, self.context())
         };
-        let (role, reason) = self.settle(role, reason).await?;
+        let shared = self.shareable(&plan).then(|| SharedRead {
+            frames: Bytes::copy_from_slice(&self.batch),
+            query: false,
+            statements: plan
+                .needs
+                .iter()
+                .filter_map(|n| self.state.statements.get(n).map(|f| (n.clone(), f.clone())))
+                .collect(),
+        });
+        let (role, reason) = match self.settle(role, reason, shared).await? {
+            Settled::Route(role, reason) => (role, reason),
+            Settled::Done => {
+                self.batch.clear();
+                self.batch_tags.clear();
+                if plan.parsed_unnamed {
+                    // Parsed on a shared connection: no server of the session has it now.
+                    self.unnamed_role = None;
+                }
+                return Ok(());
+            }
+        };
         if let Some(e) = self.refused.take() {
             self.batch.clear();
             self.batch_tags.clear();
@@ -596,6 +713,29 @@ impl Session {
         self.batch.clear();
         self.batch_tags.clear();
         Ok(())
+    }
+
+    /// Whether a batch is one autocommit read a shared replica connection can run: it ends
+    /// in its only Sync, executes only reads, changes no state, and uses no statement that
+    /// lives on one server (the unnamed one from an earlier batch, a portal, a Parse of a
+    /// named statement, which goes the usual way once).
+    fn shareable(&self, plan: &BatchPlan) -> bool {
+        self.may_share()
+            && plan.syncs == 1
+            && self.batch_tags.last() == Some(&tag::SYNC)
+            && plan.executes
+            && plan.read
+            && plan.changes.is_empty()
+            && plan.closed.is_empty()
+            && plan.parsed.is_empty()
+            && plan.tx.is_none()
+            && plan.state_only != Some(true)
+            && !(plan.needs_unnamed
+                || plan.sticky
+                || plan.pgnear
+                || plan.taints
+                || plan.copy
+                || self.state.pins.extended_state)
     }
 
     /// Ends an exchange that only prepared and described on `role` (it was left open by a
@@ -1117,6 +1257,25 @@ fn not_consistent(target: Lsn, reached: Option<Lsn>, timeout: std::time::Duratio
 /// Server-side prepared statements kept per connection in transaction mode; past this the
 /// least recently used is closed.
 const STATEMENTS_PER_CONNECTION: usize = 1000;
+/// Answer chunks a shared replica connection may pass ahead of the session writing them out.
+const REPLY_CHUNKS: usize = 16;
+
+/// A read offered to the shared replica connections (see `lane`).
+struct SharedRead {
+    frames: Bytes,
+    /// A simple Query (else extended-protocol messages ending in their Sync).
+    query: bool,
+    /// Shared statements the messages use, with their Parse.
+    statements: Vec<(String, Bytes)>,
+}
+
+/// Where `settle` sends a request.
+enum Settled {
+    Route(Role, Reason),
+    /// It ran on a shared replica connection; its answer was relayed.
+    Done,
+}
+
 /// A statement name that never exists on a server.
 const NO_STATEMENT: &str = "pgnear_none";
 /// A statement parsed only to answer a client's Parse, closed at once.

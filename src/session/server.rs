@@ -80,6 +80,9 @@ pub struct Reader {
     /// In COPY FROM STDIN (CopyInResponse seen, ReadyForQuery not yet): the server waits for
     /// the client's data.
     pub copy_in: bool,
+    /// Stop each scan after a client request finishes (a shared connection answers several
+    /// sessions: each one's frames go to it alone).
+    pub one_request: bool,
 }
 
 /// Why a scan stopped.
@@ -425,6 +428,9 @@ impl Reader {
                 run_start = pos + total;
             }
             pos += total;
+            if self.one_request && (!seen.done.is_empty() || seen.retry.is_some()) {
+                break;
+            }
         }
         cout.extend_from_slice(&buf[run_start..pos]);
         self.rbuf.advance(pos);

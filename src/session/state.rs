@@ -144,19 +144,7 @@ impl SessionState {
     /// earlier) to this session's settings: nothing when they match, the missing tail when
     /// it has a prefix of them, else a reset and all of them.
     pub fn sync_from(&self, applied: &[(Option<String>, String)]) -> Option<String> {
-        let common = applied
-            .iter()
-            .zip(&self.log)
-            .take_while(|((n, sql), e)| *n == e.name && *sql == e.sql)
-            .count();
-        let mut parts: Vec<&str> = Vec::new();
-        if common < applied.len() {
-            parts.push("SET SESSION AUTHORIZATION DEFAULT; RESET ALL");
-            parts.extend(self.log.iter().map(|e| e.sql.as_str()));
-        } else {
-            parts.extend(self.log[common..].iter().map(|e| e.sql.as_str()));
-        }
-        (!parts.is_empty()).then(|| parts.join("; "))
+        sync_steps(applied, self.log.iter().map(|e| (&e.name, e.sql.as_str())))
     }
 
     /// The sequence number a freshly synced server is at.
@@ -349,6 +337,34 @@ fn quote_literal(value: &str) -> String {
 fn is_true(v: &str) -> bool {
     let v = v.trim().trim_matches('\'').to_ascii_lowercase();
     matches!(v.as_str(), "on" | "true" | "yes" | "1" | "t" | "y")
+}
+
+/// What brings a connection that has `have` applied to the settings `want` (both as
+/// `SessionState::applied` gives them): see `SessionState::sync_from`.
+pub fn sync_sql(
+    have: &[(Option<String>, String)],
+    want: &[(Option<String>, String)],
+) -> Option<String> {
+    sync_steps(have, want.iter().map(|(n, sql)| (n, sql.as_str())))
+}
+
+fn sync_steps<'a>(
+    have: &[(Option<String>, String)],
+    want: impl Iterator<Item = (&'a Option<String>, &'a str)> + Clone,
+) -> Option<String> {
+    let common = have
+        .iter()
+        .zip(want.clone())
+        .take_while(|((n, sql), (wn, wsql))| n == *wn && sql == wsql)
+        .count();
+    let mut parts: Vec<&str> = Vec::new();
+    if common < have.len() {
+        parts.push("SET SESSION AUTHORIZATION DEFAULT; RESET ALL");
+        parts.extend(want.map(|(_, sql)| sql));
+    } else {
+        parts.extend(want.skip(common).map(|(_, sql)| sql));
+    }
+    (!parts.is_empty()).then(|| parts.join("; "))
 }
 
 #[cfg(test)]
