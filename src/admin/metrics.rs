@@ -69,6 +69,8 @@ pub struct PoolMetrics {
     pub connects: IntCounter,
     /// `DISCARD ALL` run before a connection went back to the pool.
     pub resets: IntCounter,
+    /// Reads run on a shared (pipelined) connection.
+    pub pipelined: IntCounter,
 }
 
 fn role_index(r: Role) -> usize {
@@ -160,6 +162,11 @@ impl Metrics {
             "DISCARD ALL run before a server connection went back to the pool, by upstream",
             &["upstream"],
         );
+        let pool_pipelined = counter_vec(
+            "pgnear_pool_pipelined_reads_total",
+            "Reads run on a server connection shared by sessions (pool.pipeline), by upstream",
+            &["upstream"],
+        );
         let pools = [Role::Primary, Role::Replica].map(|r| {
             let l = [r.name()];
             PoolMetrics {
@@ -169,6 +176,7 @@ impl Metrics {
                 acquire_timeouts: pool_timeouts.with_label_values(&l),
                 connects: pool_connects.with_label_values(&l),
                 resets: pool_resets.with_label_values(&l),
+                pipelined: pool_pipelined.with_label_values(&l),
             }
         });
         let by_upstream = |name: &str, help: &str| {

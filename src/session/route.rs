@@ -418,6 +418,7 @@ impl Session {
         if let Some(read) = shared.filter(|_| self.refused.is_none()) {
             if self.pipelined(read).await? {
                 self.shared.metrics.statement(role, reason);
+                self.shared.metrics.pool(role).pipelined.inc();
                 return Ok(Settled::Done);
             }
         }
