@@ -27,7 +27,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use pgnear::config::WriteMode;
+use pgnear::config::{PoolMode, WriteMode};
 use pgnear::lab::cluster::{Cluster, ClusterOptions};
 use pgnear::lab::process::{free_port, rss_kb, status_kb, wait_listening, PgnearProcess};
 use pgnear::lab::{proxy_config, proxy_url};
@@ -46,6 +46,8 @@ const IDLE_CLIENTS: usize = 10_000;
 /// client while another is being reset (`DISCARD ALL`, one round trip) after a write.
 const MIN_IDLE: usize = 2;
 const PGBOUNCER: &str = "/usr/sbin/pgbouncer";
+/// The pgnear target in transaction mode with pipelined reads.
+const PIPELINED: &str = "pgnear, pipelined";
 const HEAD: &str = "| pgbench | target | TPS | avg latency (ms) | TPS vs direct | added latency (µs) |\n|---|---|---:|---:|---:|---:|\n";
 const READ_SQL: &str = "SELECT abalance FROM pgbench_accounts WHERE aid = $1";
 const WRITE_SQL: &str = "UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid = $1";
@@ -252,6 +254,10 @@ async fn section_local(b: &Bench<'_>, pgbouncer: Option<&Path>) -> anyhow::Resul
     let (c, o) = (b.cluster, b.cluster.options());
     let replica = c.replica(REPLICA).context("no syd replica")?.node.addr();
     let syd = Proxy::start(proxy_config(c, REPLICA)).await?;
+    let mut pipelined = proxy_config(c, REPLICA);
+    pipelined.pool.mode = PoolMode::Transaction;
+    pipelined.pool.pipeline = 1;
+    let syd_pipelined = Proxy::start(pipelined).await?;
     let iad = Proxy::start(proxy_config(c, PRIMARY)).await?;
     let mut out = String::from(
         "pgbench, both Postgres servers and pgnear (in the bench process) share the machine's \
@@ -267,14 +273,26 @@ async fn section_local(b: &Bench<'_>, pgbouncer: Option<&Path>) -> anyhow::Resul
         let _ = writeln!(out, "PgBouncer did not start, no rows for it: {e:#}\n");
         None
     });
-    let mut targets = vec![("direct", replica), ("pgnear", syd.addr())];
+    let mut targets = vec![
+        ("direct", replica),
+        ("pgnear", syd.addr()),
+        (PIPELINED, syd_pipelined.addr()),
+    ];
     targets.extend(bouncer.as_ref().map(|p| ("pgbouncer", p.addr)));
+    write!(
+        out,
+        "`pgnear` runs the defaults (session mode); `{PIPELINED}` runs transaction mode with \
+         `pool.pipeline = 1` (reads of all sessions share one replica connection, several in \
+         flight), like PgBouncer in transaction mode.\n\n"
+    )?;
     write!(out, "### Read-only (`pgbench -S`), syd replica\n\n{HEAD}")?;
     let mut notes = String::new();
     for mode in ["simple", "extended", "prepared"] {
         for (clients, threads) in [("1", "1"), ("8", "2")] {
             let args = ["-S", "-M", mode, "-c", clients, "-j", threads];
-            out.push_str(&pgbench_rows(b, &args, &targets, &mut notes).await?.0);
+            let (rows, runs) = pgbench_rows(b, &args, &targets, &mut notes).await?;
+            out.push_str(&rows);
+            read_only_summary(b, mode, clients == "1", &targets, &runs);
         }
     }
     // A new connection (and SCRAM authentication) per transaction: pgnear answers the startup
@@ -292,8 +310,70 @@ async fn section_local(b: &Bench<'_>, pgbouncer: Option<&Path>) -> anyhow::Resul
     }
     drop(bouncer);
     syd.shutdown().await;
+    syd_pipelined.shutdown().await;
     iad.shutdown().await;
     Ok(out)
+}
+
+/// Summary rows for a `pgbench -S` run: at 1 client the latency each pgnear adds (at most
+/// 10 µs), at 8 clients each pgnear's TPS against direct (at least 0.65x) and PgBouncer (at
+/// least 1.15x).
+fn read_only_summary(
+    b: &Bench<'_>,
+    mode: &str,
+    one: bool,
+    targets: &Targets,
+    runs: &[Option<Run>],
+) {
+    let run = |name: &str| {
+        let i = targets.iter().position(|(n, _)| *n == name)?;
+        runs.get(i).copied().flatten()
+    };
+    let Some(direct) = run("direct") else {
+        return;
+    };
+    let bouncer = run("pgbouncer");
+    for name in ["pgnear", PIPELINED] {
+        let Some(near) = run(name) else {
+            continue;
+        };
+        if one {
+            let added = (near.lat_ms - direct.lat_ms) * 1000.0;
+            let mut measured = format!("{added:+.0} µs");
+            if let Some(p) = bouncer {
+                let _ = write!(
+                    measured,
+                    " (PgBouncer {:+.0} µs)",
+                    (p.lat_ms - direct.lat_ms) * 1000.0
+                );
+            }
+            let what = format!("`pgbench -S -M {mode}` 1 client, {name}: added latency");
+            b.summary([&what, "≤ 10 µs", &measured, verdict(added <= 10.0)]);
+            continue;
+        }
+        let ratio = near.tps / direct.tps;
+        let mut measured = format!("{ratio:.2}x direct");
+        let mut met = ratio >= 0.65;
+        match bouncer {
+            Some(p) => {
+                let vs = near.tps / p.tps;
+                let _ = write!(
+                    measured,
+                    ", {vs:.2}x PgBouncer ({:.2}x direct)",
+                    p.tps / direct.tps
+                );
+                met &= vs >= 1.15;
+            }
+            None => measured.push_str(", PgBouncer n/a"),
+        }
+        let what = format!("`pgbench -S -M {mode}` 8 clients, {name}");
+        b.summary([
+            &what,
+            "≥ 0.65x direct, ≥ 1.15x PgBouncer",
+            &measured,
+            verdict(met),
+        ]);
+    }
 }
 
 /// The `pgbench -S -C` figures: pgnear's and PgBouncer's TPS against direct (the first target),

@@ -131,7 +131,10 @@ fn pgbench_reads_in_every_mode_have_no_failures() {
                 stdout.contains("actually processed: 3200/3200"),
                 "{mode}: {stdout}"
             );
-            assert!(stdout.contains("failed transactions: 0"), "{mode}: {stdout}");
+            assert!(
+                stdout.contains("failed transactions: 0"),
+                "{mode}: {stdout}"
+            );
         }
         assert!(metric(&p, PIPELINED).await > 0.0);
         p.shutdown().await;
@@ -156,7 +159,11 @@ fn an_error_stays_with_its_session() {
         };
         let fine = async {
             for n in 0..200i32 {
-                let v: i32 = good.query_one("SELECT $1::int", &[&n]).await.unwrap().get(0);
+                let v: i32 = good
+                    .query_one("SELECT $1::int", &[&n])
+                    .await
+                    .unwrap()
+                    .get(0);
                 assert_eq!(v, n);
                 let rows = good.simple_query(&format!("SELECT {n}")).await.unwrap();
                 assert_eq!(first_value(&rows), Some(n.to_string()));
@@ -200,7 +207,11 @@ fn write_retry_and_cancel_on_a_shared_connection() {
         let reads = tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(100)).await;
             for n in 0..50i32 {
-                let v: i32 = other.query_one("SELECT $1::int", &[&n]).await.unwrap().get(0);
+                let v: i32 = other
+                    .query_one("SELECT $1::int", &[&n])
+                    .await
+                    .unwrap()
+                    .get(0);
                 assert_eq!(v, n);
             }
         });
