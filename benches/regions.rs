@@ -27,7 +27,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use pgnear::config::{PoolMode, WriteMode};
+use pgnear::config::WriteMode;
 use pgnear::lab::cluster::{Cluster, ClusterOptions};
 use pgnear::lab::process::{free_port, rss_kb, status_kb, wait_listening, PgnearProcess};
 use pgnear::lab::{proxy_config, proxy_url};
@@ -253,15 +253,19 @@ struct Run {
 async fn section_local(b: &Bench<'_>, pgbouncer: Option<&Path>) -> anyhow::Result<String> {
     let (c, o) = (b.cluster, b.cluster.options());
     let replica = c.replica(REPLICA).context("no syd replica")?.node.addr();
-    let syd = Proxy::start(proxy_config(c, REPLICA)).await?;
-    let mut pipelined = proxy_config(c, REPLICA);
-    pipelined.pool.mode = PoolMode::Transaction;
-    pipelined.pool.pipeline = 1;
-    let syd_pipelined = Proxy::start(pipelined).await?;
-    let iad = Proxy::start(proxy_config(c, PRIMARY)).await?;
+    // The real binary, as deployed (its own runtime, `proxy.worker_threads`).
+    let bin = Path::new(env!("CARGO_BIN_EXE_pgnear"));
+    let syd = PgnearProcess::start(bin, c, REPLICA, &[]).await?;
+    let pipelined = [
+        ("PGNEAR_POOL_MODE", "transaction"),
+        ("PGNEAR_POOL_PIPELINE", "1"),
+    ];
+    let syd_pipelined = PgnearProcess::start(bin, c, REPLICA, &pipelined).await?;
+    let iad = PgnearProcess::start(bin, c, PRIMARY, &[]).await?;
     let mut out = String::from(
-        "pgbench, both Postgres servers and pgnear (in the bench process) share the machine's \
-         CPUs, so at 8 clients the ratios show CPU cost per query as much as latency.\n\n",
+        "pgbench, both Postgres servers and pgnear (the release binary, one worker thread by \
+         default) share the machine's CPUs, so at 8 clients the ratios show CPU cost per query \
+         as much as latency.\n\n",
     );
     let bouncer = match pgbouncer {
         Some(bin) => Bouncer::start(bin, replica, o, "scram-sha-256", 200)
@@ -275,8 +279,8 @@ async fn section_local(b: &Bench<'_>, pgbouncer: Option<&Path>) -> anyhow::Resul
     });
     let mut targets = vec![
         ("direct", replica),
-        ("pgnear", syd.addr()),
-        (PIPELINED, syd_pipelined.addr()),
+        ("pgnear", syd.addr),
+        (PIPELINED, syd_pipelined.addr),
     ];
     targets.extend(bouncer.as_ref().map(|p| ("pgbouncer", p.addr)));
     write!(
@@ -302,16 +306,16 @@ async fn section_local(b: &Bench<'_>, pgbouncer: Option<&Path>) -> anyhow::Resul
     out.push_str(&rows);
     write!(out, "\n{}", connect_ratios(b, &targets, &runs))?;
     write!(out, "\n### TPC-B (`pgbench`), iad primary\n\n{HEAD}")?;
-    let targets = [("direct", c.primary().addr()), ("pgnear (iad)", iad.addr())];
+    let targets = [("direct", c.primary().addr()), ("pgnear (iad)", iad.addr)];
     let args = ["-c", "8", "-j", "2"];
     out.push_str(&pgbench_rows(b, &args, &targets, &mut notes).await?.0);
     if !notes.is_empty() {
         write!(out, "\nFailed runs (n/a above):\n{notes}")?;
     }
     drop(bouncer);
-    syd.shutdown().await;
-    syd_pipelined.shutdown().await;
-    iad.shutdown().await;
+    for p in [syd, syd_pipelined, iad] {
+        p.stop().await;
+    }
     Ok(out)
 }
 

@@ -123,6 +123,8 @@ pub struct ProxyConfig {
     pub shutdown_grace: HumanDuration,
     /// Record per-statement metrics (counters, latency histograms, bytes).
     pub metrics: bool,
+    /// Threads running sessions (the `pgnear run` process).
+    pub worker_threads: usize,
 }
 
 impl Default for ProxyConfig {
@@ -135,6 +137,7 @@ impl Default for ProxyConfig {
             startup_timeout: ms(10_000),
             shutdown_grace: ms(30_000),
             metrics: true,
+            worker_threads: 1,
         }
     }
 }
@@ -480,6 +483,13 @@ impl Config {
                 "pool.min_idle",
                 self.pool.min_idle,
                 "at most the smaller of pool.primary_size and pool.replica_size",
+            ));
+        }
+        if !(1..=256).contains(&self.proxy.worker_threads) {
+            return Err(invalid(
+                "proxy.worker_threads",
+                self.proxy.worker_threads,
+                "1 to 256",
             ));
         }
         if self.pool.pipeline >= self.pool.replica_size {

@@ -68,14 +68,17 @@ fn init_tracing(format: LogFormat, level: &str) {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let runtime = |threads: usize| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build()
+    };
     match cli.command.unwrap_or(Command::Run { config: None }) {
         Command::Run { config } => {
             let config = load(config)?;
             init_tracing(config.log.format, &config.log.level);
-            runtime.block_on(async {
+            runtime(config.proxy.worker_threads)?.block_on(async {
                 let proxy = pgnear::Proxy::start(config).await?;
                 wait_for_signal().await;
                 tracing::info!("shutting down");
@@ -85,7 +88,8 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Lab { rtt, regions } => {
             init_tracing(LogFormat::Text, "warn,pgnear::lab=info");
-            runtime.block_on(pgnear::lab::run_cli(regions, rtt / 2, wait_for_signal()))
+            let threads = pgnear::config::ProxyConfig::default().worker_threads;
+            runtime(threads)?.block_on(pgnear::lab::run_cli(regions, rtt / 2, wait_for_signal()))
         }
         Command::Check { config } => {
             let config = load(config)?;

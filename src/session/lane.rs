@@ -45,14 +45,17 @@ pub struct Job {
     pub frames: Bytes,
     /// A simple Query: a 25006 refusal comes back as `Reply::Done` with the Query to retry.
     pub query: bool,
-    /// The session's settings (`SessionState::applied`).
-    pub applied: Vec<(Option<String>, String)>,
+    /// The session's settings (`SessionState::applied_shared`).
+    pub applied: Arc<[(Option<String>, String)]>,
     /// Shared statements the messages use, with their Parse: prepared first where missing.
     pub statements: Vec<(String, Bytes)>,
     /// The client's cancel slot: it points at the connection while this read runs.
     pub cancel: CancelSlot,
     pub reply: mpsc::Sender<Reply>,
 }
+
+/// A session's end of its answers channel.
+pub type Answers = (mpsc::Sender<Reply>, mpsc::Receiver<Reply>);
 
 pub enum Reply {
     /// Frames for the client.
@@ -129,7 +132,10 @@ impl Lanes {
         let now = self.micros();
         let stuck = STUCK.as_micros() as u64;
         let mut all = self.lanes.lock().unwrap_or_else(|p| p.into_inner());
-        let list = all.entry(database.to_string()).or_default();
+        let list = match all.get_mut(database) {
+            Some(list) => list,
+            None => all.entry(database.to_string()).or_default(),
+        };
         list.retain(|l| !l.closed.load(Ordering::Relaxed));
         let takes = |l: &&Arc<Lane>| {
             l.depth.load(Ordering::Relaxed) == 0
@@ -146,7 +152,7 @@ impl Lanes {
             .is_none_or(|l| l.depth.load(Ordering::Relaxed) > 0);
         let open = list.len();
         drop(all);
-        if all_busy {
+        if all_busy && open < self.config.pipeline {
             self.open_more(database, open);
         }
         let Some(lane) = best else {
@@ -220,7 +226,9 @@ impl Lanes {
                 job = rx.recv() => {
                     let Some(job) = job else { break Ok(()) };
                     self.enqueue(&lane, &mut server, job, &mut waiting);
-                    // Reads that arrived meanwhile go out in the same write.
+                    // The sessions ready to run now queue their reads first: all go out in one
+                    // write.
+                    tokio::task::yield_now().await;
                     while let Ok(job) = rx.try_recv() {
                         self.enqueue(&lane, &mut server, job, &mut waiting);
                     }
@@ -279,11 +287,11 @@ impl Lanes {
     /// Queues a job's frames, after pgnear's own to bring the connection to its settings and
     /// statements.
     fn enqueue(&self, lane: &Lane, server: &mut Server, job: Job, waiting: &mut VecDeque<Waiting>) {
-        if server.conn.carry.applied != job.applied {
+        if server.conn.carry.applied[..] != job.applied[..] {
             if let Some(sql) = sync_sql(&server.conn.carry.applied, &job.applied) {
                 server.send_internal_query(&sql, Purpose::Sync);
             }
-            server.conn.carry.applied = job.applied;
+            server.conn.carry.applied = job.applied.to_vec();
         }
         for (name, parse) in &job.statements {
             if !server.has_statement(name) {

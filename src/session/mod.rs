@@ -70,6 +70,8 @@ pub struct Session {
     write_mode: crate::config::WriteMode,
     /// A read the consistency gate refused (`on_timeout = "error"`), answered instead of run.
     refused: Option<PgError>,
+    /// Where shared (pipelined) replica connections send the answers to this session's reads.
+    answers: Option<Box<lane::Answers>>,
 }
 
 enum Flow {
@@ -191,6 +193,7 @@ impl Session {
             write_lsn: None,
             min_lsn: None,
             refused: None,
+            answers: None,
             write_mode,
             deferred_begin: None,
             unsynced: None,
@@ -283,6 +286,9 @@ impl Session {
 
     async fn relay(&mut self) -> Result<(), PgError> {
         let mut shutdown = self.shared.shutdown.clone();
+        // Made once, not per loop turn: each turn would register and unregister a waiter.
+        let stop = stopped(&mut shutdown);
+        tokio::pin!(stop);
         let mut deadline: Option<Instant> = None;
         let mut health = tokio::time::interval(PROBE_INTERVAL);
         health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -323,7 +329,7 @@ impl Session {
                     }
                 }
                 _ = health.tick(), if self.in_flight() => Box::pin(self.check_silent_servers()).await?,
-                _ = stopped(&mut shutdown), if deadline.is_none() => {
+                _ = &mut stop, if deadline.is_none() => {
                     deadline = Some(Instant::now() + self.shared.config.proxy.shutdown_grace.0);
                 }
                 _ = sleep_until_opt(deadline) => return Err(shutting_down()),

@@ -445,14 +445,18 @@ impl Session {
             return Ok(false);
         };
         self.drain_all().await?;
-        let (reply, mut answers) = tokio::sync::mpsc::channel(REPLY_CHUNKS);
+        // One channel per session for the answers of all its pipelined reads (they run one
+        // at a time).
+        let answers = self
+            .answers
+            .get_or_insert_with(|| Box::new(tokio::sync::mpsc::channel(REPLY_CHUNKS)));
         let job = Job {
             frames: read.frames,
             query: read.query,
-            applied: self.state.applied(),
+            applied: self.state.applied_shared(),
             statements: read.statements,
             cancel: self.cancel.slot.clone(),
-            reply,
+            reply: answers.0.clone(),
         };
         if lanes.submit(&self.database, job).is_err() {
             return Ok(false);
@@ -460,7 +464,11 @@ impl Session {
         // The lane points the cancel slot at its connection while the read runs.
         self.cancel_role = None;
         loop {
-            match answers.recv().await {
+            let answer = match self.answers.as_mut() {
+                Some(a) => a.1.recv().await,
+                None => None,
+            };
+            match answer {
                 Some(Reply::Bytes(out)) => self.write_client(&out).await?,
                 Some(Reply::Done(request, retry)) => {
                     if let Some(t) = request.started {

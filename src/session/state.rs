@@ -2,6 +2,7 @@
 //! SET/RESET/DISCARD to replay on a server that joins later, pins, named prepared statements.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use bytes::Bytes;
 
@@ -42,6 +43,8 @@ pub struct SessionState {
     pub read_only_default: bool,
     log: Vec<Entry>,
     seq: u64,
+    /// `applied()` as last computed (`None` once the log changed), shared with pipelined reads.
+    snapshot: Option<Arc<[(Option<String>, String)]>>,
     /// Named prepared statements: name -> the client's Parse frame, to re-prepare elsewhere.
     pub statements: HashMap<String, Bytes>,
     /// The last unnamed Parse, which travels with a Bind that reaches another server.
@@ -58,6 +61,7 @@ impl Default for SessionState {
             read_only_default: false,
             log: Vec::new(),
             seq: 0,
+            snapshot: None,
             statements: HashMap::new(),
             unnamed: None,
             names: HashMap::new(),
@@ -138,6 +142,18 @@ impl SessionState {
             .iter()
             .map(|e| (e.name.clone(), e.sql.clone()))
             .collect()
+    }
+
+    /// `applied()`, computed once per change of the settings.
+    pub fn applied_shared(&mut self) -> Arc<[(Option<String>, String)]> {
+        match &self.snapshot {
+            Some(s) => s.clone(),
+            None => {
+                let s: Arc<[(Option<String>, String)]> = self.applied().into();
+                self.snapshot = Some(s.clone());
+                s
+            }
+        }
     }
 
     /// What brings a connection that has `applied` (from another session, or from this one
@@ -243,6 +259,7 @@ impl SessionState {
         if p.names.is_empty() {
             return self.seq;
         }
+        self.snapshot = None;
         // Later entries for the same name supersede earlier ones; a full reset supersedes all.
         for name in &p.names {
             match name {
