@@ -48,6 +48,8 @@ const MIN_IDLE: usize = 2;
 const PGBOUNCER: &str = "/usr/sbin/pgbouncer";
 /// The pgnear target in transaction mode with pipelined reads.
 const PIPELINED: &str = "pgnear, pipelined";
+/// The pgnear target with busy polling.
+const POLLING: &str = "pgnear, busy poll";
 const HEAD: &str = "| pgbench | target | TPS | avg latency (ms) | TPS vs direct | added latency (µs) |\n|---|---|---:|---:|---:|---:|\n";
 const READ_SQL: &str = "SELECT abalance FROM pgbench_accounts WHERE aid = $1";
 const WRITE_SQL: &str = "UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid = $1";
@@ -261,7 +263,10 @@ async fn section_local(b: &Bench<'_>, pgbouncer: Option<&Path>) -> anyhow::Resul
         ("PGNEAR_POOL_PIPELINE", "1"),
     ];
     let syd_pipelined = PgnearProcess::start(bin, c, REPLICA, &pipelined).await?;
+    let polling = [("PGNEAR_PROXY_BUSY_POLL", "100us")];
+    let syd_polling = PgnearProcess::start(bin, c, REPLICA, &polling).await?;
     let iad = PgnearProcess::start(bin, c, PRIMARY, &[]).await?;
+    let iad_polling = PgnearProcess::start(bin, c, PRIMARY, &polling).await?;
     let mut out = String::from(
         "pgbench, both Postgres servers and pgnear (the release binary, one worker thread by \
          default) share the machine's CPUs, so at 8 clients the ratios show CPU cost per query \
@@ -281,13 +286,15 @@ async fn section_local(b: &Bench<'_>, pgbouncer: Option<&Path>) -> anyhow::Resul
         ("direct", replica),
         ("pgnear", syd.addr),
         (PIPELINED, syd_pipelined.addr),
+        (POLLING, syd_polling.addr),
     ];
     targets.extend(bouncer.as_ref().map(|p| ("pgbouncer", p.addr)));
     write!(
         out,
         "`pgnear` runs the defaults (session mode); `{PIPELINED}` runs transaction mode with \
          `pool.pipeline = 1` (reads of all sessions share one replica connection, several in \
-         flight), like PgBouncer in transaction mode.\n\n"
+         flight), like PgBouncer in transaction mode; `{POLLING}` runs the defaults with \
+         `proxy.busy_poll = \"100us\"`.\n\n"
     )?;
     write!(out, "### Read-only (`pgbench -S`), syd replica\n\n{HEAD}")?;
     let mut notes = String::new();
@@ -306,14 +313,32 @@ async fn section_local(b: &Bench<'_>, pgbouncer: Option<&Path>) -> anyhow::Resul
     out.push_str(&rows);
     write!(out, "\n{}", connect_ratios(b, &targets, &runs))?;
     write!(out, "\n### TPC-B (`pgbench`), iad primary\n\n{HEAD}")?;
-    let targets = [("direct", c.primary().addr()), ("pgnear (iad)", iad.addr)];
+    let targets = [
+        ("direct", c.primary().addr()),
+        ("pgnear (iad)", iad.addr),
+        ("pgnear (iad), busy poll", iad_polling.addr),
+    ];
     let args = ["-c", "8", "-j", "2"];
-    out.push_str(&pgbench_rows(b, &args, &targets, &mut notes).await?.0);
+    let (rows, runs) = pgbench_rows(b, &args, &targets, &mut notes).await?;
+    out.push_str(&rows);
+    for (i, (name, _)) in targets.iter().enumerate().skip(1) {
+        let Some((near, direct)) = runs[i].zip(runs[0]) else {
+            continue;
+        };
+        let ratio = near.tps / direct.tps;
+        let what = format!("TPC-B 8 clients, {name} vs direct to the primary");
+        b.summary([
+            &what,
+            "≥ 0.8x",
+            &format!("{ratio:.2}x"),
+            verdict(ratio >= 0.8),
+        ]);
+    }
     if !notes.is_empty() {
         write!(out, "\nFailed runs (n/a above):\n{notes}")?;
     }
     drop(bouncer);
-    for p in [syd, syd_pipelined, iad] {
+    for p in [syd, syd_pipelined, syd_polling, iad, iad_polling] {
         p.stop().await;
     }
     Ok(out)
@@ -337,7 +362,7 @@ fn read_only_summary(
         return;
     };
     let bouncer = run("pgbouncer");
-    for name in ["pgnear", PIPELINED] {
+    for name in ["pgnear", PIPELINED, POLLING] {
         let Some(near) = run(name) else {
             continue;
         };

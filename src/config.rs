@@ -125,6 +125,8 @@ pub struct ProxyConfig {
     pub metrics: bool,
     /// Threads running sessions (the `pgnear run` process).
     pub worker_threads: usize,
+    /// After activity, keep polling the sockets this long instead of sleeping (0: off).
+    pub busy_poll: HumanDuration,
 }
 
 impl Default for ProxyConfig {
@@ -138,6 +140,7 @@ impl Default for ProxyConfig {
             shutdown_grace: ms(30_000),
             metrics: true,
             worker_threads: 1,
+            busy_poll: ms(0),
         }
     }
 }
@@ -490,6 +493,13 @@ impl Config {
                 "proxy.worker_threads",
                 self.proxy.worker_threads,
                 "1 to 256",
+            ));
+        }
+        if self.proxy.busy_poll.0 > Duration::from_millis(10) {
+            return Err(invalid(
+                "proxy.busy_poll",
+                self.proxy.busy_poll,
+                "at most 10ms (0 turns it off)",
             ));
         }
         if self.pool.pipeline >= self.pool.replica_size {

@@ -16,6 +16,7 @@ pub mod listener;
 pub mod protocol;
 pub mod router;
 pub mod session;
+pub mod spin;
 pub mod tls;
 pub mod upstream_url;
 
@@ -43,6 +44,8 @@ pub struct Shared {
     pub replica_pool: Option<Arc<backend::pool::Pool>>,
     /// Shared replica connections for pipelined reads (`pool.pipeline`, transaction mode).
     pub lanes: Option<Arc<session::lane::Lanes>>,
+    /// Busy polling (`proxy.busy_poll`): sessions and lanes report activity to it.
+    pub spinner: Arc<spin::Spinner>,
     /// The replica's replay position and health (present when a replica is configured).
     pub watcher: Option<Arc<consistency::watcher::Watcher>>,
     pub probe: Arc<backend::health::PrimaryProbe>,
@@ -192,6 +195,10 @@ impl Proxy {
         let replica_pool = replica.as_ref().map(pool);
         let pipelines =
             config.pool.mode == config::PoolMode::Transaction && config.pool.pipeline > 0;
+        let spinner = Arc::new(spin::Spinner::new(config.proxy.busy_poll.0));
+        if !config.proxy.busy_poll.0.is_zero() {
+            tokio::spawn(spinner.clone().run(shutdown.clone()));
+        }
         let lanes = replica_pool.as_ref().filter(|_| pipelines).map(|p| {
             Arc::new(session::lane::Lanes::new(
                 p.clone(),
@@ -199,9 +206,11 @@ impl Proxy {
                 connect_timeout,
                 watcher.clone(),
                 shutdown.clone(),
+                spinner.clone(),
             ))
         });
         let shared = Arc::new(Shared {
+            spinner,
             lanes,
             primary,
             replica,

@@ -8,7 +8,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use common::*;
-use pgnear::config::{AuthMethod, Config, PoolMode};
+use pgnear::config::{AuthMethod, Config, HumanDuration, PoolMode};
 
 fn pipelined(width: usize) -> impl FnOnce(&mut Config) {
     move |c: &mut Config| {
@@ -97,8 +97,8 @@ fn each_session_gets_its_own_answers_and_settings() {
     });
 }
 
-/// pgbench's read-only script in all three query modes over one shared connection: no
-/// failures, and the reads were pipelined.
+/// pgbench's read-only script in all three query modes over one shared connection, with busy
+/// polling: no failures, and the reads were pipelined.
 #[test]
 fn pgbench_reads_in_every_mode_have_no_failures() {
     let _serial = serial();
@@ -111,7 +111,12 @@ fn pgbench_reads_in_every_mode_have_no_failures() {
             .unwrap();
         assert!(init.status.success(), "{:?}", init);
         c.wait_replicas_caught_up().await.unwrap();
-        let p = proxy(REPLICA, pipelined(1)).await;
+        // With busy polling too: the runtime never sleeps while the clients are active.
+        let p = proxy(REPLICA, |c| {
+            pipelined(1)(c);
+            c.proxy.busy_poll = HumanDuration(Duration::from_micros(200));
+        })
+        .await;
         let u = url(&p);
         for mode in ["simple", "extended", "prepared"] {
             let u = u.clone();

@@ -20,7 +20,7 @@ use tokio::sync::{mpsc, watch};
 
 use super::expect::Purpose;
 use super::server::{Request, Seen, Server};
-use super::state::sync_sql;
+use super::state::{sync_sql, Applied};
 use crate::backend::conn::Role;
 use crate::backend::health::PROBE_INTERVAL;
 use crate::backend::pool::{Pool, Pooled};
@@ -46,7 +46,7 @@ pub struct Job {
     /// A simple Query: a 25006 refusal comes back as `Reply::Done` with the Query to retry.
     pub query: bool,
     /// The session's settings (`SessionState::applied_shared`).
-    pub applied: Arc<[(Option<String>, String)]>,
+    pub applied: Applied,
     /// Shared statements the messages use, with their Parse: prepared first where missing.
     pub statements: Vec<(String, Bytes)>,
     /// The client's cancel slot: it points at the connection while this read runs.
@@ -75,6 +75,7 @@ pub struct Lanes {
     connect_timeout: Duration,
     watcher: Option<Arc<Watcher>>,
     shutdown: watch::Receiver<bool>,
+    spinner: Arc<crate::spin::Spinner>,
     lanes: Mutex<HashMap<String, Vec<Arc<Lane>>>>,
     /// Connections being opened, per database.
     opening: Mutex<HashMap<String, usize>>,
@@ -107,6 +108,7 @@ impl Lanes {
         connect_timeout: Duration,
         watcher: Option<Arc<Watcher>>,
         shutdown: watch::Receiver<bool>,
+        spinner: Arc<crate::spin::Spinner>,
     ) -> Lanes {
         Lanes {
             pool,
@@ -114,6 +116,7 @@ impl Lanes {
             connect_timeout,
             watcher,
             shutdown,
+            spinner,
             lanes: Mutex::default(),
             opening: Mutex::default(),
             epoch: Instant::now(),
@@ -221,6 +224,7 @@ impl Lanes {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut shutdown = self.shutdown.clone();
         let result = loop {
+            self.spinner.poke();
             tokio::select! {
                 biased;
                 job = rx.recv() => {

@@ -304,6 +304,7 @@ impl Session {
                 };
                 self.cbuf.reserve(step);
             }
+            self.shared.spinner.poke();
             tokio::select! {
                 r = read_opt(&mut self.primary) => match r {
                     Ok(()) => self.on_server(Role::Primary).await?,

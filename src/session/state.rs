@@ -35,6 +35,9 @@ struct Entry {
     sql: String,
 }
 
+/// A session's settings as (name, SQL) in the order applied, shared (see `applied_shared`).
+pub type Applied = Arc<[(Option<String>, String)]>;
+
 #[derive(Debug)]
 pub struct SessionState {
     pub setting: RouteSetting,
@@ -44,7 +47,7 @@ pub struct SessionState {
     log: Vec<Entry>,
     seq: u64,
     /// `applied()` as last computed (`None` once the log changed), shared with pipelined reads.
-    snapshot: Option<Arc<[(Option<String>, String)]>>,
+    snapshot: Option<Applied>,
     /// Named prepared statements: name -> the client's Parse frame, to re-prepare elsewhere.
     pub statements: HashMap<String, Bytes>,
     /// The last unnamed Parse, which travels with a Bind that reaches another server.
@@ -145,11 +148,11 @@ impl SessionState {
     }
 
     /// `applied()`, computed once per change of the settings.
-    pub fn applied_shared(&mut self) -> Arc<[(Option<String>, String)]> {
+    pub fn applied_shared(&mut self) -> Applied {
         match &self.snapshot {
             Some(s) => s.clone(),
             None => {
-                let s: Arc<[(Option<String>, String)]> = self.applied().into();
+                let s: Applied = self.applied().into();
                 self.snapshot = Some(s.clone());
                 s
             }
