@@ -161,7 +161,10 @@ impl Lanes {
         let Some(lane) = best else {
             return Err(job);
         };
-        lane.depth.fetch_add(1, Ordering::Relaxed);
+        if lane.depth.fetch_add(1, Ordering::Relaxed) == 0 {
+            // It runs next: its clock starts now, not when the lane's task gets to it.
+            lane.head_since.store(now, Ordering::Relaxed);
+        }
         lane.queued.fetch_add(size, Ordering::Relaxed);
         lane.tx.send(job).map_err(|e| {
             lane.depth.fetch_sub(1, Ordering::Relaxed);
