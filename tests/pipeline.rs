@@ -18,14 +18,6 @@ fn pipelined(width: usize) -> impl FnOnce(&mut Config) {
     }
 }
 
-/// The value of a metric series in pgnear's /metrics (0 when absent).
-async fn metric(p: &pgnear::Proxy, series: &str) -> f64 {
-    let (_, body) = http_get(p.admin_addr(), "/metrics").await;
-    body.lines()
-        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or(0.0)
-}
-
 const PIPELINED: &str = "pgnear_pool_pipelined_reads_total{upstream=\"replica\"}";
 
 /// 40 sessions, each with its own application_name and search_path, read concurrently in
@@ -103,14 +95,7 @@ fn each_session_gets_its_own_answers_and_settings() {
 fn pgbench_reads_in_every_mode_have_no_failures() {
     let _serial = serial();
     run(async {
-        let c = cluster();
-        let direct = c.primary_url_from(PRIMARY);
-        let init = std::process::Command::new("pgbench")
-            .args(["-i", "-q", "-s", "1", &direct])
-            .output()
-            .unwrap();
-        assert!(init.status.success(), "{:?}", init);
-        c.wait_replicas_caught_up().await.unwrap();
+        pgbench_init().await;
         // With busy polling too: the runtime never sleeps while the clients are active.
         let p = proxy(REPLICA, |c| {
             pipelined(1)(c);
@@ -119,27 +104,8 @@ fn pgbench_reads_in_every_mode_have_no_failures() {
         .await;
         let u = url(&p);
         for mode in ["simple", "extended", "prepared"] {
-            let u = u.clone();
-            let out = tokio::task::spawn_blocking(move || {
-                std::process::Command::new("pgbench")
-                    .args(["-S", "-M", mode, "-c", "16", "-j", "2", "-t", "200", "-n"])
-                    .arg(&u)
-                    .output()
-                    .unwrap()
-            })
-            .await
-            .unwrap();
-            let stdout = String::from_utf8_lossy(&out.stdout);
-            let stderr = String::from_utf8_lossy(&out.stderr);
-            assert!(out.status.success(), "{mode}: {stdout}\n{stderr}");
-            assert!(
-                stdout.contains("actually processed: 3200/3200"),
-                "{mode}: {stdout}"
-            );
-            assert!(
-                stdout.contains("failed transactions: 0"),
-                "{mode}: {stdout}"
-            );
+            let args = ["-S", "-M", mode, "-c", "16", "-j", "2", "-t", "200"];
+            pgbench_ok(&u, &args, 3200).await;
         }
         assert!(metric(&p, PIPELINED).await > 0.0);
         p.shutdown().await;

@@ -14,14 +14,6 @@ fn transaction_mode(c: &mut Config) {
     c.pool.mode = PoolMode::Transaction;
 }
 
-/// The value of a metric series in pgnear's /metrics (0 when absent).
-async fn metric(p: &pgnear::Proxy, series: &str) -> f64 {
-    let (_, body) = http_get(p.admin_addr(), "/metrics").await;
-    body.lines()
-        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or(0.0)
-}
-
 async fn value(c: &tokio_postgres::Client, sql: &str) -> String {
     first_value(&c.simple_query(sql).await.unwrap()).unwrap_or_default()
 }
@@ -113,18 +105,7 @@ fn a_thousand_clients_share_twenty_plus_twenty_connections() {
 fn pgbench_prepared_in_transaction_mode_has_no_failures() {
     let _serial = serial();
     run(async {
-        let c = cluster();
-        let direct = c.primary_url_from(PRIMARY);
-        let init = std::process::Command::new("pgbench")
-            .args(["-i", "-q", "-s", "1", &direct])
-            .output()
-            .unwrap();
-        assert!(
-            init.status.success(),
-            "{}",
-            String::from_utf8_lossy(&init.stderr)
-        );
-        c.wait_replicas_caught_up().await.unwrap();
+        pgbench_init().await;
         let p = proxy(REPLICA, |c| {
             transaction_mode(c);
             c.auth.method = Some(AuthMethod::Trust);
@@ -132,29 +113,12 @@ fn pgbench_prepared_in_transaction_mode_has_no_failures() {
         .await;
         let u = url(&p);
         for extra in [&[][..], &["-S"][..]] {
-            let u = u.clone();
-            let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
-            let out = tokio::task::spawn_blocking(move || {
-                std::process::Command::new("pgbench")
-                    .args(["-M", "prepared", "-c", "50", "-j", "2", "-t", "40", "-n"])
-                    .args(&extra)
-                    .arg(&u)
-                    .output()
-                    .unwrap()
-            })
-            .await
-            .unwrap();
-            let stdout = String::from_utf8_lossy(&out.stdout);
-            let stderr = String::from_utf8_lossy(&out.stderr);
-            assert!(out.status.success(), "{stdout}\n{stderr}");
-            assert!(
-                stdout.contains("number of transactions actually processed: 2000/2000"),
-                "{stdout}"
-            );
-            assert!(
-                stdout.contains("number of failed transactions: 0"),
-                "{stdout}"
-            );
+            let args = [
+                &["-M", "prepared", "-c", "50", "-j", "2", "-t", "40"][..],
+                extra,
+            ]
+            .concat();
+            pgbench_ok(&u, &args, 2000).await;
         }
         let open = metric(&p, "pgnear_pool_connections{upstream=\"primary\"}").await;
         assert!(open <= 20.0, "{open}");

@@ -315,3 +315,46 @@ pub async fn on_primary(sql: &str) -> Client {
     cluster().wait_replicas_caught_up().await.unwrap();
     direct
 }
+
+/// The value of a metric series in pgnear's /metrics (0 when absent).
+pub async fn metric(p: &Proxy, series: &str) -> f64 {
+    let (_, body) = http_get(p.admin_addr(), "/metrics").await;
+    body.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// `pgbench -i` at scale 1 on the primary, then waits until the replicas have it.
+pub async fn pgbench_init() {
+    let direct = cluster().primary_url_from(PRIMARY);
+    let out = std::process::Command::new("pgbench")
+        .args(["-i", "-q", "-s", "1", &direct])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "pgbench -i: {stderr}");
+    cluster().wait_replicas_caught_up().await.unwrap();
+}
+
+/// Runs pgbench with `args` against `url` (off the runtime's threads) and asserts that all
+/// `transactions` ran, none failed.
+pub async fn pgbench_ok(url: &str, args: &[&str], transactions: usize) {
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    let url = url.to_string();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("pgbench")
+            .args(&args)
+            .arg("-n")
+            .arg(&url)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let processed = format!("actually processed: {transactions}/{transactions}");
+    assert!(stdout.contains(&processed), "{stdout}");
+    assert!(stdout.contains("failed transactions: 0"), "{stdout}");
+}
