@@ -229,3 +229,53 @@ fn sessions_survive_losing_the_shared_connection() {
         p.shutdown().await;
     });
 }
+
+/// A large answer on a shared connection streams through whole (in many pieces), and another
+/// session's reads, pipelined with it or sent meanwhile, get their own answers.
+#[test]
+fn a_large_answer_streams_whole_beside_other_reads() {
+    let _serial = serial();
+    run(async {
+        let p = proxy(REPLICA, pipelined(1)).await;
+        let (big, small) = (connect(&url(&p)).await, connect(&url(&p)).await);
+        // The shared connection opens on first demand: open it, so the large read uses it.
+        eventually("a shared connection", Duration::from_secs(10), || async {
+            big.simple_query("SELECT 1").await.unwrap();
+            metric(&p, PIPELINED).await > 0.0
+        })
+        .await;
+        let sql = "SELECT i, md5(i::text) FROM generate_series(1, 200000) i";
+        let rows = |messages: Vec<tokio_postgres::SimpleQueryMessage>| -> Vec<(String, String)> {
+            messages
+                .iter()
+                .filter_map(|m| match m {
+                    tokio_postgres::SimpleQueryMessage::Row(r) => {
+                        Some((r.get(0)?.to_string(), r.get(1)?.to_string()))
+                    }
+                    _ => None,
+                })
+                .collect()
+        };
+        let large = async { rows(big.simple_query(sql).await.unwrap()) };
+        let reads = async {
+            for n in 0..100i32 {
+                let v: i32 = small
+                    .query_one("SELECT $1::int", &[&n])
+                    .await
+                    .unwrap()
+                    .get(0);
+                assert_eq!(v, n);
+            }
+        };
+        let (through, ()) = tokio::join!(large, reads);
+        let direct = connect(&cluster().replica_url(REPLICA).unwrap()).await;
+        let straight = rows(direct.simple_query(sql).await.unwrap());
+        assert_eq!(through.len(), 200_000);
+        assert!(
+            through == straight,
+            "the answer differs from the replica's own"
+        );
+        assert!(metric(&p, PIPELINED).await > 0.0);
+        p.shutdown().await;
+    });
+}
