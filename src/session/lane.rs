@@ -185,20 +185,22 @@ impl Lanes {
         drop(opening);
         let (lanes, database) = (self.clone(), database.to_string());
         tokio::spawn(async move {
-            let conn = lanes.pool.acquire(&database).await;
-            if let Some(n) = lanes
-                .opening
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .get_mut(&database)
-            {
-                *n -= 1;
-            }
-            match conn {
+            match lanes.pool.acquire(&database).await {
                 Ok(conn) => lanes.run(database, conn).await,
-                Err(e) => tracing::debug!(error = %e, "no connection for pipelined reads"),
+                Err(e) => {
+                    tracing::debug!(error = %e, "no connection for pipelined reads");
+                    lanes.opened(&database);
+                }
             }
         });
+    }
+
+    /// A connection `open_more` started opening is open (and listed) or failed.
+    fn opened(&self, database: &str) {
+        let mut opening = self.opening.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = opening.get_mut(database) {
+            *n -= 1;
+        }
     }
 
     /// Serves one shared connection until it fails, idles out or ages, or pgnear stops.
@@ -214,9 +216,10 @@ impl Lanes {
         self.lanes
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .entry(database)
+            .entry(database.clone())
             .or_default()
             .push(lane.clone());
+        self.opened(&database);
         let opened = Instant::now();
         let mut server = Server::new(conn, Role::Replica);
         server.reader.one_request = true;
