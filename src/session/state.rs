@@ -455,6 +455,16 @@ mod tests {
             .unwrap()
             .starts_with("SET SESSION AUTHORIZATION DEFAULT; RESET ALL; SET \"application_name\""));
         assert!(SessionState::from_startup(&[("options".into(), "-x".into())]).is_err());
+        // A shared connection is brought from one session's settings to another's the same way;
+        // the snapshot follows each change.
+        let (mut a, b) = (more, s);
+        let before = a.applied_shared();
+        assert_eq!(sync_sql(&b.applied(), &before), a.sync_from(&b.applied()));
+        assert_eq!(sync_sql(&before, &b.applied()), b.sync_from(&before));
+        assert_eq!(sync_sql(&before, &before), None);
+        run(&mut a, "SET work_mem = '16MB'");
+        assert_ne!(a.applied_shared(), before);
+        assert_eq!(a.applied_shared()[..], a.applied()[..]);
     }
 
     #[test]
