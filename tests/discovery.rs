@@ -150,15 +150,6 @@ fn addr(s: &str) -> SocketAddr {
     s.parse().unwrap()
 }
 
-/// The value of one series on pgnear's `/metrics` (0 when absent).
-async fn metric(admin: SocketAddr, series: &str) -> f64 {
-    let (status, body) = http_get(admin, "/metrics").await;
-    assert_eq!(status, 200, "{body}");
-    body.lines()
-        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or(0.0)
-}
-
 #[test]
 fn follows_a_dns_change_when_the_ttl_runs_out() {
     run(primary_moves(1));
@@ -209,7 +200,7 @@ async fn primary_moves(ttl: u32) {
     eventually(
         "the connection is pooled",
         Duration::from_secs(10),
-        || async { metric(p.admin_addr(), idle).await == 1.0 },
+        || async { metric(&p, idle).await == 1.0 },
     )
     .await;
 
@@ -224,7 +215,7 @@ async fn primary_moves(ttl: u32) {
             || async { first.connections() == 0 },
         )
         .await;
-        assert_eq!(metric(p.admin_addr(), idle).await, 0.0);
+        assert_eq!(metric(&p, idle).await, 0.0);
     }
     drop(first);
     eventually(
@@ -243,11 +234,11 @@ async fn primary_moves(ttl: u32) {
     .await;
     assert!(second.connections() > 0, "writes go through 127.0.0.3");
     let changes = "pgnear_dns_changes_total{upstream=\"primary\"}";
-    assert_eq!(metric(p.admin_addr(), changes).await, 1.0);
+    assert_eq!(metric(&p, changes).await, 1.0);
 
     // The probe reconnected to the new address too, and /status shows it.
     eventually("the primary up again", Duration::from_secs(30), || async {
-        metric(p.admin_addr(), "pgnear_upstream_up{upstream=\"primary\"}").await == 1.0
+        metric(&p, "pgnear_upstream_up{upstream=\"primary\"}").await == 1.0
     })
     .await;
     let (_, body) = http_get(p.admin_addr(), "/status").await;

@@ -275,14 +275,6 @@ fn kill_9_of_the_primary_during_writes_loses_no_acknowledged_write() {
     });
 }
 
-/// The value of `series` in a /metrics scrape.
-fn metric_value(body: &str, series: &str) -> Option<f64> {
-    body.lines()
-        .find(|l| l.starts_with(series))
-        .and_then(|l| l.rsplit_once(' '))
-        .and_then(|(_, v)| v.parse().ok())
-}
-
 #[derive(Default)]
 struct Reads {
     on_replica: Vec<Instant>,

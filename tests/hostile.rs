@@ -28,6 +28,12 @@ fn trust(c: &mut Config) {
     c.auth.method = Some(AuthMethod::Trust);
 }
 
+/// Trust auth, and clients that stall in startup are dropped after 1 s.
+fn trust_quick_startup(c: &mut Config) {
+    trust(c);
+    c.proxy.startup_timeout = HumanDuration(Duration::from_secs(1));
+}
+
 // ---------------------------------------------------------------------------------------------
 // Wire helpers
 
@@ -222,17 +228,7 @@ fn tags(frames: &[(u8, Vec<u8>)]) -> String {
 
 /// `pgnear_client_connections` from the admin endpoint.
 async fn client_gauge(p: &pgnear::Proxy) -> i64 {
-    metric(p, "pgnear_client_connections ").await as i64
-}
-
-/// The value of the first /metrics line starting with `series` (0 when absent).
-async fn metric(p: &pgnear::Proxy, series: &str) -> f64 {
-    let (status, body) = http_get(p.admin_addr(), "/metrics").await;
-    assert_eq!(status, 200);
-    body.lines()
-        .find(|l| l.starts_with(series))
-        .and_then(|l| l.rsplit_once(' '))
-        .map_or(0.0, |(_, v)| v.parse().unwrap())
+    metric(p, "pgnear_client_connections").await as i64
 }
 
 async fn assert_serves(p: &pgnear::Proxy) {
@@ -258,11 +254,7 @@ const FRONTEND_TAGS: &[u8] = b"QPBDECSHFdcfX";
 fn random_bytes_from_many_connections_get_08p01_or_a_close() {
     let _serial = serial();
     run(async {
-        let p = proxy(REPLICA, |c| {
-            trust(c);
-            c.proxy.startup_timeout = HumanDuration(Duration::from_secs(1));
-        })
-        .await;
+        let p = proxy(REPLICA, trust_quick_startup).await;
         let addr = p.addr();
         let baseline = client_gauge(&p).await;
         const CONNECTIONS: u64 = 600;
@@ -331,11 +323,7 @@ fn random_bytes_from_many_connections_get_08p01_or_a_close() {
 fn truncated_oversized_and_malformed_startups() {
     let _serial = serial();
     run(async {
-        let p = proxy(PRIMARY, |c| {
-            trust(c);
-            c.proxy.startup_timeout = HumanDuration(Duration::from_secs(1));
-        })
-        .await;
+        let p = proxy(PRIMARY, trust_quick_startup).await;
         let addr = p.addr();
         let good = startup_packet(&[("user", "app"), ("database", "app")], 196608);
         let ssl: &[u8] = &[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];

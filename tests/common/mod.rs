@@ -316,12 +316,22 @@ pub async fn on_primary(sql: &str) -> Client {
     direct
 }
 
-/// The value of a metric series in pgnear's /metrics (0 when absent).
-pub async fn metric(p: &Proxy, series: &str) -> f64 {
-    let (_, body) = http_get(p.admin_addr(), "/metrics").await;
+/// The value of `series` (its name and labels, exactly) in a /metrics scrape.
+pub fn metric_value(body: &str, series: &str) -> Option<f64> {
     body.lines()
-        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or(0.0)
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// The value of `series` on the /metrics of the admin listener at `admin` (0 when absent).
+pub async fn metric_at(admin: std::net::SocketAddr, series: &str) -> f64 {
+    let (status, body) = http_get(admin, "/metrics").await;
+    assert_eq!(status, 200, "{body}");
+    metric_value(&body, series).unwrap_or(0.0)
+}
+
+/// The value of `series` on pgnear's /metrics (0 when absent).
+pub async fn metric(p: &Proxy, series: &str) -> f64 {
+    metric_at(p.admin_addr(), series).await
 }
 
 /// `pgbench -i` at scale 1 on the primary, then waits until the replicas have it.
