@@ -19,24 +19,23 @@ use bytes::{Bytes, BytesMut};
 use tokio::sync::{mpsc, watch};
 
 use super::expect::Purpose;
+use super::route::{close_frame, STATEMENTS_PER_CONNECTION};
 use super::server::{Request, Seen, Server};
 use super::state::{sync_sql, Applied};
 use crate::backend::conn::Role;
 use crate::backend::health::PROBE_INTERVAL;
 use crate::backend::pool::{Pool, Pooled};
-use crate::cancel::{CancelSlot, CancelTarget};
+use crate::cancel::CancelSlot;
 use crate::config::PoolConfig;
 use crate::consistency::watcher::Watcher;
 use crate::error::PgError;
-use crate::protocol::{build_frame, frames, tag};
+use crate::protocol::{frames, tag};
 
 /// A shared connection whose current read has run this long takes no more reads.
 const STUCK: Duration = Duration::from_millis(2);
 /// Most request bytes queued on a shared connection behind the one running (so pgnear's writes
 /// never wait on a server that is itself waiting for pgnear to read).
 const MAX_QUEUED_BYTES: usize = 32 * 1024;
-/// Prepared statements kept per shared connection (least recently used closed beyond).
-const STATEMENTS: usize = 1000;
 
 /// One session's read, sent as is after whatever brings the connection to the session's
 /// settings and statements.
@@ -260,7 +259,8 @@ impl Lanes {
                 }
                 _ = tick.tick() => {
                     if !waiting.is_empty() {
-                        if let Err(e) = self.check_silent(&server) {
+                        let up = self.watcher.as_ref().is_some_and(|w| w.current().up);
+                        if let Some(e) = server.stopped_answering(self.connect_timeout, up) {
                             break Err(e);
                         }
                     } else if idle_since.elapsed() >= self.config.idle_timeout.0
@@ -306,9 +306,8 @@ impl Lanes {
         for (name, parse) in &job.statements {
             if !server.has_statement(name) {
                 server.send_internal_frame(tag::PARSE, parse);
-                if let Some(old) = server.add_statement(name, STATEMENTS) {
-                    let close = build_frame(tag::CLOSE, &[b"S", old.as_bytes(), b"\0"]);
-                    server.send_internal_frame(tag::CLOSE, &close);
+                if let Some(old) = server.add_statement(name, STATEMENTS_PER_CONNECTION) {
+                    server.send_internal_frame(tag::CLOSE, &close_frame(&old));
                 }
             }
         }
@@ -382,28 +381,11 @@ impl Lanes {
             }
         }
     }
-
-    /// A connection that owes answers, has been silent for `connect_timeout` and whose
-    /// upstream's health checks fail is lost (a partition).
-    fn check_silent(&self, server: &Server) -> Result<(), PgError> {
-        let limit = self.connect_timeout;
-        let down = !self.watcher.as_ref().is_some_and(|w| w.current().up);
-        if server.silent_for() >= limit && down {
-            return Err(PgError::upstream(format!(
-                "replica upstream stopped answering: nothing received for {limit:?} and its health checks fail"
-            )));
-        }
-        Ok(())
-    }
 }
 
 fn point_cancel(slot: &CancelSlot, server: &Server) {
     if let Ok(mut slot) = slot.lock() {
-        *slot = Some(CancelTarget {
-            addr: server.conn.addr,
-            pid: server.conn.pid,
-            secret: server.conn.secret.clone(),
-        });
+        *slot = Some(server.cancel_target());
     }
 }
 

@@ -19,7 +19,7 @@ use self::state::SessionState;
 use crate::backend::conn::{send_cancel, Role};
 use crate::backend::health::PROBE_INTERVAL;
 use crate::backend::pool::TERMINATE;
-use crate::cancel::{CancelKey, CancelTarget};
+use crate::cancel::CancelKey;
 use crate::config::PoolMode;
 use crate::consistency::{gate, Lsn};
 use crate::error::{ErrorKind, PgError};
@@ -352,19 +352,15 @@ impl Session {
     async fn check_silent_servers(&mut self) -> Result<(), PgError> {
         let limit = self.shared.config.upstream.connect_timeout.0;
         for role in [Role::Primary, Role::Replica] {
-            let silent = self
-                .slot_ref(role)
-                .is_some_and(|s| !s.expect.is_empty() && s.silent_for() >= limit);
-            let down = match role {
-                Role::Primary => !self.shared.probe.current().up,
-                Role::Replica => !self.shared.watcher.as_ref().is_some_and(|w| w.current().up),
+            let up = match role {
+                Role::Primary => self.shared.probe.current().up,
+                Role::Replica => self.shared.watcher.as_ref().is_some_and(|w| w.current().up),
             };
-            if silent && down {
-                let e = PgError::upstream(format!(
-                    "{} upstream stopped answering: nothing received for {limit:?} and its health checks fail",
-                    role.name()
-                ))
-                .with_detail("The statement may or may not have completed.");
+            let lost = self
+                .slot_ref(role)
+                .and_then(|s| s.stopped_answering(limit, up));
+            if let Some(e) = lost {
+                let e = e.with_detail("The statement may or may not have completed.");
                 self.server_failed(role, e).await?;
             }
         }
@@ -568,12 +564,10 @@ impl Session {
         }
         if self.cancel_role != Some(role) {
             self.cancel_role = Some(role);
-            let s = self.slot(role).as_ref().expect("connected above");
-            let target = CancelTarget {
-                addr: s.conn.addr,
-                pid: s.conn.pid,
-                secret: s.conn.secret.clone(),
-            };
+            let target = self
+                .slot_ref(role)
+                .expect("connected above")
+                .cancel_target();
             if let Ok(mut slot) = self.cancel.slot.lock() {
                 *slot = Some(target);
             }

@@ -1265,7 +1265,7 @@ fn not_consistent(target: Lsn, reached: Option<Lsn>, timeout: std::time::Duratio
 
 /// Server-side prepared statements kept per connection in transaction mode; past this the
 /// least recently used is closed.
-const STATEMENTS_PER_CONNECTION: usize = 1000;
+pub(super) const STATEMENTS_PER_CONNECTION: usize = 1000;
 /// Answer chunks a shared replica connection may pass ahead of the session writing them out.
 const REPLY_CHUNKS: usize = 16;
 
@@ -1297,7 +1297,7 @@ fn renamed_parse(frame: &[u8], name: &str) -> BytesMut {
     build_frame(tag::PARSE, &[name.as_bytes(), b"\0", rest])
 }
 
-fn close_frame(name: &str) -> BytesMut {
+pub(super) fn close_frame(name: &str) -> BytesMut {
     build_frame(tag::CLOSE, &[b"S", name.as_bytes(), b"\0"])
 }
 

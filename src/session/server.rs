@@ -11,6 +11,7 @@ use super::expect::{Expectations, Owner, Pending, Purpose};
 use super::state::PendingState;
 use crate::backend::conn::Role;
 use crate::backend::pool::Pooled;
+use crate::cancel::CancelTarget;
 use crate::error::PgError;
 use crate::protocol::backend::{self as be, header};
 
@@ -130,8 +131,30 @@ impl Server {
         ))
     }
 
+    /// Where a CancelRequest for what this connection runs goes.
+    pub fn cancel_target(&self) -> CancelTarget {
+        CancelTarget {
+            addr: self.conn.addr,
+            pid: self.conn.pid,
+            secret: self.conn.secret.clone(),
+        }
+    }
+
+    /// The error for a server that owes answers, has sent nothing for `limit`, and whose
+    /// upstream's health checks fail (`up` false): taken as lost (a silent partition, which TCP
+    /// alone would wait out for many minutes). `None` while it may still answer.
+    pub fn stopped_answering(&self, limit: std::time::Duration, up: bool) -> Option<PgError> {
+        let silent = !self.expect.is_empty() && self.silent_for() >= limit;
+        (silent && !up).then(|| {
+            PgError::upstream(format!(
+                "{} upstream stopped answering: nothing received for {limit:?} and its health checks fail",
+                self.role.name()
+            ))
+        })
+    }
+
     /// How long since anything was sent to or received from the server.
-    pub fn silent_for(&self) -> std::time::Duration {
+    fn silent_for(&self) -> std::time::Duration {
         self.last_activity.elapsed()
     }
 
