@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use pgnear::config::{AuthMethod, Config, HumanDuration, PoolMode};
+use pgnear::protocol::frontend::MESSAGE_TAGS;
 use rand::{Rng, SeedableRng};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -246,8 +247,6 @@ async fn gauge_back_to(p: &pgnear::Proxy, baseline: i64) {
     .await;
 }
 
-const FRONTEND_TAGS: &[u8] = b"QPBDECSHFdcfX";
-
 // ---------------------------------------------------------------------------------------------
 
 #[test]
@@ -282,7 +281,7 @@ fn random_bytes_from_many_connections_get_08p01_or_a_close() {
                         let frames = backend_frames(&out);
                         let framed: usize = frames.iter().map(|(_, b)| b.len() + 5).sum();
                         assert_eq!(framed, out.len(), "{what}: answer is not whole frames");
-                        if !FRONTEND_TAGS.contains(&junk[0]) {
+                        if !MESSAGE_TAGS.contains(&junk[0]) {
                             assert_eq!(
                                 error_codes(&frames).first().map(String::as_str),
                                 Some("08P01"),

@@ -132,7 +132,7 @@ pub fn parse_startup_body(body: &[u8]) -> Result<StartupPacket, PgError> {
 }
 
 /// Tags of the messages a client may send after startup.
-const MESSAGE_TAGS: &[u8] = b"QPBDECSHFdcfX";
+pub const MESSAGE_TAGS: &[u8] = b"QPBDECSHFdcfX";
 
 /// The next complete frame in `buf`: (tag, total length including tag).
 /// `Ok(None)` means more bytes are needed. An unknown tag is refused at once, as by Postgres,
