@@ -47,13 +47,14 @@ impl Pending {
                 frame,
                 be::COMMAND_COMPLETE | be::EMPTY_QUERY | be::PORTAL_SUSPENDED
             ),
-            Pending::FunctionCall => frame == be::FUNCTION_RESULT,
-            Pending::Sync | Pending::Query => frame == be::READY_FOR_QUERY,
+            // A FunctionCall is a complete request, like a Query: answered by
+            // FunctionCallResponse (or an error) and ReadyForQuery.
+            Pending::Sync | Pending::Query | Pending::FunctionCall => frame == be::READY_FOR_QUERY,
         }
     }
 
     fn is_sync_point(self) -> bool {
-        matches!(self, Pending::Sync | Pending::Query)
+        matches!(self, Pending::Sync | Pending::Query | Pending::FunctionCall)
     }
 }
 
@@ -137,6 +138,18 @@ impl Expectations {
         self.queue
             .iter()
             .any(|(_, o)| *o == Owner::Internal(purpose))
+    }
+
+    /// Removes the Syncs queued right behind the front entry; returns how many.
+    pub fn drop_syncs_after_front(&mut self) -> usize {
+        let n = self
+            .queue
+            .iter()
+            .skip(1)
+            .take_while(|(p, _)| *p == Pending::Sync)
+            .count();
+        self.queue.drain(1..1 + n);
+        n
     }
 
     pub fn clear(&mut self) {

@@ -400,14 +400,23 @@ impl Session {
                     };
                     self.unless_primary_unreachable(sent, 1).await?;
                 }
-                tag::PARSE
-                | tag::BIND
-                | tag::DESCRIBE
-                | tag::EXECUTE
-                | tag::CLOSE
-                | tag::FUNCTION_CALL => {
+                tag::FUNCTION_CALL => {
+                    // libpq's fast path (large objects): a complete request, answered by
+                    // FunctionCallResponse and ReadyForQuery, never followed by a Sync.
+                    let sent = match self.dispatch_batch().await {
+                        Ok(()) => self.on_function_call(frame).await,
+                        Err(e) => Err(e),
+                    };
+                    self.unless_primary_unreachable(sent, 1).await?;
+                }
+                tag::PARSE | tag::BIND | tag::DESCRIBE | tag::EXECUTE | tag::CLOSE => {
                     self.batch.extend_from_slice(&frame);
                     self.batch_tags.push(t);
+                }
+                tag::SYNC | tag::FLUSH if self.batch.is_empty() && self.copying().is_some() => {
+                    // A server in COPY FROM STDIN ignores Sync and Flush: they pass unanswered.
+                    let role = self.copying().expect("checked above");
+                    self.server(role).await?.out.extend_from_slice(&frame);
                 }
                 tag::SYNC | tag::FLUSH => {
                     self.batch.extend_from_slice(&frame);
@@ -418,8 +427,12 @@ impl Session {
                 }
                 tag::COPY_DATA | tag::COPY_DONE | tag::COPY_FAIL => {
                     // COPY continues on the server that started it; outside COPY the server ignores these.
-                    let role = self.last;
-                    self.server(role).await?.send_client_frame(t, &frame);
+                    let role = self.copy_role().unwrap_or(self.last);
+                    let server = self.server(role).await?;
+                    if t != tag::COPY_DATA && server.reader.copy_in {
+                        server.reader.client_ended_copy = true;
+                    }
+                    server.send_client_frame(t, &frame);
                 }
                 tag::TERMINATE => {
                     // Like Postgres, run and answer what the client sent before Terminate,
@@ -524,6 +537,23 @@ impl Session {
             return Ok(());
         }
         self.write_client(&out).await
+    }
+
+    /// The server in COPY FROM STDIN whose data the client has not ended yet.
+    fn copying(&self) -> Option<Role> {
+        [Role::Primary, Role::Replica].into_iter().find(|&r| {
+            self.slot_ref(r)
+                .is_some_and(|s| s.reader.copy_in && !s.reader.client_ended_copy)
+        })
+    }
+
+    /// The server of a COPY FROM STDIN not yet finished: in copy-in mode, or owed the Sync of
+    /// an extended-protocol COPY (see `Reader::owed_sync`). What the client sends goes there.
+    pub(super) fn copy_role(&self) -> Option<Role> {
+        [Role::Primary, Role::Replica].into_iter().find(|&r| {
+            self.slot_ref(r)
+                .is_some_and(|s| s.reader.copy_in || s.reader.owed_sync)
+        })
     }
 
     fn tentative_in_flight(&self) -> bool {

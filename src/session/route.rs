@@ -44,7 +44,7 @@ struct BatchPlan {
     /// A statement in the batch may be a COPY.
     copy: bool,
     syncs: usize,
-    /// Runs something (Execute, FunctionCall); a batch that only prepares and describes does not.
+    /// Runs something (Execute); a batch that only prepares and describes does not.
     executes: bool,
     tx: Option<TxEffect>,
     /// Every statement it parses or uses is a session SET/RESET (pgjdbc's start-up
@@ -256,6 +256,30 @@ impl Session {
         let server = self.server(role).await?;
         server.dirty |= taints;
         server.send_query(&frame, request);
+        if capture {
+            server.send_internal_query(WRITE_LSN_QUERY, expect::Purpose::WriteLsn);
+        }
+        Ok(())
+    }
+
+    /// Routes and sends one FunctionCall (libpq's fast path: large objects). It may write, so it
+    /// runs on the primary, or on the server holding the session's transaction.
+    pub(super) async fn on_function_call(&mut self, frame: BytesMut) -> Result<(), PgError> {
+        self.start_deferred(false).await?;
+        let (role, reason) = match self.open_tx.or(self.unsynced) {
+            Some(role) => (role, Reason::Transaction),
+            None => (Role::Primary, Reason::Write),
+        };
+        if reason == Reason::Write && self.replays_writes() {
+            return self.refuse_request(self.replay_error(), 1).await;
+        }
+        tracing::debug!(route = role.name(), reason = reason.label(), "function call routed");
+        self.shared.metrics.statement(role, reason);
+        let capture = reason == Reason::Write && self.captures_lsn();
+        let session_mode = self.shared.config.pool.mode == PoolMode::Session;
+        let server = self.server(role).await?;
+        server.dirty |= session_mode;
+        server.send_function_call(&frame);
         if capture {
             server.send_internal_query(WRITE_LSN_QUERY, expect::Purpose::WriteLsn);
         }
@@ -554,7 +578,10 @@ impl Session {
             && plan.executes
             && !plan.sticky
             && self.open_tx.is_none();
-        let (role, reason) = if let Some(role) = self.unsynced.filter(|_| !movable) {
+        let (role, reason) = if let Some(role) = self.copy_role() {
+            // What follows a COPY FROM STDIN (its Sync, say) belongs to the server running it.
+            (role, Reason::Transaction)
+        } else if let Some(role) = self.unsynced.filter(|_| !movable) {
             // The rest of an exchange that a Flush left open (an implicit transaction, a
             // skip-to-Sync after an error) belongs to the server that has it.
             (role, Reason::Transaction)
@@ -686,7 +713,9 @@ impl Session {
             all.extend(c);
             all
         });
-        for i in 0..plan.syncs {
+        // The first Sync after an extended-protocol COPY ends the request already in flight.
+        let owed = usize::from(std::mem::take(&mut server.reader.owed_sync));
+        for i in owed.min(plan.syncs)..plan.syncs {
             let last = i + 1 == plan.syncs;
             server.requests.push_back(Request {
                 change: if last { change.take() } else { None },
@@ -831,11 +860,6 @@ impl Session {
                         plan.changes.push(plan.bound_changes.remove(i).1);
                     }
                 }
-                tag::FUNCTION_CALL => {
-                    plan.executes = true;
-                    plan.read = false;
-                    plan.other = true;
-                }
                 tag::SYNC => plan.syncs += 1,
                 _ => {}
             }
@@ -858,6 +882,11 @@ impl Session {
 
     /// A statement used (Bind, Describe) in the batch: it must exist where the batch runs.
     fn note_use(&mut self, stmt: &str, parsed_unnamed: bool, plan: &mut BatchPlan) {
+        let frame = match stmt {
+            "" => self.state.unnamed.as_ref(),
+            name => self.state.statements.get(name),
+        };
+        plan.copy |= frame.and_then(|f| parse_text(f)).is_some_and(may_copy);
         if stmt.is_empty() {
             if !parsed_unnamed {
                 plan.needs_unnamed = true;

@@ -78,9 +78,14 @@ pub struct Reader {
     held: BytesMut,
     /// The replica refused the tentative request; its remaining answer is dropped.
     retrying: bool,
-    /// In COPY FROM STDIN (CopyInResponse seen, ReadyForQuery not yet): the server waits for
-    /// the client's data.
+    /// In COPY FROM STDIN (CopyInResponse seen; its CommandComplete, error or ReadyForQuery
+    /// not yet): the server waits for the client's data and ignores Sync and Flush.
     pub copy_in: bool,
+    /// The client sent CopyDone or CopyFail for that COPY: what it sends next is processed.
+    pub client_ended_copy: bool,
+    /// A COPY started by the extended protocol: the server discarded the Sync that followed
+    /// its Execute, and the client's first Sync after the COPY completes that request instead.
+    pub owed_sync: bool,
     /// Stop each scan after a client request finishes (a shared connection answers several
     /// sessions: each one's frames go to it alone).
     pub one_request: bool,
@@ -231,6 +236,16 @@ impl Server {
         };
         self.expect.push(Pending::Query, owner);
         self.requests.push_back(request);
+    }
+
+    /// Queues a client FunctionCall, a request of its own (see `Pending::FunctionCall`).
+    pub fn send_function_call(&mut self, frame: &[u8]) {
+        self.out.extend_from_slice(frame);
+        self.expect.push(Pending::FunctionCall, Owner::Client);
+        self.requests.push_back(Request {
+            started: Some(std::time::Instant::now()),
+            ..Request::default()
+        });
     }
 
     /// Queues frames of pgnear's own whose answers are swallowed (re-prepares, closes).
@@ -401,10 +416,30 @@ impl Reader {
                     }
                 }
             }
+            if matches!(tag, be::COMMAND_COMPLETE | be::ERROR_RESPONSE) {
+                // The COPY (if one ran) is over: the server processes messages again.
+                self.copy_in = false;
+            }
             match tag {
-                be::COPY_IN => self.copy_in = true,
+                be::COPY_IN => {
+                    self.copy_in = true;
+                    self.client_ended_copy = false;
+                    if front.is_some_and(|(p, _)| p == Pending::Execute) {
+                        // The Syncs sent behind the Execute reach a server in copy-in mode,
+                        // which ignores them: the request ends at the client's next Sync.
+                        let dropped = expect.drop_syncs_after_front();
+                        if dropped > 0 {
+                            self.owed_sync = true;
+                            let end = dropped.min(requests.len());
+                            if end > 1 {
+                                requests.drain(1..end);
+                            }
+                        }
+                    }
+                }
                 be::READY_FOR_QUERY => {
                     self.copy_in = false;
+                    self.client_ended_copy = false;
                     *tx = body.first().copied().unwrap_or(b'I');
                     if forward && m.completed.is_some() {
                         if let Some(r) = requests.pop_front() {
