@@ -103,8 +103,8 @@ fn consistency_gate(c: &mut Criterion) {
         up: true,
         in_recovery: true,
         replay: Some(Lsn(1000)),
-        lag_bytes: 0,
-        lag_seconds: 0.0,
+        lag_bytes: Some(0),
+        lag_seconds: Some(0.0),
     };
     let max_lag = Duration::from_secs(10);
     c.bench_function("gate/decide", |b| {

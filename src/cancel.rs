@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use rand::Rng;
+use subtle::ConstantTimeEq;
 
 /// The server-side key of the connection currently running a client's query.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -63,7 +64,8 @@ impl CancelRegistry {
     pub fn lookup(&self, pid: i32, secret: &[u8]) -> Option<CancelTarget> {
         let entries = self.entries.lock().ok()?;
         let (expected, slot) = entries.get(&pid)?;
-        if secret != expected.to_be_bytes() {
+        // In constant time: how long the comparison takes says nothing about the secret.
+        if !bool::from(secret.ct_eq(&expected.to_be_bytes())) {
             return None;
         }
         let target = slot.lock().ok()?.clone();
@@ -91,6 +93,9 @@ mod tests {
             reg.lookup(key.pid, &key.secret.wrapping_add(1).to_be_bytes()),
             None
         );
+        // A secret of another length (a client's malformed packet) never matches.
+        assert_eq!(reg.lookup(key.pid, &key.secret.to_be_bytes()[..3]), None);
+        assert_eq!(reg.lookup(key.pid, &[]), None);
         let pid = key.pid;
         drop(key);
         assert!(reg.entries.lock().unwrap().get(&pid).is_none());

@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
@@ -13,13 +14,20 @@ use tokio::task::JoinSet;
 use tracing::Instrument;
 
 use crate::error::{ErrorKind, PgError};
+use crate::protocol::frontend::{read_startup_packet, StartupPacket};
 use crate::protocol::write;
-use crate::session::startup::{handshake, Handshake};
+use crate::session::startup::{forward_cancel, handshake, Handshake};
 use crate::session::Session;
 use crate::tls::Stream;
 use crate::Shared;
 
 static SESSION_IDS: AtomicU64 = AtomicU64::new(1);
+
+/// How long a client over the connection limit has to send its first packet.
+const OVER_LIMIT_WAIT: Duration = Duration::from_secs(1);
+
+/// Pause after a failed accept (out of file descriptors and the like), instead of spinning.
+pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
 /// Accepts clients until shutdown, then waits for every session to end.
 pub async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
@@ -32,20 +40,22 @@ pub async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
                 let (tcp, peer) = match accepted {
                     Ok(a) => a,
                     Err(e) => {
-                        // Out of file descriptors and the like: back off instead of spinning.
                         tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        tokio::time::sleep(ACCEPT_BACKOFF).await;
                         continue;
                     }
                 };
                 tcp.set_nodelay(true).ok();
-                let permit = limit.clone().try_acquire_owned().ok();
                 let shared = shared.clone();
+                let Ok(permit) = limit.clone().try_acquire_owned() else {
+                    tokio::spawn(over_limit(shared, tcp));
+                    continue;
+                };
                 let id = SESSION_IDS.fetch_add(1, Ordering::Relaxed);
                 let span = tracing::info_span!("session", id, %peer, user = tracing::field::Empty, database = tracing::field::Empty, application_name = tracing::field::Empty);
                 sessions.spawn(async move {
-                    let _permit = permit.as_ref();
-                    serve(shared, tcp, peer, permit.is_some()).await;
+                    let _permit = permit;
+                    serve(shared, tcp, peer).await;
                 }.instrument(span));
             }
             Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
@@ -60,7 +70,24 @@ pub async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
     while sessions.join_next().await.is_some() {}
 }
 
-async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, admitted: bool) {
+/// A client over `proxy.max_client_connections`: no TLS, no authentication, no session. Its
+/// first packet is read (within `OVER_LIMIT_WAIT`), so that a plain CancelRequest still
+/// works, and so that the socket does not close with the client's bytes unread (that would
+/// reset the connection, and the client could lose the refusal); whatever it was (SSLRequest
+/// or startup packet), the answer is 53300, which libpq reports in both cases.
+async fn over_limit(shared: Arc<Shared>, tcp: TcpStream) {
+    let mut stream = Stream::Plain(tcp);
+    let first = tokio::time::timeout(OVER_LIMIT_WAIT, read_startup_packet(&mut stream)).await;
+    if let Ok(Ok(Some(StartupPacket::Cancel { pid, secret }))) = first {
+        forward_cancel(&shared, pid, &secret).await;
+        return;
+    }
+    let e = PgError::new(ErrorKind::Capacity, "sorry, too many clients already")
+        .with_detail("proxy.max_client_connections reached");
+    refuse(&shared, Some(stream), e).await;
+}
+
+async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
     let metrics = shared.metrics.clone();
     let _counted = crate::admin::metrics::ClientGuard::new(&metrics);
     let mut slot = Some(Stream::Plain(tcp));
@@ -85,11 +112,6 @@ async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, admitted: 
         startup.get("application_name").unwrap_or_default(),
     );
     let stream = slot.expect("stream present after a successful handshake");
-    if !admitted {
-        let e = PgError::new(ErrorKind::Capacity, "sorry, too many clients already")
-            .with_detail("proxy.max_client_connections reached");
-        return Box::pin(refuse(&shared, Some(stream), e)).await;
-    }
     tracing::debug!(%peer, "client authenticated");
     match Box::pin(Session::establish(shared.clone(), stream, startup)).await {
         Ok(session) => session.run().await,

@@ -366,6 +366,26 @@ fn connection_limit_gives_53300() {
             sqlstate(&third.err().expect("third client refused")),
             "53300"
         );
+        // Refused before TLS and authentication: an SSLRequest is answered with the refusal
+        // itself (no 'S' or 'N'), a startup packet with the refusal (no authentication request).
+        let o = cluster().options();
+        let mut ssl_request = 8u32.to_be_bytes().to_vec();
+        ssl_request.extend_from_slice(&80877103u32.to_be_bytes());
+        let startup = startup_packet(&[("user", &o.app_user), ("database", &o.database)], 196608);
+        for packet in [ssl_request, startup] {
+            use tokio::io::AsyncWriteExt;
+            let mut s = tokio::net::TcpStream::connect(p.addr()).await.unwrap();
+            s.write_all(&packet).await.unwrap();
+            let frames = frames_until(&mut s, b'E').await;
+            assert_eq!(frames.len(), 1, "the first answer is the refusal");
+            assert!(
+                String::from_utf8_lossy(&frames[0].1).contains("C53300\0"),
+                "{:?}",
+                String::from_utf8_lossy(&frames[0].1)
+            );
+        }
+        // A cancel request still gets through at the limit.
+        let a = assert_cancel_stops_a_sleep(a).await;
         drop(a);
         // A slot frees up once a client leaves.
         eventually("a free slot", Duration::from_secs(10), || async {

@@ -16,7 +16,15 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
     loop {
         tokio::select! {
             accepted = listener.accept() => {
-                let Ok((tcp, _)) = accepted else { continue };
+                let tcp = match accepted {
+                    Ok((tcp, _)) => tcp,
+                    Err(e) => {
+                        // As the client listener: back off instead of spinning.
+                        tracing::warn!(error = %e, "admin accept failed");
+                        tokio::time::sleep(crate::listener::ACCEPT_BACKOFF).await;
+                        continue;
+                    }
+                };
                 let shared = shared.clone();
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {

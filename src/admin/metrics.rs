@@ -47,7 +47,7 @@ pub struct Metrics {
     pub lsn_wait_timeouts: IntCounter,
     pub replica_retries: IntCounter,
     pub replay_refusals: IntCounter,
-    pub replica_lag_bytes: IntGauge,
+    pub replica_lag_bytes: Gauge,
     pub replica_lag_seconds: Gauge,
     pub replica_replay_lsn: IntGauge,
     upstream_up: IntGaugeVec,
@@ -195,7 +195,14 @@ impl Metrics {
             &registry,
             Gauge::new(
                 "pgnear_replica_lag_seconds",
-                "Replica replay lag in seconds",
+                "Replica replay lag in seconds (NaN while unknown: the replica is down)",
+            ),
+        );
+        let replica_lag_bytes = registered(
+            &registry,
+            Gauge::new(
+                "pgnear_replica_lag_bytes",
+                "Replica replay lag in bytes of WAL (NaN while unknown: the replica is down)",
             ),
         );
         Metrics {
@@ -234,10 +241,7 @@ impl Metrics {
                 "pgnear_replay_refusals_total",
                 "Writes refused in replay mode (SQLSTATE 25006 with a fly-replay hint)",
             ),
-            replica_lag_bytes: gauge(
-                "pgnear_replica_lag_bytes",
-                "Replica replay lag in bytes of WAL",
-            ),
+            replica_lag_bytes,
             replica_lag_seconds,
             replica_replay_lsn: gauge(
                 "pgnear_replica_replay_lsn",

@@ -96,12 +96,7 @@ impl Upstream {
                 match tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr)).await {
                     Ok(Ok(s)) => {
                         s.set_nodelay(true).ok();
-                        let keepalive = socket2::TcpKeepalive::new()
-                            .with_time(Duration::from_secs(30))
-                            .with_interval(Duration::from_secs(10));
-                        socket2::SockRef::from(&s)
-                            .set_tcp_keepalive(&keepalive)
-                            .ok();
+                        give_up_on_silent_paths(&s, self.connect_timeout);
                         return Ok((s, addr));
                     }
                     Ok(Err(e)) => failures.push(format!("{addr}: {e}")),
@@ -331,6 +326,28 @@ impl Upstream {
     }
 }
 
+/// Keepalive probes after `connect_timeout` of quiet, then every second, three of them; and
+/// `TCP_USER_TIMEOUT` of `connect_timeout` (Linux): the kernel drops the connection once data
+/// (or keepalive probes) it sent stay unacknowledged that long, so a path that swallows
+/// packets ends the connection instead of leaving it open for the 15 minutes of TCP's
+/// retransmissions. A server that is alive but busy still acknowledges at once, so long
+/// queries are not affected. Best effort: a socket that refuses an option keeps its defaults.
+fn give_up_on_silent_paths(s: &TcpStream, connect_timeout: Duration) {
+    let sock = socket2::SockRef::from(s);
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(connect_timeout.max(Duration::from_secs(1)))
+        .with_interval(Duration::from_secs(1));
+    #[cfg(any(target_os = "linux", target_os = "macos", target_os = "freebsd"))]
+    let keepalive = keepalive.with_retries(3);
+    if let Err(e) = sock.set_tcp_keepalive(&keepalive) {
+        tracing::debug!(error = %e, "setting TCP keepalive failed");
+    }
+    #[cfg(target_os = "linux")]
+    if let Err(e) = sock.set_tcp_user_timeout(Some(connect_timeout)) {
+        tracing::debug!(error = %e, "setting TCP_USER_TIMEOUT failed");
+    }
+}
+
 /// Sends a CancelRequest for (pid, secret) to a server. Best effort, as in Postgres.
 pub async fn send_cancel(addr: SocketAddr, pid: i32, secret: &[u8], timeout: Duration) {
     let attempt = async {
@@ -351,5 +368,31 @@ pub async fn send_cancel(addr: SocketAddr, pid: i32, secret: &[u8], timeout: Dur
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::warn!(%addr, error = %e, "forwarding cancel request failed"),
         Err(_) => tracing::warn!(%addr, "forwarding cancel request timed out"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn server_sockets_give_up_on_silent_paths() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let s = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        super::give_up_on_silent_paths(&s, Duration::from_secs(5));
+        let sock = socket2::SockRef::from(&s);
+        assert!(sock.keepalive().unwrap());
+        assert_eq!(sock.tcp_keepalive_time().unwrap(), Duration::from_secs(5));
+        assert_eq!(
+            sock.tcp_keepalive_interval().unwrap(),
+            Duration::from_secs(1)
+        );
+        #[cfg(target_os = "linux")]
+        assert_eq!(
+            sock.tcp_user_timeout().unwrap(),
+            Some(Duration::from_secs(5))
+        );
     }
 }

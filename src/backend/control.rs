@@ -1,6 +1,10 @@
 //! A control connection: pgnear's own simple queries to an upstream (LSN polling, probes).
 //! It reuses the proxy's upstream connector, so TLS and authentication behave exactly as for
-//! client traffic.
+//! client traffic. Connecting and every query run under a deadline: a server that stops
+//! answering makes them fail (`ControlError::Missed`), never wait; the caller then drops the
+//! connection.
+
+use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use tokio::io::AsyncWriteExt;
@@ -15,15 +19,65 @@ pub struct ControlConn {
     out: BytesMut,
 }
 
+/// Why a control connection or query failed.
+#[derive(Debug)]
+pub enum ControlError {
+    /// The server did not answer within the deadline.
+    Missed(&'static str, Duration),
+    /// The server answered with an error, or the connection failed.
+    Failed(PgError),
+}
+
+impl ControlError {
+    pub fn is_missed(&self) -> bool {
+        matches!(self, ControlError::Missed(..))
+    }
+}
+
+impl std::fmt::Display for ControlError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ControlError::Missed(what, d) => write!(f, "{what} got no answer within {d:?}"),
+            ControlError::Failed(e) => e.fmt(f),
+        }
+    }
+}
+
+impl From<PgError> for ControlError {
+    fn from(e: PgError) -> ControlError {
+        ControlError::Failed(e)
+    }
+}
+
 impl ControlConn {
-    pub async fn connect(upstream: &Upstream) -> Result<ControlConn, PgError> {
+    /// Connects (TCP, TLS, startup, authentication) within `deadline`.
+    pub async fn connect(
+        upstream: &Upstream,
+        deadline: Duration,
+    ) -> Result<ControlConn, ControlError> {
         let params = [("application_name".to_string(), "pgnear-control".to_string())];
-        let conn = upstream.connect(&upstream.url.database, &params).await?;
+        let conn =
+            tokio::time::timeout(deadline, upstream.connect(&upstream.url.database, &params))
+                .await
+                .map_err(|_| ControlError::Missed("connecting", deadline))??;
         Ok(ControlConn {
             conn,
             buf: BytesMut::new(),
             out: BytesMut::new(),
         })
+    }
+
+    /// `query_row` within `deadline`. After any error the connection is in an unknown state:
+    /// drop it.
+    pub async fn query_row_within(
+        &mut self,
+        sql: &str,
+        deadline: Duration,
+    ) -> Result<Vec<Option<String>>, ControlError> {
+        match tokio::time::timeout(deadline, self.query_row(sql)).await {
+            Ok(r) => Ok(r?),
+            Err(_) => Err(ControlError::Missed("a control query", deadline)),
+        }
     }
 
     /// The server address this connection went to.
@@ -33,7 +87,7 @@ impl ControlConn {
 
     /// Runs `sql` and returns the text columns of its first row (`None` for NULL).
     /// Not cancel-safe: drop the connection if the future is dropped.
-    pub async fn query_row(&mut self, sql: &str) -> Result<Vec<Option<String>>, PgError> {
+    async fn query_row(&mut self, sql: &str) -> Result<Vec<Option<String>>, PgError> {
         self.out.clear();
         postgres_protocol::message::frontend::query(sql, &mut self.out)
             .expect("no NUL in pgnear's SQL");

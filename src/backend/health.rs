@@ -1,6 +1,8 @@
 //! The primary's health: a control connection runs `SELECT pg_current_wal_lsn()` every
-//! `PROBE_INTERVAL`; two failures in a row mark the primary down, one success marks it up.
-//! The position it reads also gives the replica's lag in bytes.
+//! `PROBE_INTERVAL`, connecting and querying within `upstream.connect_timeout`. A probe that
+//! gets no answer by then marks the primary down at once (it stopped answering); other failures
+//! (a refused or closed connection, an error) mark it down when two come in a row. One success
+//! marks it up. The position it reads also gives the replica's lag in bytes.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,8 +15,12 @@ use crate::admin::metrics::Metrics;
 use crate::consistency::Lsn;
 
 pub const PROBE_INTERVAL: Duration = Duration::from_secs(1);
-/// Consecutive failures before an upstream counts as down.
+/// Consecutive failures (other than a missed deadline) before the primary counts as down.
 const DOWN_AFTER: u32 = 2;
+/// How often a session (or a shared connection) that is owed answers checks whether its
+/// server stopped answering: the health state can turn down at any moment, and the client's
+/// 08006 should follow it closely.
+pub const SILENT_CHECK: Duration = Duration::from_millis(100);
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PrimaryState {
@@ -66,16 +72,18 @@ impl PrimaryProbe {
                 tracing::info!(primary = %primary.url, "the probe's address left DNS; reconnecting");
                 conn = None;
             }
+            let deadline = primary.connect_timeout;
             let result = async {
                 if conn.is_none() {
-                    conn = Some(ControlConn::connect(&primary).await?);
+                    conn = Some(ControlConn::connect(&primary, deadline).await?);
                 }
                 let c = conn.as_mut().expect("connected above");
-                c.query_row("SELECT pg_current_wal_lsn()").await
-            };
-            let result = tokio::time::timeout(primary.connect_timeout * 2, result).await;
+                c.query_row_within("SELECT pg_current_wal_lsn()", deadline)
+                    .await
+            }
+            .await;
             match result {
-                Ok(Ok(row)) => {
+                Ok(row) => {
                     failures = 0;
                     let lsn = row.first().cloned().flatten().and_then(|v| v.parse().ok());
                     if !self.state.borrow().up {
@@ -83,17 +91,14 @@ impl PrimaryProbe {
                     }
                     self.state.send_replace(PrimaryState { up: true, lsn });
                 }
-                failed => {
+                Err(e) => {
                     conn = None;
                     failures += 1;
-                    if failures >= DOWN_AFTER && self.state.borrow().up {
-                        let why = match failed {
-                            Ok(Err(e)) => e.to_string(),
-                            _ => "probe timed out".to_string(),
-                        };
-                        tracing::warn!(primary = %primary.url, error = %why, "primary is down");
+                    let down = e.is_missed() || failures >= DOWN_AFTER;
+                    if down && self.state.borrow().up {
+                        tracing::warn!(primary = %primary.url, error = %e, "primary is down");
                     }
-                    if failures >= DOWN_AFTER {
+                    if down {
                         self.state.send_modify(|s| s.up = false);
                     }
                 }

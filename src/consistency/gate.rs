@@ -23,7 +23,10 @@ pub fn decide(
     replica: &ReplicaState,
     max_lag: Duration,
 ) -> Gate {
-    if !replica.up || !replica.in_recovery || replica.lag_seconds > max_lag.as_secs_f64() {
+    let lagging = replica
+        .lag_seconds
+        .is_none_or(|l| l > max_lag.as_secs_f64());
+    if !replica.up || !replica.in_recovery || lagging {
         return Gate::Unavailable;
     }
     match (mode, target) {
@@ -43,7 +46,7 @@ mod tests {
             up: true,
             in_recovery: true,
             replay: Some(Lsn(replay)),
-            lag_seconds,
+            lag_seconds: Some(lag_seconds),
             ..ReplicaState::default()
         }
     }
@@ -66,6 +69,15 @@ mod tests {
                 None,
                 ReplicaState {
                     up: false,
+                    ..state(100, 0.0)
+                },
+                Gate::Unavailable,
+            ),
+            (
+                s,
+                None,
+                ReplicaState {
+                    lag_seconds: None,
                     ..state(100, 0.0)
                 },
                 Gate::Unavailable,

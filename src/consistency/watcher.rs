@@ -1,6 +1,10 @@
 //! One watcher per replica: a control connection polls `pg_last_wal_replay_lsn()` (every
 //! millisecond while a session waits, every `SLOW_POLL` otherwise) and publishes the replica's
 //! state through a `watch` channel. Sessions wait on the channel; they never poll themselves.
+//!
+//! Each poll runs under `poll_deadline`: a replica that does not answer by then is published
+//! down at once, with its lag unknown, and the control connection is dropped and reconnected.
+//! One good poll after that publishes it up again.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -17,6 +21,18 @@ use crate::backend::health::PrimaryProbe;
 const FAST_POLL: Duration = Duration::from_millis(1);
 const SLOW_POLL: Duration = Duration::from_millis(100);
 const RECONNECT: Duration = Duration::from_millis(500);
+/// Longest a poll may take, whatever `connect_timeout` says.
+const MAX_POLL_DEADLINE: Duration = Duration::from_secs(1);
+
+/// How long a poll of the replica may take before the replica counts as down:
+/// `connect_timeout`, at most one second. The poll reads shared memory on a replica in the
+/// region (a millisecond when healthy), so one second is a wide margin, and a replica slower
+/// than that is failing its reads anyway. A false "down" costs little: reads go to the
+/// primary until the next good poll, `RECONNECT` later at most. Sessions use the same bound
+/// for the silence after which a replica that owes them answers is taken as lost.
+pub fn poll_deadline(connect_timeout: Duration) -> Duration {
+    connect_timeout.min(MAX_POLL_DEADLINE)
+}
 
 /// What pgnear knows about the replica.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -26,9 +42,19 @@ pub struct ReplicaState {
     /// The replica is still a standby (false: it was promoted).
     pub in_recovery: bool,
     pub replay: Option<Lsn>,
-    /// How far replay is behind the primary, in bytes and seconds (0 when caught up).
-    pub lag_bytes: u64,
-    pub lag_seconds: f64,
+    /// How far replay is behind the primary, in bytes and seconds (0 when caught up; `None`
+    /// while the replica is down: unknown, never a stale figure).
+    pub lag_bytes: Option<u64>,
+    pub lag_seconds: Option<f64>,
+}
+
+impl ReplicaState {
+    /// The replica as published when the watcher cannot reach it.
+    fn down(&mut self) {
+        self.up = false;
+        self.lag_bytes = None;
+        self.lag_seconds = None;
+    }
 }
 
 pub struct Watcher {
@@ -95,6 +121,18 @@ impl Watcher {
         }
     }
 
+    /// Publishes the replica down, its lag unknown (NaN in the metrics).
+    fn publish_down(&self, metrics: &Metrics) {
+        self.state.send_if_modified(|s| {
+            let was = s.clone();
+            s.down();
+            *s != was
+        });
+        metrics.upstream_up(Role::Replica, false);
+        metrics.replica_lag_bytes.set(f64::NAN);
+        metrics.replica_lag_seconds.set(f64::NAN);
+    }
+
     async fn run(
         self: Arc<Self>,
         replica: Arc<Upstream>,
@@ -105,6 +143,7 @@ impl Watcher {
         let mut conn: Option<ControlConn> = None;
         let mut was_in_recovery = true;
         let mut caught_up_at = Instant::now();
+        let poll_deadline = poll_deadline(replica.connect_timeout);
         loop {
             if *shutdown.borrow() {
                 return;
@@ -119,7 +158,7 @@ impl Watcher {
                 conn = None;
             }
             if conn.is_none() {
-                match ControlConn::connect(&replica).await {
+                match ControlConn::connect(&replica, replica.connect_timeout).await {
                     Ok(c) => {
                         tracing::info!(replica = %replica.url, "replica watcher connected");
                         conn = Some(c);
@@ -128,8 +167,7 @@ impl Watcher {
                         if self.state.borrow().up {
                             tracing::warn!(error = %e, "replica unreachable; reads go to the primary");
                         }
-                        self.state.send_modify(|s| s.up = false);
-                        metrics.upstream_up(Role::Replica, false);
+                        self.publish_down(&metrics);
                         tokio::select! {
                             _ = tokio::time::sleep(RECONNECT) => continue,
                             _ = crate::session::stopped(&mut shutdown) => return,
@@ -140,7 +178,10 @@ impl Watcher {
             let polled = conn
                 .as_mut()
                 .expect("connected above")
-                .query_row("SELECT pg_last_wal_replay_lsn(), pg_is_in_recovery()")
+                .query_row_within(
+                    "SELECT pg_last_wal_replay_lsn(), pg_is_in_recovery()",
+                    poll_deadline,
+                )
                 .await;
             match polled {
                 Ok(row) => {
@@ -163,7 +204,7 @@ impl Watcher {
                             (0, 0.0)
                         }
                     };
-                    metrics.replica_lag_bytes.set(lag_bytes as i64);
+                    metrics.replica_lag_bytes.set(lag_bytes as f64);
                     metrics.replica_lag_seconds.set(lag_seconds);
                     metrics
                         .replica_replay_lsn
@@ -173,8 +214,8 @@ impl Watcher {
                         up: true,
                         in_recovery,
                         replay,
-                        lag_bytes,
-                        lag_seconds,
+                        lag_bytes: Some(lag_bytes),
+                        lag_seconds: Some(lag_seconds),
                     };
                     self.state.send_if_modified(|s| {
                         let changed = *s != next;
@@ -183,10 +224,9 @@ impl Watcher {
                     });
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "replica watcher lost its connection");
+                    tracing::warn!(error = %e, "replica watcher lost its connection; reads go to the primary");
                     conn = None;
-                    self.state.send_modify(|s| s.up = false);
-                    metrics.upstream_up(Role::Replica, false);
+                    self.publish_down(&metrics);
                     continue;
                 }
             }

@@ -23,11 +23,11 @@ use super::route::{close_frame, STATEMENTS_PER_CONNECTION};
 use super::server::{Request, Seen, Server};
 use super::state::{sync_sql, Applied};
 use crate::backend::conn::Role;
-use crate::backend::health::PROBE_INTERVAL;
+use crate::backend::health::SILENT_CHECK;
 use crate::backend::pool::{Pool, Pooled};
 use crate::cancel::CancelSlot;
 use crate::config::PoolConfig;
-use crate::consistency::watcher::Watcher;
+use crate::consistency::watcher::{poll_deadline, Watcher};
 use crate::error::PgError;
 use crate::protocol::{frames, tag};
 
@@ -225,7 +225,7 @@ impl Lanes {
         let mut waiting: VecDeque<Waiting> = VecDeque::new();
         let mut cout = BytesMut::new();
         let mut idle_since = Instant::now();
-        let mut tick = tokio::time::interval(PROBE_INTERVAL);
+        let mut tick = tokio::time::interval(SILENT_CHECK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut shutdown = self.shutdown.clone();
         let result = loop {
@@ -260,7 +260,7 @@ impl Lanes {
                 _ = tick.tick() => {
                     if !waiting.is_empty() {
                         let up = self.watcher.as_ref().is_some_and(|w| w.current().up);
-                        if let Some(e) = server.stopped_answering(self.connect_timeout, up) {
+                        if let Some(e) = server.stopped_answering(poll_deadline(self.connect_timeout), up) {
                             break Err(e);
                         }
                     } else if idle_since.elapsed() >= self.config.idle_timeout.0

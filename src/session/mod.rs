@@ -14,10 +14,10 @@ use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 
-use self::server::{Seen, Server};
+use self::server::{Request, Seen, Server};
 use self::state::SessionState;
 use crate::backend::conn::{send_cancel, Role};
-use crate::backend::health::PROBE_INTERVAL;
+use crate::backend::health::SILENT_CHECK;
 use crate::backend::pool::TERMINATE;
 use crate::cancel::CancelKey;
 use crate::config::PoolMode;
@@ -290,7 +290,7 @@ impl Session {
         let stop = stopped(&mut shutdown);
         tokio::pin!(stop);
         let mut deadline: Option<Instant> = None;
-        let mut health = tokio::time::interval(PROBE_INTERVAL);
+        let mut health = tokio::time::interval(SILENT_CHECK);
         health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             if deadline.is_some() && self.is_idle() {
@@ -345,16 +345,20 @@ impl Session {
             .any(|s| !s.expect.is_empty())
     }
 
-    /// A server that owes answers, has sent nothing for `connect_timeout`, and whose upstream
-    /// the health checks report down is taken as lost (a silent partition: TCP alone would
-    /// wait for many minutes). Losing the primary ends the session with 08006; the replica's
-    /// statements fail with 08006 and the session goes on.
+    /// A server that owes answers, has sent nothing for `connect_timeout` (the replica: for
+    /// its watcher's poll deadline), and whose upstream the health checks report down is taken
+    /// as lost (a silent partition or a frozen server: TCP alone would wait for many minutes).
+    /// Losing the primary ends the session with 08006; the replica's statements fail with 08006
+    /// (or run again on the primary, see `replica_lost`) and the session goes on.
     async fn check_silent_servers(&mut self) -> Result<(), PgError> {
-        let limit = self.shared.config.upstream.connect_timeout.0;
+        let connect_timeout = self.shared.config.upstream.connect_timeout.0;
         for role in [Role::Primary, Role::Replica] {
-            let up = match role {
-                Role::Primary => self.shared.probe.current().up,
-                Role::Replica => self.shared.watcher.as_ref().is_some_and(|w| w.current().up),
+            let (up, limit) = match role {
+                Role::Primary => (self.shared.probe.current().up, connect_timeout),
+                Role::Replica => (
+                    self.shared.watcher.as_ref().is_some_and(|w| w.current().up),
+                    crate::consistency::watcher::poll_deadline(connect_timeout),
+                ),
             };
             let lost = self
                 .slot_ref(role)
@@ -506,15 +510,20 @@ impl Session {
     /// The replica connection failed. The session goes on: requests in flight there get an
     /// 08006 error (they may not have completed), later reads go to the primary until the
     /// replica is back. Only losing the primary ends the session (its state lives there).
+    /// An autocommit read whose answer has not begun to reach the client (a tentative one, its
+    /// answer still held) runs again on the primary instead: a standby changed nothing.
     async fn replica_lost(&mut self, e: PgError) -> Result<(), PgError> {
-        let Some(server) = self.replica.take() else {
+        let Some(mut server) = self.replica.take() else {
             return Ok(());
         };
         tracing::warn!(error = %e, "lost the replica connection; reads go to the primary");
         self.shared.metrics.error(e.kind);
+        let rerun = (server.expect.has_tentative() && server.requests.len() == 1)
+            .then(|| server.requests.pop_front().and_then(|r| r.retry))
+            .flatten();
         let e = PgError { fatal: false, ..e }.with_detail("The statement may not have completed.");
         let mut out = BytesMut::new();
-        if server.requests.is_empty() && !server.expect.is_empty() {
+        if rerun.is_none() && server.requests.is_empty() && !server.expect.is_empty() {
             write::error_response(&mut out, &e);
         }
         if self.open_tx == Some(Role::Replica) {
@@ -533,10 +542,21 @@ impl Session {
         if self.cancel_role == Some(Role::Replica) {
             self.cancel_role = None;
         }
-        if out.is_empty() {
-            return Ok(());
+        if !out.is_empty() {
+            self.write_client(&out).await?;
         }
-        self.write_client(&out).await
+        if let Some(frame) = rerun {
+            tracing::info!("a read's answer had not begun; running it on the primary");
+            self.shared
+                .metrics
+                .statement(Role::Primary, crate::router::route::Reason::Retry);
+            // Boxed: server() may relay, and so re-enter this function.
+            let primary = Box::pin(self.server(Role::Primary)).await?;
+            primary.send_query(&frame, Request::default());
+            // Losing the primary ends the session (as `server_failed` does).
+            primary.flush().await?;
+        }
+        Ok(())
     }
 
     /// The server in COPY FROM STDIN whose data the client has not ended yet.
@@ -618,7 +638,7 @@ impl Session {
             .is_some_and(|s| !s.expect.is_empty())
         {
             // Bounded like the relay loop: a server gone silent is noticed here too.
-            match tokio::time::timeout(PROBE_INTERVAL, read_opt(self.slot(role))).await {
+            match tokio::time::timeout(SILENT_CHECK, read_opt(self.slot(role))).await {
                 Ok(Ok(())) => self.on_server(role).await?,
                 Ok(Err(e)) => return self.server_failed(role, e).await,
                 Err(_) => self.check_silent_servers().await?,

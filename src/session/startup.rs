@@ -54,19 +54,7 @@ pub async fn handshake(shared: &Shared, slot: &mut Option<Stream>) -> Result<Han
                 return Err(PgError::protocol("encryption negotiation requested twice"));
             }
             StartupPacket::Cancel { pid, secret } => {
-                match shared.cancels.lookup(pid, &secret) {
-                    Some(t) => {
-                        tracing::debug!(server = %t.addr, "forwarding cancel request");
-                        send_cancel(
-                            t.addr,
-                            t.pid,
-                            &t.secret,
-                            shared.config.upstream.connect_timeout.0,
-                        )
-                        .await;
-                    }
-                    None => tracing::debug!("cancel request for an unknown or idle key ignored"),
-                }
+                forward_cancel(shared, pid, &secret).await;
                 // Close as Postgres does: over TLS with close_notify. libpq 17+ sends cancels
                 // over TLS and reports a bare EOF as a failed cancel.
                 let _ = stream.shutdown().await;
@@ -92,6 +80,23 @@ pub async fn handshake(shared: &Shared, slot: &mut Option<Stream>) -> Result<Han
                 return Ok(Handshake::Ready(startup));
             }
         }
+    }
+}
+
+/// Sends a client's CancelRequest on to the server running its query, if the key is valid.
+pub async fn forward_cancel(shared: &Shared, pid: i32, secret: &[u8]) {
+    match shared.cancels.lookup(pid, secret) {
+        Some(t) => {
+            tracing::debug!(server = %t.addr, "forwarding cancel request");
+            send_cancel(
+                t.addr,
+                t.pid,
+                &t.secret,
+                shared.config.upstream.connect_timeout.0,
+            )
+            .await;
+        }
+        None => tracing::debug!("cancel request for an unknown or idle key ignored"),
     }
 }
 

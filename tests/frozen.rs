@@ -1,0 +1,236 @@
+//! Frozen servers: every process of a lab Postgres stopped with SIGSTOP, the way a paused VM or
+//! a wedged host looks. Sockets stay open and nothing comes back. A read in flight on a frozen
+//! replica is answered by the primary, `/readyz` and `/status` say the replica is down (lag
+//! unknown), and reads return to the replica once it is thawed; a write in flight on a frozen
+//! primary gets 08006.
+//!
+//! No assertion holds a wall-clock threshold (machines are noisy): the times are measured and
+//! printed (`cargo test --test frozen -- --nocapture`), the assertions are on behaviour.
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+use pgnear::lab::postgres::PgNode;
+
+/// Longest any client operation may take before it counts as a hang.
+const HANG: Duration = Duration::from_secs(60);
+
+/// A Postgres with all its processes stopped (SIGSTOP); thawed (SIGCONT) when dropped, however
+/// the test ends, so no Postgres is left stopped.
+struct Frozen {
+    pids: Vec<u32>,
+}
+
+impl Frozen {
+    /// Stops the postmaster first (so it starts no new child), then each of its children.
+    fn freeze(node: &PgNode) -> Frozen {
+        let postmaster = node.pid().expect("the node is running");
+        let mut frozen = Frozen { pids: Vec::new() };
+        signal("STOP", postmaster);
+        frozen.pids.push(postmaster);
+        let out = Command::new("pgrep")
+            .args(["-P", &postmaster.to_string()])
+            .output()
+            .expect("pgrep is installed");
+        for pid in String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .filter_map(|p| p.parse().ok())
+        {
+            signal("STOP", pid);
+            frozen.pids.push(pid);
+        }
+        assert!(frozen.pids.len() > 1, "the postmaster has children");
+        frozen
+    }
+
+    fn thaw(self) {}
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        for pid in self.pids.iter().rev() {
+            signal("CONT", *pid);
+        }
+    }
+}
+
+fn signal(sig: &str, pid: u32) {
+    let ok = Command::new("kill")
+        .args([&format!("-{sig}"), &pid.to_string()])
+        .status()
+        .is_ok_and(|s| s.success());
+    // A child may have exited in between; SIGCONT must not panic in a drop guard.
+    if !ok && sig != "CONT" {
+        eprintln!("kill -{sig} {pid} failed");
+    }
+}
+
+/// Which server answered: "replica" when it is in recovery.
+async fn answered_by(c: &tokio_postgres::Client) -> Result<&'static str, tokio_postgres::Error> {
+    let rows = c.simple_query("SELECT pg_is_in_recovery()").await?;
+    Ok(match first_value(&rows).as_deref() {
+        Some("t") => "replica",
+        _ => "primary",
+    })
+}
+
+async fn replica_status(p: &pgnear::Proxy) -> serde_json::Value {
+    let (status, body) = http_get(p.admin_addr(), "/status").await;
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    v["upstreams"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|u| u["role"] == "replica")
+        .cloned()
+        .expect("a replica upstream")
+}
+
+/// pgnear in the replica region, with the default timeouts; and its `connect_timeout`.
+async fn start() -> (pgnear::Proxy, Duration) {
+    let c = config(REPLICA, |_| {});
+    let connect_timeout = c.upstream.connect_timeout.0;
+    let p = pgnear::Proxy::start(c).await.expect("starting pgnear");
+    (p, connect_timeout)
+}
+
+#[test]
+fn a_read_in_flight_on_a_frozen_replica_is_answered_by_the_primary() {
+    let _serial = serial();
+    run(async {
+        let (p, connect_timeout) = start().await;
+        let u = url(&p);
+        // Sessions holding a replica connection, as a running app's pool does.
+        let mut clients = Vec::new();
+        for _ in 0..2 {
+            clients.push(connect(&u).await);
+        }
+        for c in &clients {
+            assert_eq!(answered_by(c).await.unwrap(), "replica");
+        }
+        let (status, body) = http_get(p.admin_addr(), "/readyz").await;
+        assert_eq!(status, 200, "{body}");
+        assert!(body.contains("replica and primary up"), "{body}");
+
+        let frozen = Frozen::freeze(&cluster().replica(REPLICA).unwrap().node);
+        let t_freeze = Instant::now();
+        // A read sent right after the freeze, on a session whose replica connection is now
+        // frozen: it is answered, by the primary.
+        let by = tokio::time::timeout(HANG, answered_by(&clients[0]))
+            .await
+            .expect("a read on the frozen replica hung")
+            .expect("the read is answered, not failed");
+        let first_read = t_freeze.elapsed();
+        assert_eq!(by, "primary");
+
+        // pgnear says the replica is down, its lag unknown.
+        let (status, body) = http_get(p.admin_addr(), "/readyz").await;
+        assert_eq!(status, 200, "{body}");
+        assert!(body.contains("the replica is down"), "{body}");
+        let s = replica_status(&p).await;
+        assert_eq!(s["up"], false, "{s}");
+        assert!(
+            s["lag_bytes"].is_null() && s["lag_seconds"].is_null(),
+            "{s}"
+        );
+        assert_eq!(
+            metric(&p, "pgnear_upstream_up{upstream=\"replica\"}").await,
+            0.0
+        );
+        let (_, metrics) = http_get(p.admin_addr(), "/metrics").await;
+        assert!(
+            metrics.contains("pgnear_replica_lag_seconds NaN"),
+            "lag is unknown in the metrics"
+        );
+        // Another session's read goes to the primary at once, and so does a new session's.
+        let t = Instant::now();
+        assert_eq!(answered_by(&clients[1]).await.unwrap(), "primary");
+        let other_read = t.elapsed();
+        let t = Instant::now();
+        let fresh = connect(&u).await;
+        assert_eq!(answered_by(&fresh).await.unwrap(), "primary");
+        let new_session_read = t.elapsed();
+
+        // Thawed: reads are back on the replica after the watcher's next good poll.
+        frozen.thaw();
+        let t_thaw = Instant::now();
+        eventually("reads back on the replica", HANG, || async {
+            answered_by(&fresh).await.unwrap() == "replica"
+        })
+        .await;
+        let back = t_thaw.elapsed();
+        for c in &clients {
+            assert_eq!(answered_by(c).await.unwrap(), "replica");
+        }
+        assert_eq!(replica_status(&p).await["up"], true);
+        eprintln!(
+            "frozen replica (connect_timeout {connect_timeout:?}): read in flight answered by the primary {first_read:?} after the freeze; \
+             the next read of another session {other_read:?}, a new session's first read {new_session_read:?}; \
+             reads back on the replica {back:?} after the thaw"
+        );
+        p.shutdown().await;
+    });
+}
+
+#[test]
+fn a_write_in_flight_on_a_frozen_primary_gets_08006() {
+    let _serial = serial();
+    run(async {
+        on_primary("CREATE TABLE IF NOT EXISTS frozen_writes (a int)").await;
+        let (p, connect_timeout) = start().await;
+        let u = url(&p);
+        let writer = connect(&u).await;
+        writer
+            .batch_execute("INSERT INTO frozen_writes VALUES (1)")
+            .await
+            .unwrap();
+        let reader = connect(&u).await;
+        assert_eq!(answered_by(&reader).await.unwrap(), "replica");
+
+        let frozen = Frozen::freeze(cluster().primary());
+        let t_freeze = Instant::now();
+        let e = tokio::time::timeout(
+            HANG,
+            writer.batch_execute("INSERT INTO frozen_writes VALUES (2)"),
+        )
+        .await
+        .expect("a write on the frozen primary hung")
+        .expect_err("the primary is frozen");
+        let failed_after = t_freeze.elapsed();
+        assert_eq!(sqlstate(&e), "08006", "{e}");
+        let message = e.as_db_error().map_or("", |d| d.message());
+        assert!(message.contains("primary"), "{message}");
+        // Reads are not affected.
+        let t = Instant::now();
+        assert_eq!(answered_by(&reader).await.unwrap(), "replica");
+        let read = t.elapsed();
+        let (status, body) = http_get(p.admin_addr(), "/status").await;
+        assert_eq!(status, 200, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["upstreams"][0]["up"], false, "{body}");
+
+        frozen.thaw();
+        let t_thaw = Instant::now();
+        eventually("a write after the thaw", HANG, || {
+            let u = u.clone();
+            async move {
+                let c = connect(&u).await;
+                c.batch_execute("INSERT INTO frozen_writes VALUES (3)")
+                    .await
+                    .is_ok()
+            }
+        })
+        .await;
+        let back = t_thaw.elapsed();
+        eprintln!(
+            "frozen primary (connect_timeout {connect_timeout:?}): the write in flight got 08006 {failed_after:?} after the freeze; \
+             a read meanwhile took {read:?}; writes back {back:?} after the thaw"
+        );
+        cluster().wait_replicas_caught_up().await.unwrap();
+        p.shutdown().await;
+    });
+}
