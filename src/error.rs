@@ -62,6 +62,9 @@ pub struct PgError {
     pub hint: Option<String>,
     /// Overrides the kind's SQLSTATE (e.g. an upstream's own auth failure passed on).
     pub code: Option<String>,
+    /// Postgres closes the connection without a word here (a startup packet it cannot read):
+    /// so does pgnear, and the error is only logged and counted.
+    pub silent: bool,
 }
 
 impl PgError {
@@ -73,7 +76,14 @@ impl PgError {
             detail: None,
             hint: None,
             code: None,
+            silent: false,
         }
+    }
+
+    /// A startup-phase failure Postgres answers by closing the connection silently.
+    pub fn silent(mut self) -> PgError {
+        self.silent = true;
+        self
     }
 
     pub fn protocol(message: impl Into<String>) -> PgError {

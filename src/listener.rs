@@ -94,13 +94,16 @@ async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
     let timeout = shared.config.proxy.startup_timeout.0;
     // Startup and the session's first steps are boxed: they run once, and unboxed their
     // futures would enlarge every idle session's task for its whole life.
-    let outcome = Box::pin(tokio::time::timeout(timeout, handshake(&shared, &mut slot))).await;
+    let mut read_startup = false;
+    let handshake = handshake(&shared, &mut slot, &mut read_startup);
+    let outcome = Box::pin(tokio::time::timeout(timeout, handshake)).await;
     let startup = match outcome {
         Ok(Ok(Handshake::Ready(startup))) => startup,
         Ok(Ok(Handshake::Done)) => return,
         Ok(Err(e)) => return Box::pin(refuse(&shared, slot, e)).await,
         Err(_) => {
             let e = PgError::protocol("startup timed out (proxy.startup_timeout)");
+            let e = if read_startup { e } else { e.silent() };
             return Box::pin(refuse(&shared, slot, e)).await;
         }
     };
@@ -125,6 +128,9 @@ async fn refuse(shared: &Shared, slot: Option<Stream>, e: PgError) {
     shared.metrics.error(e.kind);
     shared.metrics.rejected(e.kind.label());
     if let Some(mut stream) = slot {
+        if e.silent {
+            return;
+        }
         let mut out = BytesMut::new();
         write::error_response(&mut out, &e);
         let _ = stream.write_all(&out).await;

@@ -290,12 +290,16 @@ fn random_bytes_from_many_connections_get_08p01_or_a_close() {
                             );
                         }
                     }
-                    // Junk instead of a startup packet, then silence: an 08P01 by
-                    // startup_timeout at the latest.
+                    // Junk instead of a startup packet, then silence: closed by
+                    // startup_timeout at the latest, silently when the junk is no readable
+                    // startup packet (as Postgres does), else with an 08P01.
                     4 => {
                         let out = exchange(addr, &junk, false, &what).await;
                         let codes = error_codes(&backend_frames(&out));
-                        assert_eq!(codes, ["08P01"], "{what}: {out:?}");
+                        assert!(
+                            codes.is_empty() || codes == ["08P01"],
+                            "{what}: {codes:?} {out:?}"
+                        );
                     }
                     // Junk instead of a startup packet, then a half-close.
                     _ => {
@@ -377,11 +381,6 @@ fn truncated_oversized_and_malformed_startups() {
                 body(&[0x04, 0xd2, 0x16, 0x2f, 1]),
                 false,
             ),
-            (
-                "cancel request too short",
-                body(&[0x04, 0xd2, 0x16, 0x2e, 0, 0]),
-                false,
-            ),
             ("GSSENC, SSL, GSSENC", [gss, ssl, gss].concat(), false),
             (
                 "replication connection",
@@ -394,6 +393,9 @@ fn truncated_oversized_and_malformed_startups() {
             let codes = error_codes(&backend_frames(&out));
             assert_eq!(codes, ["08P01"], "{name}: {out:?}");
         }
+        // A cancel request of the wrong length: closed without an answer, as by Postgres.
+        let short = body(&[0x04, 0xd2, 0x16, 0x2e, 0, 0]);
+        assert_eq!(exchange(addr, &short, false, "short cancel").await, b"");
         // A cancel request for a key nobody has: closed without an answer.
         let mut cancel = vec![0, 0, 0, 16, 0x04, 0xd2, 0x16, 0x2e];
         cancel.extend_from_slice(&[0, 0, 0, 7, 1, 2, 3, 4]);
@@ -749,7 +751,8 @@ fn thousands_of_stalled_startups_neither_block_others_nor_outlive_startup_timeou
             still_open >= count as i64,
             "the stalled clients were already gone ({still_open} left) when the ordinary client was done: this does not show it got through while they hung"
         );
-        // Every stalled client gets its 08P01 and a close.
+        // Every stalled client is closed without a word, as Postgres closes a client that
+        // never completes its startup packet.
         let readers: Vec<_> = stalled
             .into_iter()
             .map(|mut s| {
@@ -762,7 +765,7 @@ fn thousands_of_stalled_startups_neither_block_others_nor_outlive_startup_timeou
         for (i, r) in readers.into_iter().enumerate() {
             let (closed, codes) = r.await.unwrap();
             assert!(closed, "stalled client {i} was never closed");
-            assert_eq!(codes, ["08P01"], "stalled client {i}");
+            assert!(codes.is_empty(), "stalled client {i}: {codes:?}");
         }
         gauge_back_to(&p, baseline).await;
         let refused = metric(

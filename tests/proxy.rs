@@ -332,9 +332,10 @@ fn bad_input_gets_08p01_or_a_close_never_a_hang() {
                 assert!(first_error_code(&out).is_some(), "{out:?}");
             }
         }
-        // A client that never finishes startup is dropped after startup_timeout.
+        // A client that never finishes its startup packet is dropped after startup_timeout,
+        // without a word (as by Postgres).
         let out = raw_exchange(&p, &[0, 0]).await;
-        assert_eq!(first_error_code(&out).as_deref(), Some("08P01"), "{out:?}");
+        assert!(out.is_empty(), "{out:?}");
         // Oversized message after startup.
         let small = proxy(PRIMARY, |c| c.proxy.max_message_size = 4096).await;
         let c = connect(&url(&small)).await;

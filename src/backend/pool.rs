@@ -73,6 +73,9 @@ struct Inner {
     /// The ParameterStatus set of the last connection opened per database: new clients are
     /// answered from it without waiting for a server.
     params: HashMap<String, Arc<[(String, String)]>>,
+    /// Databases no connection may be opened to or kept idle on (see `Pool::fence`), with the
+    /// number of fences on each.
+    fenced: HashMap<String, usize>,
 }
 
 pub struct Pool {
@@ -127,6 +130,45 @@ impl Pool {
         self.inner().params.get(database).cloned()
     }
 
+    /// Closes the idle connections to `database` and keeps the pool off it (no connection
+    /// opened, none kept idle) until the fence is dropped: a client's `DROP DATABASE`, rename
+    /// or copy of it as a template fails while any other session is connected to it.
+    pub fn fence(self: &Arc<Self>, database: &str) -> Fence {
+        let closed = {
+            let mut inner = self.inner();
+            *inner.fenced.entry(database.to_string()).or_default() += 1;
+            inner.idle.remove(database).unwrap_or_default()
+        };
+        if !closed.is_empty() {
+            tracing::debug!(
+                upstream = self.upstream.role.name(),
+                database,
+                closed = closed.len(),
+                "idle connections closed for a statement on their database"
+            );
+        }
+        for idle in closed {
+            self.terminate(idle.pooled);
+        }
+        self.gauges();
+        Fence {
+            pool: self.clone(),
+            database: database.to_string(),
+        }
+    }
+
+    fn is_fenced(&self, database: &str) -> bool {
+        self.inner().fenced.contains_key(database)
+    }
+
+    /// Ends a connection at once (Terminate, then close) and frees its slot.
+    fn terminate(&self, mut p: Pooled) {
+        tokio::spawn(async move {
+            let _ = p.conn.stream.write_all(TERMINATE).await;
+        });
+        self.returned.notify_one();
+    }
+
     /// A connection to `database`: an idle one if there is one, else a new one while the pool
     /// has room, else the next one returned. 53300 after `acquire_timeout`.
     pub async fn acquire(&self, database: &str) -> Result<Pooled, PgError> {
@@ -136,6 +178,13 @@ impl Pool {
             let returned = self.returned.notified();
             tokio::pin!(returned);
             returned.as_mut().enable();
+            if self.is_fenced(database) {
+                // A statement on this database is running: wait until it ends.
+                tokio::select! {
+                    _ = returned => continue,
+                    _ = tokio::time::sleep_until(deadline) => break Err(self.timed_out()),
+                }
+            }
             if let Some(p) = self.take_idle(database) {
                 break Ok(p);
             }
@@ -151,19 +200,7 @@ impl Pool {
                     break self.open(database, permit).await;
                 }
                 _ = returned => continue,
-                _ = tokio::time::sleep_until(deadline) => {
-                    self.m().acquire_timeouts.inc();
-                    break Err(PgError::new(
-                        ErrorKind::Capacity,
-                        format!(
-                            "no {} server connection free within pool.acquire_timeout ({:?}): all {} are in use",
-                            self.upstream.role.name(),
-                            self.config.acquire_timeout.0,
-                            self.size,
-                        ),
-                    )
-                    .with_hint("Raise pool size or acquire_timeout, or use pool.mode = \"transaction\"."));
-                }
+                _ = tokio::time::sleep_until(deadline) => break Err(self.timed_out()),
             }
         };
         self.m()
@@ -171,6 +208,20 @@ impl Pool {
             .observe(started.elapsed().as_secs_f64());
         self.gauges();
         got
+    }
+
+    fn timed_out(&self) -> PgError {
+        self.m().acquire_timeouts.inc();
+        PgError::new(
+            ErrorKind::Capacity,
+            format!(
+                "no {} server connection free within pool.acquire_timeout ({:?}): all {} are in use",
+                self.upstream.role.name(),
+                self.config.acquire_timeout.0,
+                self.size,
+            ),
+        )
+        .with_hint("Raise pool size or acquire_timeout, or use pool.mode = \"transaction\".")
     }
 
     async fn open(&self, database: &str, permit: OwnedSemaphorePermit) -> Result<Pooled, PgError> {
@@ -244,7 +295,7 @@ impl Pool {
         let pool = self.clone();
         tokio::spawn(async move {
             let timeout = pool.upstream.connect_timeout;
-            match tokio::time::timeout(timeout, discard_all(&mut p.conn.stream)).await {
+            match tokio::time::timeout(timeout, discard_all(&mut p.conn)).await {
                 Ok(Ok(())) => {
                     pool.m().resets.inc();
                     p.carry = Carry::default();
@@ -263,11 +314,9 @@ impl Pool {
         });
     }
 
-    fn put(&self, mut p: Pooled) {
-        if *self.shutdown.borrow() {
-            tokio::spawn(async move {
-                let _ = p.conn.stream.write_all(TERMINATE).await;
-            });
+    fn put(&self, p: Pooled) {
+        if *self.shutdown.borrow() || self.is_fenced(&p.database) {
+            self.terminate(p);
         } else if self.usable(&p) {
             let mut inner = self.inner();
             inner
@@ -321,6 +370,7 @@ impl Pool {
                 let idle_home = inner.idle.get(&home).map_or(0, Vec::len);
                 self.config.min_idle.saturating_sub(idle_home)
             };
+            let missing = if self.is_fenced(&home) { 0 } else { missing };
             for _ in 0..missing {
                 let Ok(permit) = self.permits.clone().try_acquire_owned() else {
                     break;
@@ -343,28 +393,63 @@ impl Pool {
     }
 }
 
+/// Keeps a pool off a database while it lives (see `Pool::fence`).
+pub struct Fence {
+    pool: Arc<Pool>,
+    database: String,
+}
+
+impl std::fmt::Debug for Fence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Fence({})", self.database)
+    }
+}
+
+impl Drop for Fence {
+    fn drop(&mut self) {
+        let mut inner = self.pool.inner();
+        if let Some(n) = inner.fenced.get_mut(&self.database) {
+            *n -= 1;
+            if *n == 0 {
+                inner.fenced.remove(&self.database);
+            }
+        }
+        drop(inner);
+        self.pool.returned.notify_waiters();
+    }
+}
+
 /// The Terminate message.
 pub const TERMINATE: &[u8] = b"X\0\0\0\x04";
 
-/// Runs `DISCARD ALL` and reads up to its ReadyForQuery.
-async fn discard_all(stream: &mut Stream) -> std::io::Result<()> {
+/// Runs `DISCARD ALL` and reads its answer, which must be exactly its CommandComplete and an
+/// idle ReadyForQuery (with the ParameterStatus changes it causes, which are recorded):
+/// anything else (an answer still owed to an earlier request, an error) means the connection
+/// is not in the state pgnear believes, and it is closed instead of handed on.
+async fn discard_all(conn: &mut ServerConn) -> std::io::Result<()> {
     let mut out = BytesMut::new();
     postgres_protocol::message::frontend::query("DISCARD ALL", &mut out)
         .expect("query text has no NUL");
-    stream.write_all(&out).await?;
+    conn.stream.write_all(&out).await?;
     let mut buf = BytesMut::new();
-    let mut failed = false;
+    let mut completed = false;
+    let unexpected = |what: &str| {
+        std::io::Error::other(format!("DISCARD ALL was answered with {what}"))
+    };
     loop {
-        let (tag, body) = crate::protocol::read_frame(stream, &mut buf, 1 << 20).await?;
+        let (tag, body) = crate::protocol::read_frame(&mut conn.stream, &mut buf, 1 << 20).await?;
         match tag {
-            be::ERROR_RESPONSE => failed = true,
-            be::READY_FOR_QUERY if !failed && body.first() == Some(&b'I') => return Ok(()),
-            be::READY_FOR_QUERY => {
-                return Err(std::io::Error::other(
-                    "DISCARD ALL did not leave the connection idle",
-                ))
+            be::PARAMETER_STATUS => {
+                if let Some((name, value)) = be::parameter_status(&body) {
+                    be::set_param(&mut conn.params, name, value);
+                }
             }
-            _ => {}
+            be::NOTICE_RESPONSE => {}
+            be::COMMAND_COMPLETE if !completed && body.starts_with(b"DISCARD ALL\0") => {
+                completed = true
+            }
+            be::READY_FOR_QUERY if completed && body.first() == Some(&b'I') => return Ok(()),
+            other => return Err(unexpected(&format!("message type {}", other as char))),
         }
     }
 }

@@ -74,6 +74,18 @@ pub fn parameter_status(body: &[u8]) -> Option<(&str, &str)> {
     Some((k, v))
 }
 
+/// Reported parameters (ParameterStatus) as (name, value).
+pub type Params = Vec<(String, String)>;
+
+/// Sets `name` in `params`.
+pub fn set_param(params: &mut Params, name: &str, value: &str) {
+    match params.iter_mut().find(|(k, _)| k == name) {
+        Some((_, v)) if v == value => {}
+        Some((_, v)) => *v = value.to_string(),
+        None => params.push((name.to_string(), value.to_string())),
+    }
+}
+
 /// The first column of a DataRow body as text (`None` for NULL or a malformed row).
 pub fn first_column(body: &[u8]) -> Option<&str> {
     let n = i16::from_be_bytes(body.get(..2)?.try_into().ok()?);

@@ -46,18 +46,18 @@ pub async fn read_startup_packet<R: AsyncRead + Unpin>(
     match r.read_exact(&mut len).await {
         Ok(_) => {}
         Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
-        Err(e) => return Err(PgError::protocol(format!("reading startup packet: {e}"))),
+        Err(e) => return Err(PgError::protocol(format!("reading startup packet: {e}")).silent()),
     }
+    // Like Postgres, a packet that cannot be read is only logged: the connection closes
+    // without an answer (a client that connects and ends at once sends Terminate first).
     let len = u32::from_be_bytes(len) as usize;
     if !(8..=MAX_STARTUP_PACKET).contains(&len) {
-        return Err(PgError::protocol(format!(
-            "invalid length of startup packet: {len}"
-        )));
+        return Err(PgError::protocol(format!("invalid length of startup packet: {len}")).silent());
     }
     let mut body = vec![0u8; len - 4];
     r.read_exact(&mut body)
         .await
-        .map_err(|_| PgError::protocol("incomplete startup packet"))?;
+        .map_err(|_| PgError::protocol("incomplete startup packet").silent())?;
     parse_startup_body(&body).map(Some)
 }
 
@@ -76,8 +76,9 @@ pub fn parse_startup_body(body: &[u8]) -> Result<StartupPacket, PgError> {
             pid: i32::from_be_bytes(rest[..4].try_into().expect("4 bytes")),
             secret: rest[4..].to_vec(),
         }),
-        SSL_REQUEST | GSSENC_REQUEST | CANCEL_REQUEST => {
-            Err(PgError::protocol("malformed SSL, GSSENC or cancel request"))
+        CANCEL_REQUEST => Err(PgError::protocol("invalid length of cancel request packet").silent()),
+        SSL_REQUEST | GSSENC_REQUEST => {
+            Err(PgError::protocol("malformed SSL or GSSENC request"))
         }
         _ => {
             let major = (code >> 16) as u16;

@@ -51,8 +51,11 @@ pub enum Kind {
     SetTransaction {
         read_only: Option<bool>,
     },
+    /// `SET SESSION CHARACTERISTICS AS TRANSACTION ...`: the READ ONLY/WRITE and whether the
+    /// isolation level set is SERIALIZABLE (`None`: not set).
     SetSessionCharacteristics {
         read_only: Option<bool>,
+        serializable: Option<bool>,
     },
     /// `SET [SESSION|LOCAL] name {TO|=} value`; `name` lowercased unless quoted, `value` is the
     /// trimmed source text.
@@ -168,7 +171,79 @@ pub fn classify(sql: &str, write_functions: &[String]) -> Classified {
     if statements.is_empty() {
         statements.push(Statement { kind: Kind::Empty });
     }
+    let hint = if needs_primary(sql, &toks) {
+        Some(Hint::Primary)
+    } else {
+        hint
+    };
     Classified { statements, hint }
+}
+
+/// Settings a hot standby shows differently from the primary: read on the replica, they would
+/// reveal it (libpq's `target_session_attrs=read-write` probes `transaction_read_only`).
+const STANDBY_REVEALING: &[&str] = &[
+    "transaction_read_only",
+    "default_transaction_read_only",
+    "in_hot_standby",
+];
+
+/// Whether a statement must read on the primary even though it is a read: it names a setting
+/// in [`STANDBY_REVEALING`] (as a word or a string, e.g. in `current_setting('...')`), or an
+/// object in the session's temporary schema (`pg_temp.x`), which exists only there.
+fn needs_primary(sql: &str, toks: &[Tok]) -> bool {
+    toks.iter().enumerate().any(|(i, t)| {
+        let name = match t.t {
+            T::Word | T::QIdent => ident_body(sql, *t),
+            T::Str => {
+                let s = text(sql, *t);
+                s.strip_prefix('\'').and_then(|s| s.strip_suffix('\'')).unwrap_or("")
+            }
+            _ => return false,
+        };
+        STANDBY_REVEALING.iter().any(|n| n.eq_ignore_ascii_case(name))
+            || (is_pg_temp(name) && toks.get(i + 1).is_some_and(|d| d.t == T::Dot))
+    })
+}
+
+/// `pg_temp`, or a backend's own `pg_temp_N`.
+fn is_pg_temp(name: &str) -> bool {
+    let b = name.as_bytes();
+    b.len() >= 7
+        && b[..7].eq_ignore_ascii_case(b"pg_temp")
+        && (b.len() == 7 || (b[7] == b'_' && b[8..].iter().all(u8::is_ascii_digit)))
+}
+
+/// The database a `DROP DATABASE`, `ALTER DATABASE ... RENAME` or `CREATE DATABASE ...
+/// TEMPLATE` acts on: Postgres refuses them while any other session is connected to it.
+pub fn database_lifecycle(sql: &str) -> Option<String> {
+    let first = sql.trim_start().get(..6)?;
+    if !["drop", "alter", "create"]
+        .iter()
+        .any(|w| first.len() >= w.len() && first[..w.len()].eq_ignore_ascii_case(w))
+    {
+        return None;
+    }
+    let (toks, _) = lex(sql);
+    let mut c = Cur::new(sql, &toks);
+    if c.eat("drop") && c.eat("database") {
+        if c.is("if") && c.kw_at(c.i + 1, "exists") {
+            c.i += 2;
+        }
+        return c.name();
+    }
+    if c.eat("alter") && c.eat("database") {
+        let name = c.name()?;
+        return c.is("rename").then_some(name);
+    }
+    if c.eat("create") && c.eat("database") {
+        let at = (c.i..toks.len()).find(|&i| c.kw_at(i, "template"))?;
+        c.i = at + 1;
+        if c.toks.get(c.i).is_some_and(|t| text(sql, *t) == "=") {
+            c.i += 1;
+        }
+        return c.name();
+    }
+    None
 }
 
 fn kw(src: &str, t: Option<&Tok>, word: &str) -> bool {
@@ -383,14 +458,17 @@ struct Scan {
     write: bool,
     lock: bool,
     unlock_all: bool,
+    /// `SELECT ... INTO TEMP t`: creates a temporary table.
+    into_temp: bool,
 }
 
 impl Scan {
     fn kind(&self, otherwise: Kind) -> Kind {
-        match (self.lock, self.unlock_all, self.write) {
-            (true, _, _) => Kind::AdvisoryLock,
-            (_, true, _) => Kind::AdvisoryUnlockAll,
-            (_, _, true) => Kind::Write,
+        match (self.lock, self.unlock_all, self.into_temp, self.write) {
+            (true, ..) => Kind::AdvisoryLock,
+            (_, true, ..) => Kind::AdvisoryUnlockAll,
+            (_, _, true, _) => Kind::CreateTemp,
+            (.., true) => Kind::Write,
             _ => otherwise,
         }
     }
@@ -448,6 +526,8 @@ fn scan(c: &Cur, wf: &[String], query: bool) -> Scan {
                 || (c.kw_at(i + 1, "key") && c.kw_at(i + 2, "share"));
         } else if w.eq_ignore_ascii_case("into") {
             sc.write = true;
+            let at = i + 1 + usize::from(c.kw_in(i + 1, &["local", "global"]));
+            sc.into_temp |= c.kw_in(at, &["temp", "temporary"]);
         } else if c.kw_in(i, DML) {
             sc.write |= i > 0 && matches!(toks[i - 1].t, T::LParen | T::RParen);
         }
@@ -605,16 +685,38 @@ fn pgnear_name(name: &str) -> Option<String> {
         .map(str::to_ascii_lowercase)
 }
 
-/// Transaction modes of BEGIN / START TRANSACTION / SET TRANSACTION; `None` if not understood,
-/// else the last READ ONLY / READ WRITE seen.
-fn tx_modes(c: &mut Cur) -> Option<Option<bool>> {
+/// Transaction modes of BEGIN / START TRANSACTION / SET TRANSACTION.
+struct TxModes {
+    /// The last READ ONLY / READ WRITE seen.
+    read_only: Option<bool>,
+    /// The isolation level given is SERIALIZABLE (`None`: none given).
+    serializable: Option<bool>,
+}
+
+impl TxModes {
+    /// READ ONLY, and not SERIALIZABLE, which a hot standby refuses: a transaction a replica
+    /// may serve (`Some(false)` for one it may not, `None` when nothing was said).
+    fn replica_read_only(&self) -> Option<bool> {
+        if self.serializable == Some(true) {
+            Some(false)
+        } else {
+            self.read_only
+        }
+    }
+}
+
+/// Transaction modes; `None` if not understood.
+fn tx_modes(c: &mut Cur) -> Option<TxModes> {
     let mut ro = None;
+    let mut serializable = None;
     while !c.done() {
         let understood = if c.t(c.i) == Some(T::Comma) {
             c.i += 1;
             true
         } else if c.eat("isolation") {
-            c.eat("level")
+            let level = c.eat("level");
+            serializable = Some(c.is("serializable"));
+            level
                 && (c.eat("serializable")
                     || (c.eat("repeatable") && c.eat("read"))
                     || (c.eat("read") && (c.eat("committed") || c.eat("uncommitted"))))
@@ -628,12 +730,15 @@ fn tx_modes(c: &mut Cur) -> Option<Option<bool>> {
             return None;
         }
     }
-    Some(ro)
+    Some(TxModes {
+        read_only: ro,
+        serializable,
+    })
 }
 
 fn begin(c: &mut Cur) -> Kind {
-    tx_modes(c).map_or(Kind::Write, |ro| Kind::Begin {
-        read_only: ro.unwrap_or(false),
+    tx_modes(c).map_or(Kind::Write, |m| Kind::Begin {
+        read_only: m.replica_read_only().unwrap_or(false),
     })
 }
 
@@ -658,8 +763,17 @@ fn create_temp(c: &mut Cur) -> bool {
         return false;
     }
     let _ = c.eat("global") || c.eat("local");
-    (c.eat("temp") || c.eat("temporary"))
+    if (c.eat("temp") || c.eat("temporary"))
         && c.kw_in(c.i, &["table", "view", "sequence", "recursive"])
+    {
+        return true;
+    }
+    // Any object created in (or on an object of) the session's temporary schema.
+    (c.i..c.toks.len()).any(|i| {
+        matches!(c.t(i), Some(T::Word | T::QIdent))
+            && is_pg_temp(ident_body(c.src, c.toks[i]))
+            && c.t(i + 1) == Some(T::Dot)
+    })
 }
 
 fn set(c: &mut Cur) -> Kind {
@@ -668,14 +782,17 @@ fn set(c: &mut Cur) -> Kind {
             return one_string(c, Kind::SetTransaction { read_only: None });
         }
         let modes = if c.done() { None } else { tx_modes(c) };
-        return modes.map_or(Kind::Write, |read_only| Kind::SetTransaction { read_only });
+        return modes.map_or(Kind::Write, |m| Kind::SetTransaction {
+            read_only: m.replica_read_only(),
+        });
     }
     if c.is("session") && c.kw_at(2, "characteristics") {
         c.i = 3;
         let as_tx = c.eat("as") && c.eat("transaction") && !c.done();
         let modes = if as_tx { tx_modes(c) } else { None };
-        return modes.map_or(Kind::Write, |read_only| Kind::SetSessionCharacteristics {
-            read_only,
+        return modes.map_or(Kind::Write, |m| Kind::SetSessionCharacteristics {
+            read_only: m.read_only,
+            serializable: m.serializable,
         });
     }
     let local = c.eat("local");

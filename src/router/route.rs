@@ -65,6 +65,9 @@ pub struct Context {
     pub in_transaction: Option<Role>,
     /// LISTEN, temp table, session advisory lock or SQL-level PREPARE.
     pub pinned: bool,
+    /// The session's transactions are SERIALIZABLE (`default_transaction_isolation`), which a
+    /// hot standby refuses.
+    pub serializable: bool,
     pub setting: RouteSetting,
     /// A replica exists and may serve reads now (healthy, not lagging too far).
     pub replica_available: bool,
@@ -90,7 +93,7 @@ pub fn decide(r: Request, ctx: Context) -> (Role, Reason) {
     if !read {
         return (Role::Primary, Reason::Write);
     }
-    if ctx.pinned || ctx.setting == RouteSetting::Primary {
+    if ctx.pinned || ctx.serializable || ctx.setting == RouteSetting::Primary {
         return (Role::Primary, Reason::Pin);
     }
     if r.hint == Some(Hint::Primary) {
@@ -117,6 +120,7 @@ mod tests {
     const FREE: Context = Context {
         in_transaction: None,
         pinned: false,
+        serializable: false,
         setting: RouteSetting::Auto,
         replica_available: true,
     };

@@ -20,7 +20,7 @@ use tokio::sync::{mpsc, watch};
 
 use super::expect::Purpose;
 use super::route::{close_frame, STATEMENTS_PER_CONNECTION};
-use super::server::{Request, Seen, Server};
+use super::server::{Request, Retry, Seen, Server};
 use super::state::{sync_sql, Applied};
 use crate::backend::conn::Role;
 use crate::backend::health::SILENT_CHECK;
@@ -60,7 +60,7 @@ pub enum Reply {
     /// Frames for the client.
     Bytes(BytesMut),
     /// The read finished; with the Query when the replica refused it as a write.
-    Done(Request, Option<Bytes>),
+    Done(Request, Option<Retry>),
     /// The connection failed with the read in flight (it may or may not have run).
     Failed(PgError),
     /// Nothing was sent: the session runs it the usual way.
@@ -347,7 +347,7 @@ impl Lanes {
     ) -> Result<(), PgError> {
         loop {
             let mut seen = Seen::default();
-            server.scan(cout, &mut seen)?;
+            server.scan(cout, &mut seen, None)?;
             let finished = match (seen.done.pop(), seen.retry) {
                 (Some(request), _) => Some((request, None)),
                 (None, Some(retry)) => Some((Request::default(), Some(retry))),

@@ -72,6 +72,8 @@ pub struct Session {
     refused: Option<PgError>,
     /// Where shared (pipelined) replica connections send the answers to this session's reads.
     answers: Option<Box<lane::Answers>>,
+    /// The parameters the client was told (ParameterStatus), to tell it every change.
+    told: crate::protocol::backend::Params,
 }
 
 enum Flow {
@@ -144,11 +146,12 @@ impl Session {
         };
         let cancel = shared.cancels.register();
         let mut out = BytesMut::new();
+        let mut told = Vec::with_capacity(params.len());
         for (k, v) in params.iter() {
             // pgnear as a whole accepts writes, whichever server answered the startup; the
             // client's own settings are what its session will have.
             let v = if k == "in_hot_standby" {
-                "off"
+                server::as_primary(k, v)
             } else {
                 startup
                     .params
@@ -157,6 +160,7 @@ impl Session {
                     .map_or(v.as_str(), |(_, v)| v.as_str())
             };
             write::parameter_status(&mut out, k, v);
+            told.push((k.clone(), v.to_string()));
         }
         if !shared.config.regions.primary.is_empty() {
             write::parameter_status(
@@ -194,6 +198,7 @@ impl Session {
             min_lsn: None,
             refused: None,
             answers: None,
+            told,
             write_mode,
             deferred_begin: None,
             unsynced: None,
@@ -683,7 +688,7 @@ impl Session {
             Role::Replica => self.replica.as_mut(),
         };
         let server = server.expect("read from a connected server");
-        server.scan(&mut self.cout, &mut seen)?;
+        server.scan(&mut self.cout, &mut seen, Some(&mut self.told))?;
         let (idle, tx) = (server.expect.is_empty(), server.tx);
         let mut capture = false;
         for request in seen.done {
@@ -732,9 +737,9 @@ impl Session {
                 s.flush().await?;
             }
         }
-        if let Some(frame) = seen.retry {
+        if let Some(retry) = seen.retry {
             // Boxed: retrying goes through server(), which may relay (and so re-enter this function).
-            Box::pin(self.retry_on_primary(frame)).await?;
+            Box::pin(self.retry_on_primary(retry)).await?;
         }
         self.release_if_done(role);
         Ok(())

@@ -8,7 +8,7 @@ use bytes::{Bytes, BytesMut};
 
 use super::expect;
 use super::lane::{Job, Reply};
-use super::server::Request;
+use super::server::{Request, Retry};
 use super::state::{self, PendingState};
 use super::Session;
 use crate::backend::conn::Role;
@@ -18,7 +18,8 @@ use crate::consistency::Lsn;
 use crate::error::{ErrorKind, PgError};
 use crate::protocol::frontend::query_text;
 use crate::protocol::{build_frame, cstr, frames, tag, write};
-use crate::router::classify::{Classified, Hint, Kind};
+use crate::backend::pool::Fence;
+use crate::router::classify::{database_lifecycle, Classified, Hint, Kind};
 use crate::router::route::{decide, Context, Reason, Request as RouteRequest, RouteSetting};
 
 /// What an extended-protocol batch does, as far as routing is concerned.
@@ -43,6 +44,8 @@ struct BatchPlan {
     other: bool,
     /// A statement in the batch may be a COPY.
     copy: bool,
+    /// A database a statement of the batch drops, renames or copies (see `Pool::fence`).
+    database: Option<String>,
     syncs: usize,
     /// Runs something (Execute); a batch that only prepares and describes does not.
     executes: bool,
@@ -136,6 +139,7 @@ impl Session {
         Context {
             in_transaction: self.open_tx,
             pinned: self.state.pins.any(),
+            serializable: self.state.serializable_default,
             setting: self.state.setting,
             replica_available: self.replica_gate() != Gate::Unavailable,
         }
@@ -246,10 +250,16 @@ impl Session {
             && self.captures_lsn();
         let capture_after = capture && may_copy(sql);
         let capture = capture && !capture_after;
+        let fences = if role == Role::Primary && !c.is_read() {
+            self.fences(database_lifecycle(sql))
+        } else {
+            Vec::new()
+        };
         let request = Request {
             change,
             retry,
             capture_after,
+            fences,
             ..Request::default()
         };
         let taints = self.taints(&c);
@@ -284,6 +294,10 @@ impl Session {
             server.send_internal_query(WRITE_LSN_QUERY, expect::Purpose::WriteLsn);
         }
         Ok(())
+    }
+
+    fn fences(&self, database: Option<String>) -> Vec<Fence> {
+        database.map_or_else(Vec::new, |db| fences_on(&self.shared, &db))
     }
 
     /// Replay mode outside the primary region: writes are refused with a replay signal.
@@ -399,7 +413,8 @@ impl Session {
             return Ok(());
         };
         let mut role = Role::Primary;
-        if read_only && self.context().replica_available && !self.state.pins.any() {
+        let ctx = self.context();
+        if read_only && ctx.replica_available && !ctx.pinned && !ctx.serializable {
             let fallback = self.consistent_read().await?;
             let refused = self.refused.take().is_some();
             if fallback.is_none() && !refused && self.ensure_replica().await.is_ok() {
@@ -499,8 +514,8 @@ impl Session {
                         let seconds = t.elapsed().as_secs_f64();
                         self.shared.metrics.duration(Role::Replica, seconds);
                     }
-                    if let Some(frame) = retry {
-                        Box::pin(self.retry_on_primary(frame)).await?;
+                    if let Some(retry) = retry {
+                        Box::pin(self.retry_on_primary(retry)).await?;
                     }
                     return Ok(true);
                 }
@@ -539,10 +554,11 @@ impl Session {
         result
     }
 
-    /// The replica refused a query as a write (25006): run it on the primary, once, and remember
-    /// that this text writes.
-    pub(super) async fn retry_on_primary(&mut self, frame: Bytes) -> Result<(), PgError> {
-        if let Ok(sql) = query_text(&frame[5..]) {
+    /// The replica refused a query (see `Retry`): run it on the primary, once, and remember
+    /// that this text writes when that was the reason.
+    pub(super) async fn retry_on_primary(&mut self, retry: Retry) -> Result<(), PgError> {
+        let frame = retry.frame;
+        if let Some(sql) = query_text(&frame[5..]).ok().filter(|_| retry.learn) {
             self.shared.classifier.mark_write(sql);
         }
         tracing::debug!("replica refused a read-only query; running it on the primary");
@@ -715,10 +731,16 @@ impl Session {
         });
         // The first Sync after an extended-protocol COPY ends the request already in flight.
         let owed = usize::from(std::mem::take(&mut server.reader.owed_sync));
+        let mut fences = match plan.database.filter(|_| role == Role::Primary && plan.executes) {
+            Some(db) => fences_on(&self.shared, &db),
+            None => Vec::new(),
+        };
+        let server = self.slot(role).as_mut().expect("connected above");
         for i in owed.min(plan.syncs)..plan.syncs {
             let last = i + 1 == plan.syncs;
             server.requests.push_back(Request {
                 change: if last { change.take() } else { None },
+                fences: if last { std::mem::take(&mut fences) } else { Vec::new() },
                 capture_after: last && capture_lsn && plan.copy,
                 started: Some(std::time::Instant::now()),
                 ..Request::default()
@@ -803,7 +825,7 @@ impl Session {
                 tag::PARSE => {
                     let (name, used) = cstr(body).ok_or_else(|| bad("Parse"))?;
                     let (sql, _) = cstr(&body[used..]).ok_or_else(|| bad("Parse"))?;
-                    plan.copy |= may_copy(sql);
+                    note_text(sql, &mut plan);
                     let c = self.classify(sql);
                     self.note_statement(&c, &mut plan);
                     let frame = Bytes::copy_from_slice(frame);
@@ -886,7 +908,9 @@ impl Session {
             "" => self.state.unnamed.as_ref(),
             name => self.state.statements.get(name),
         };
-        plan.copy |= frame.and_then(|f| parse_text(f)).is_some_and(may_copy);
+        if let Some(sql) = frame.and_then(|f| parse_text(f)) {
+            note_text(sql, plan);
+        }
         if stmt.is_empty() {
             if !parsed_unnamed {
                 plan.needs_unnamed = true;
@@ -1256,6 +1280,22 @@ fn parse_text(frame: &[u8]) -> Option<&str> {
     let body = &frame[5..];
     let (_, used) = cstr(body)?;
     Some(cstr(&body[used..])?.0)
+}
+
+/// What a statement's text tells a batch beyond its class: it may be a COPY, it may act on a
+/// whole database.
+fn note_text(sql: &str, plan: &mut BatchPlan) {
+    plan.copy |= may_copy(sql);
+    if let Some(db) = database_lifecycle(sql) {
+        plan.database = Some(db);
+    }
+}
+
+/// Keeps the pools off `database` while a statement on it runs (see `Pool::fence`).
+fn fences_on(shared: &crate::Shared, database: &str) -> Vec<Fence> {
+    let mut fences = vec![shared.primary_pool.fence(database)];
+    fences.extend(shared.replica_pool.as_ref().map(|p| p.fence(database)));
+    fences
 }
 
 /// Whether a statement may be a COPY (then nothing may be pipelined behind it).

@@ -13,7 +13,7 @@ use crate::backend::conn::Role;
 use crate::backend::pool::Pooled;
 use crate::cancel::CancelTarget;
 use crate::error::PgError;
-use crate::protocol::backend::{self as be, header};
+use crate::protocol::backend::{self as be, header, set_param, Params};
 
 /// Frames longer than this are streamed to the client in pieces instead of buffered whole.
 const STREAM_THRESHOLD: usize = 64 * 1024;
@@ -38,6 +38,8 @@ pub struct Request {
     pub capture_after: bool,
     /// When it was sent (for the duration histogram).
     pub started: Option<std::time::Instant>,
+    /// Keep the pools off a database the request drops, renames or copies, until it ends.
+    pub fences: Vec<crate::backend::pool::Fence>,
 }
 
 pub struct Server {
@@ -78,6 +80,8 @@ pub struct Reader {
     held: BytesMut,
     /// The replica refused the tentative request; its remaining answer is dropped.
     retrying: bool,
+    /// That refusal said the request writes (25006), not that a standby cannot run it at all.
+    retry_writes: bool,
     /// In COPY FROM STDIN (CopyInResponse seen; its CommandComplete, error or ReadyForQuery
     /// not yet): the server waits for the client's data and ignores Sync and Flush.
     pub copy_in: bool,
@@ -105,8 +109,8 @@ pub enum ScanError {
 pub struct Seen {
     /// Client requests that completed (their ReadyForQuery went out).
     pub done: Vec<Request>,
-    /// A query the replica refused as a write, to run on the primary.
-    pub retry: Option<Bytes>,
+    /// A query the replica refused, to run on the primary.
+    pub retry: Option<Retry>,
     /// Value captured from pgnear's own commit-position lookup.
     pub write_lsn: Option<String>,
 }
@@ -284,7 +288,7 @@ impl Server {
         let mut sink = BytesMut::new();
         while !self.expect.is_empty() {
             self.read().await?;
-            self.scan(&mut sink, &mut Seen::default())?;
+            self.scan(&mut sink, &mut Seen::default(), None)?;
             sink.clear();
         }
         Ok(())
@@ -308,12 +312,23 @@ impl Server {
 
     /// Moves every complete frame (and the leading part of a long one) out of the read buffer:
     /// frames for the client are appended to `cout` as raw bytes, pgnear's own answers consumed.
-    pub fn scan(&mut self, cout: &mut BytesMut, seen: &mut Seen) -> Result<(), PgError> {
+    /// `told`: the parameters the client was told (see `Reader::scan`); `None` when what is
+    /// scanned cannot change one (pgnear's own queries, shared replica connections).
+    pub fn scan(
+        &mut self,
+        cout: &mut BytesMut,
+        seen: &mut Seen,
+        told: Option<&mut Params>,
+    ) -> Result<(), PgError> {
         let r = self.reader.scan(
             self.role,
             &mut self.expect,
             &mut self.tx,
             &mut self.requests,
+            Reported {
+                server: &mut self.conn.conn.params,
+                told,
+            },
             cout,
             seen,
         );
@@ -324,22 +339,83 @@ impl Server {
     }
 }
 
+
+/// A query the replica refused before any of its answer reached the client, to run on the
+/// primary instead.
+#[derive(Debug)]
+pub struct Retry {
+    pub frame: Bytes,
+    /// It was refused as a write (25006): the classifier learns that its text writes.
+    pub learn: bool,
+}
+
+/// Whether an ErrorResponse is a standby's refusal of something only a primary can run:
+/// `Some(true)` for a write (25006), `Some(false)` for what a hot standby cannot do at all
+/// (0A000 "... in a hot standby", e.g. SERIALIZABLE under a database or role default).
+fn standby_refusal(body: &[u8]) -> Option<bool> {
+    let f = be::error_fields(body);
+    match f.code.as_str() {
+        "25006" => Some(true),
+        "0A000" if f.message.contains("hot standby") => Some(false),
+        _ => None,
+    }
+}
+
+/// What `Reader::scan` keeps of ParameterStatus: the server connection's reported values, and
+/// the client's view of them.
+pub struct Reported<'a> {
+    pub server: &'a mut Params,
+    pub told: Option<&'a mut Params>,
+}
+
+/// A reported value as the client sees it: pgnear as a whole accepts writes, whichever server
+/// reported (a direct connection to the primary reports `in_hot_standby` off).
+pub fn as_primary<'a>(name: &str, value: &'a str) -> &'a str {
+    if name == "in_hot_standby" {
+        "off"
+    } else {
+        value
+    }
+}
+
+/// Writes a ParameterStatus for each of `server`'s values that `told` does not have yet.
+fn tell_changes(server: &Params, told: &mut Params, cout: &mut BytesMut) {
+    for (name, value) in server {
+        let value = as_primary(name, value);
+        if told.iter().any(|(k, v)| k == name && v == value) {
+            continue;
+        }
+        crate::protocol::write::parameter_status(cout, name, value);
+        set_param(told, name, value);
+    }
+}
+
 impl Reader {
     /// Appends bytes as if read from the server.
     pub fn feed(&mut self, bytes: &[u8]) {
         self.rbuf.extend_from_slice(bytes);
     }
 
-    /// `Server::scan` on this server's `role`, `expect`, `tx` and `requests`.
+    /// `Server::scan` on this server's `role`, `expect`, `tx`, `requests` and parameters.
+    ///
+    /// ParameterStatus frames are not passed on as they come: they update what the server
+    /// reports, and before each ReadyForQuery that ends a client request the client is told
+    /// every reported parameter whose value differs from what it was told (Postgres, too,
+    /// reports changes just before ReadyForQuery). So a client learns of a change however it
+    /// came about (its SET on a connection that already had the value, a rollback, a move to
+    /// the other server), and of nothing that did not change for it.
+    #[allow(clippy::too_many_arguments)]
     pub fn scan(
         &mut self,
         role: Role,
         expect: &mut Expectations,
         tx: &mut u8,
         requests: &mut VecDeque<Request>,
+        reported: Reported<'_>,
         cout: &mut BytesMut,
         seen: &mut Seen,
     ) -> Result<(), ScanError> {
+        let Reported { server, mut told } = reported;
         let buf = &self.rbuf[..];
         let mut grow = 0;
         let mut pos = 0;
@@ -386,6 +462,15 @@ impl Reader {
             let body = &frame[5..];
             let front = expect.front();
             let m = expect.on_frame(tag);
+            if tag == be::PARAMETER_STATUS {
+                if let Some((name, value)) = be::parameter_status(body) {
+                    set_param(server, name, value);
+                }
+                cout.extend_from_slice(&buf[run_start..pos]);
+                pos += total;
+                run_start = pos;
+                continue;
+            }
             tracing::trace!(role = role.name(), tag = %(tag as char), ?m, "frame");
             let mut forward = m.forward;
             if m.owner == Some(Owner::Tentative) {
@@ -393,14 +478,22 @@ impl Reader {
                 if self.retrying {
                     if tag == be::READY_FOR_QUERY {
                         self.retrying = false;
-                        seen.retry = requests.pop_front().and_then(|r| r.retry);
+                        seen.retry = requests.pop_front().and_then(|r| r.retry).map(|frame| {
+                            Retry {
+                                frame,
+                                learn: self.retry_writes,
+                            }
+                        });
                     }
-                } else if tag == be::ERROR_RESPONSE && be::error_fields(body).code == "25006" {
+                } else if let Some(writes) =
+                    (tag == be::ERROR_RESPONSE).then(|| standby_refusal(body)).flatten()
+                {
                     self.retrying = true;
+                    self.retry_writes = writes;
                     self.held.clear();
                 } else if matches!(
                     tag,
-                    be::ROW_DESCRIPTION | be::NOTICE_RESPONSE | be::PARAMETER_STATUS
+                    be::ROW_DESCRIPTION | be::NOTICE_RESPONSE
                 ) && self.held.len() < HOLD_LIMIT
                 {
                     self.held.extend_from_slice(frame);
@@ -441,6 +534,11 @@ impl Reader {
                     self.copy_in = false;
                     self.client_ended_copy = false;
                     *tx = body.first().copied().unwrap_or(b'I');
+                    if let Some(told) = told.as_deref_mut().filter(|_| forward) {
+                        cout.extend_from_slice(&buf[run_start..pos]);
+                        run_start = pos;
+                        tell_changes(server, told, cout);
+                    }
                     if forward && m.completed.is_some() {
                         if let Some(r) = requests.pop_front() {
                             seen.done.push(r);
@@ -510,6 +608,10 @@ mod tests {
             expect,
             &mut b'I',
             &mut VecDeque::new(),
+            Reported {
+                server: &mut Vec::new(),
+                told: None,
+            },
             &mut cout,
             &mut Seen::default(),
         )?;

@@ -21,7 +21,14 @@ pub enum Handshake {
 
 /// Runs the handshake on `slot` (the stream is replaced when TLS is negotiated).
 /// Not cancel-safe; the caller bounds it with `startup_timeout`.
-pub async fn handshake(shared: &Shared, slot: &mut Option<Stream>) -> Result<Handshake, PgError> {
+///
+/// `read_startup` turns true once the startup packet has been read (a timeout before that is
+/// silent, as in Postgres; after it, during authentication, the client is told).
+pub async fn handshake(
+    shared: &Shared,
+    slot: &mut Option<Stream>,
+    read_startup: &mut bool,
+) -> Result<Handshake, PgError> {
     let mut ssl_done = false;
     let mut gss_done = false;
     loop {
@@ -61,6 +68,7 @@ pub async fn handshake(shared: &Shared, slot: &mut Option<Stream>) -> Result<Han
                 return Ok(Handshake::Done);
             }
             StartupPacket::Startup(startup) => {
+                *read_startup = true;
                 let mut out = BytesMut::new();
                 let unsupported: Vec<String> = startup
                     .params

@@ -44,6 +44,9 @@ pub struct SessionState {
     pub pins: Pins,
     /// `default_transaction_read_only` as the client set it.
     pub read_only_default: bool,
+    /// `default_transaction_isolation` is `serializable` as the client set it: a hot standby
+    /// refuses every statement then.
+    pub serializable_default: bool,
     log: Vec<Entry>,
     seq: u64,
     /// `applied()` as last computed (`None` once the log changed), shared with pipelined reads.
@@ -62,6 +65,7 @@ impl Default for SessionState {
             setting: RouteSetting::Auto,
             pins: Pins::default(),
             read_only_default: false,
+            serializable_default: false,
             log: Vec::new(),
             seq: 0,
             snapshot: None,
@@ -115,6 +119,9 @@ impl SessionState {
             let sql = format!("SET {} TO {}", quote_name(&name), quote_literal(&value));
             if name == "default_transaction_read_only" {
                 state.read_only_default = is_true(&value);
+            }
+            if name == "default_transaction_isolation" {
+                state.serializable_default = is_serializable(&value);
             }
             state
                 .log
@@ -194,8 +201,19 @@ impl SessionState {
                 } => names.push(Some(name.clone())),
                 Kind::Reset { name } => names.push(name.clone()),
                 Kind::Discard { all: true } => names.push(None),
-                Kind::SetSessionCharacteristics { .. } => {
-                    names.push(Some("default_transaction_read_only".into()))
+                Kind::SetSessionCharacteristics {
+                    read_only,
+                    serializable,
+                } => {
+                    if read_only.is_some() {
+                        names.push(Some("default_transaction_read_only".into()));
+                    }
+                    if serializable.is_some() {
+                        names.push(Some("default_transaction_isolation".into()));
+                    }
+                    if read_only.is_none() && serializable.is_none() {
+                        names.push(Some("default_transaction_deferrable".into()));
+                    }
                 }
                 _ => {}
             }
@@ -239,12 +257,19 @@ impl SessionState {
                         self.names.clear();
                         self.unnamed = None;
                         self.read_only_default = false;
+                        self.serializable_default = false;
                         self.setting = RouteSetting::Auto;
                     }
                 }
-                Kind::Reset { name: None } => self.read_only_default = false,
+                Kind::Reset { name: None } => {
+                    self.read_only_default = false;
+                    self.serializable_default = false;
+                }
                 Kind::Reset { name: Some(n) } if n == "default_transaction_read_only" => {
                     self.read_only_default = false
+                }
+                Kind::Reset { name: Some(n) } if n == "default_transaction_isolation" => {
+                    self.serializable_default = false
                 }
                 Kind::Set {
                     name,
@@ -253,9 +278,24 @@ impl SessionState {
                 } if name == "default_transaction_read_only" => {
                     self.read_only_default = is_true(value);
                 }
+                Kind::Set {
+                    name,
+                    value,
+                    local: false,
+                } if name == "default_transaction_isolation" => {
+                    self.serializable_default = is_serializable(value);
+                }
                 Kind::SetSessionCharacteristics {
-                    read_only: Some(ro),
-                } => self.read_only_default = *ro,
+                    read_only,
+                    serializable,
+                } => {
+                    if let Some(ro) = read_only {
+                        self.read_only_default = *ro;
+                    }
+                    if let Some(s) = serializable {
+                        self.serializable_default = *s;
+                    }
+                }
                 _ => {}
             }
         }
@@ -352,6 +392,12 @@ fn quote_name(name: &str) -> String {
 
 fn quote_literal(value: &str) -> String {
     format!("E'{}'", value.replace('\\', "\\\\").replace('\'', "''"))
+}
+
+fn is_serializable(v: &str) -> bool {
+    v.trim()
+        .trim_matches(|c| c == '\'' || c == '"')
+        .eq_ignore_ascii_case("serializable")
 }
 
 fn is_true(v: &str) -> bool {
