@@ -82,7 +82,12 @@ fn function_calls_are_answered() {
                 "SELECT 'lo_creat'::regproc::oid::int, 'lo_unlink'::regproc::oid::int",
             )
             .await;
-            let row = oids.iter().find(|(t, _)| *t == b'D').expect("a row").1.clone();
+            let row = oids
+                .iter()
+                .find(|(t, _)| *t == b'D')
+                .expect("a row")
+                .1
+                .clone();
             let field = |at: usize| -> (u32, usize) {
                 let len = i32::from_be_bytes(row[at..at + 4].try_into().unwrap()) as usize;
                 let text = std::str::from_utf8(&row[at + 4..at + 4 + len]).unwrap();
@@ -108,7 +113,11 @@ fn function_calls_are_answered() {
                 .await
                 .unwrap();
             let got = frames_until(&mut s, b'Z').await;
-            assert_eq!(got.last().unwrap().1, b"T", "{pool:?}: still in the transaction");
+            assert_eq!(
+                got.last().unwrap().1,
+                b"T",
+                "{pool:?}: still in the transaction"
+            );
             assert_eq!(got[0].0, b'V', "{pool:?}: {got:?}");
             simple(&mut s, "COMMIT").await;
             let left = simple(
@@ -243,7 +252,11 @@ fn copy_fail_through_the_extended_protocol() {
             rest.extend(frame(b'S', b""));
             s.write_all(&rest).await.unwrap();
             let got = frames_until(&mut s, b'Z').await;
-            assert_eq!(error_code(&got).as_deref(), Some("57014"), "{pool:?}: {got:?}");
+            assert_eq!(
+                error_code(&got).as_deref(),
+                Some("57014"),
+                "{pool:?}: {got:?}"
+            );
             let again = simple(&mut s, "SELECT count(*) FROM copy_fail").await;
             assert!(again.iter().any(|(t, _)| *t == b'D'), "{again:?}");
             s.write_all(&frame(b'X', b"")).await.unwrap();
@@ -347,7 +360,11 @@ fn serializable_runs_on_the_primary() {
             let c = connect(&url(&p)).await;
             let standby = |rows: Vec<tokio_postgres::SimpleQueryMessage>| first_value(&rows);
             let got = c.simple_query("SELECT pg_is_in_recovery()").await.unwrap();
-            assert_eq!(standby(got).as_deref(), Some("t"), "{pool:?}: reads are local");
+            assert_eq!(
+                standby(got).as_deref(),
+                Some("t"),
+                "{pool:?}: reads are local"
+            );
             c.batch_execute("BEGIN ISOLATION LEVEL SERIALIZABLE READ ONLY")
                 .await
                 .unwrap();
@@ -399,7 +416,10 @@ fn pg_temp_objects_pin_the_session() {
                 "CREATE TYPE pg_temp.mood AS ENUM ('ok', 'meh')",
                 "SELECT 'ok'::pg_temp.mood",
             ),
-            ("CREATE TABLE pg_temp.foo (a int)", "SELECT * FROM pg_temp.foo"),
+            (
+                "CREATE TABLE pg_temp.foo (a int)",
+                "SELECT * FROM pg_temp.foo",
+            ),
             (
                 "CREATE FUNCTION pg_temp.two() RETURNS int LANGUAGE sql AS 'SELECT 2'",
                 "SELECT pg_temp.two()",
@@ -408,7 +428,10 @@ fn pg_temp_objects_pin_the_session() {
                 "CREATE OR REPLACE VIEW pg_temp.v AS SELECT 1 AS one",
                 "SELECT * FROM pg_temp.v",
             ),
-            ("CREATE SEQUENCE pg_temp.s", "SELECT last_value FROM pg_temp.s"),
+            (
+                "CREATE SEQUENCE pg_temp.s",
+                "SELECT last_value FROM pg_temp.s",
+            ),
             (
                 "SELECT 1 AS a INTO TEMP TABLE into_temp",
                 "SELECT * FROM into_temp",
@@ -449,14 +472,17 @@ fn pgnear_is_read_write_to_clients() {
         assert_eq!(first_value(&got).as_deref(), Some("off"));
         c.batch_execute("BEGIN READ ONLY").await.unwrap();
         let got = c.simple_query("SHOW transaction_read_only").await.unwrap();
-        assert_eq!(first_value(&got).as_deref(), Some("on"), "a read-only transaction");
+        assert_eq!(
+            first_value(&got).as_deref(),
+            Some("on"),
+            "a read-only transaction"
+        );
         c.batch_execute("COMMIT").await.unwrap();
         let psql_url = url.clone();
-        let (ok, out, err) = tokio::task::spawn_blocking(move || {
-            psql(&psql_url, &["-At", "-c", "SELECT 1"], None)
-        })
-        .await
-        .unwrap();
+        let (ok, out, err) =
+            tokio::task::spawn_blocking(move || psql(&psql_url, &["-At", "-c", "SELECT 1"], None))
+                .await
+                .unwrap();
         assert!(ok && out.trim() == "1", "psql: {out} {err}");
     });
 }
@@ -539,7 +565,11 @@ fn drop_database_is_not_blocked_by_the_pool() {
 fn an_invalid_startup_packet_closes_silently() {
     run(async {
         let p = proxy(REPLICA, |_| {}).await;
-        for packet in [&b"X\0\0\0\x04"[..], &b"\0\0\0\x02"[..], &b"\0\0\0\x09\0\x03"[..]] {
+        for packet in [
+            &b"X\0\0\0\x04"[..],
+            &b"\0\0\0\x02"[..],
+            &b"\0\0\0\x09\0\x03"[..],
+        ] {
             let mut s = tokio::net::TcpStream::connect(p.addr()).await.unwrap();
             s.write_all(packet).await.unwrap();
             s.shutdown().await.unwrap();

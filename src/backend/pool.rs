@@ -433,9 +433,8 @@ async fn discard_all(conn: &mut ServerConn) -> std::io::Result<()> {
     conn.stream.write_all(&out).await?;
     let mut buf = BytesMut::new();
     let mut completed = false;
-    let unexpected = |what: &str| {
-        std::io::Error::other(format!("DISCARD ALL was answered with {what}"))
-    };
+    let unexpected =
+        |what: &str| std::io::Error::other(format!("DISCARD ALL was answered with {what}"));
     loop {
         let (tag, body) = crate::protocol::read_frame(&mut conn.stream, &mut buf, 1 << 20).await?;
         match tag {

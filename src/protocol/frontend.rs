@@ -76,10 +76,10 @@ pub fn parse_startup_body(body: &[u8]) -> Result<StartupPacket, PgError> {
             pid: i32::from_be_bytes(rest[..4].try_into().expect("4 bytes")),
             secret: rest[4..].to_vec(),
         }),
-        CANCEL_REQUEST => Err(PgError::protocol("invalid length of cancel request packet").silent()),
-        SSL_REQUEST | GSSENC_REQUEST => {
-            Err(PgError::protocol("malformed SSL or GSSENC request"))
+        CANCEL_REQUEST => {
+            Err(PgError::protocol("invalid length of cancel request packet").silent())
         }
+        SSL_REQUEST | GSSENC_REQUEST => Err(PgError::protocol("malformed SSL or GSSENC request")),
         _ => {
             let major = (code >> 16) as u16;
             let minor = (code & 0xffff) as u16;

@@ -196,11 +196,15 @@ fn needs_primary(sql: &str, toks: &[Tok]) -> bool {
             T::Word | T::QIdent => ident_body(sql, *t),
             T::Str => {
                 let s = text(sql, *t);
-                s.strip_prefix('\'').and_then(|s| s.strip_suffix('\'')).unwrap_or("")
+                s.strip_prefix('\'')
+                    .and_then(|s| s.strip_suffix('\''))
+                    .unwrap_or("")
             }
             _ => return false,
         };
-        STANDBY_REVEALING.iter().any(|n| n.eq_ignore_ascii_case(name))
+        STANDBY_REVEALING
+            .iter()
+            .any(|n| n.eq_ignore_ascii_case(name))
             || (is_pg_temp(name) && toks.get(i + 1).is_some_and(|d| d.t == T::Dot))
     })
 }

@@ -383,7 +383,7 @@ fn table() -> Vec<(&'static str, Vec<Kind>)> {
         "(VALUES (1)) UNION ALL (TABLE t)" => [Read];
         "(DELETE FROM t)" => [Write];
         "SELECT * INTO new_t FROM t" => [Write];
-        "SELECT a, b INTO TEMP new_t FROM t" => [Write];
+        "SELECT a, b INTO TEMP new_t FROM t" => [CreateTemp];
         "SELECT 1 INTO STRICT x" => [Write];
         "SELECT * FROM t ORDER BY a FOR UPDATE" => [Write];
         "SELECT * FROM t LIMIT 1 FOR UPDATE" => [Write];
@@ -425,7 +425,7 @@ fn table() -> Vec<(&'static str, Vec<Kind>)> {
         "BEGIN TRANSACTION" => [begin(false)];
         "BEGIN READ ONLY" => [begin(true)];
         "BEGIN TRANSACTION READ ONLY" => [begin(true)];
-        "BEGIN ISOLATION LEVEL SERIALIZABLE, READ ONLY, DEFERRABLE" => [begin(true)];
+        "BEGIN ISOLATION LEVEL SERIALIZABLE, READ ONLY, DEFERRABLE" => [begin(false)];
         "BEGIN ISOLATION LEVEL REPEATABLE READ" => [begin(false)];
         "BEGIN ISOLATION LEVEL READ COMMITTED READ WRITE" => [begin(false)];
         "BEGIN READ WRITE" => [begin(false)];
@@ -469,12 +469,19 @@ fn table() -> Vec<(&'static str, Vec<Kind>)> {
         "COMMIT PREPARED" => [Write];
         "SET TRANSACTION READ ONLY" => [SetTransaction { read_only: Some(true) }];
         "SET TRANSACTION READ WRITE" => [SetTransaction { read_only: Some(false) }];
-        "SET TRANSACTION ISOLATION LEVEL SERIALIZABLE" => [SetTransaction { read_only: None }];
+        // A hot standby refuses SERIALIZABLE: such a transaction is never one a replica serves.
+        "SET TRANSACTION ISOLATION LEVEL SERIALIZABLE" => [SetTransaction { read_only: Some(false) }];
+        "SET TRANSACTION ISOLATION LEVEL SERIALIZABLE READ ONLY" => [SetTransaction { read_only: Some(false) }];
+        "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ" => [SetTransaction { read_only: None }];
+        "BEGIN ISOLATION LEVEL SERIALIZABLE READ ONLY" => [Begin { read_only: false }];
+        "START TRANSACTION READ ONLY, ISOLATION LEVEL SERIALIZABLE, DEFERRABLE" => [Begin { read_only: false }];
+        "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY" => [Begin { read_only: true }];
+        "SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL SERIALIZABLE" => [SetSessionCharacteristics { read_only: None, serializable: Some(true) }];
         "SET TRANSACTION SNAPSHOT '00000003-0000001B-1'" => [SetTransaction { read_only: None }];
         "SET TRANSACTION" => [Write];
-        "SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY" => [SetSessionCharacteristics { read_only: Some(true) }];
-        "SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL REPEATABLE READ" => [SetSessionCharacteristics { read_only: None }];
-        "set session characteristics as transaction read write" => [SetSessionCharacteristics { read_only: Some(false) }];
+        "SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY" => [SetSessionCharacteristics { read_only: Some(true), serializable: None }];
+        "SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL REPEATABLE READ" => [SetSessionCharacteristics { read_only: None, serializable: Some(false) }];
+        "set session characteristics as transaction read write" => [SetSessionCharacteristics { read_only: Some(false), serializable: None }];
         "SET SESSION CHARACTERISTICS AS TRANSACTION" => [Write];
         // --- SET / RESET
         r#"SET search_path TO "$user", public"# => [set("search_path", r#""$user", public"#)];
@@ -557,6 +564,20 @@ fn table() -> Vec<(&'static str, Vec<Kind>)> {
         "LISTEN" => [Write];
         // --- temporary objects
         "CREATE TEMP TABLE t (a int)" => [CreateTemp];
+        // Objects created in the session's temporary schema, however they are created.
+        "CREATE TYPE pg_temp.mood AS ENUM ('ok')" => [CreateTemp];
+        "CREATE TABLE pg_temp.foo (a int)" => [CreateTemp];
+        r#"CREATE TABLE "pg_temp".foo (a int)"# => [CreateTemp];
+        "CREATE OR REPLACE FUNCTION pg_temp.f() RETURNS int LANGUAGE sql AS 'SELECT 1'" => [CreateTemp];
+        "CREATE VIEW pg_temp_3.v AS SELECT 1" => [CreateTemp];
+        "CREATE SEQUENCE pg_temp.s" => [CreateTemp];
+        "CREATE INDEX ON pg_temp.foo (a)" => [CreateTemp];
+        "CREATE TABLE pg_temporary.x (a int)" => [Write];
+        "CREATE TABLE pg_temp_x.y (a int)" => [Write];
+        "SELECT 1 AS a INTO TEMP t" => [CreateTemp];
+        "SELECT 1 AS a INTO TEMPORARY TABLE t" => [CreateTemp];
+        "SELECT 1 AS a INTO LOCAL TEMP t" => [CreateTemp];
+        "SELECT 1 AS a INTO t" => [Write];
         "CREATE TEMPORARY TABLE IF NOT EXISTS t (a int)" => [CreateTemp];
         "CREATE GLOBAL TEMPORARY TABLE t (a int)" => [CreateTemp];
         "CREATE LOCAL TEMP TABLE t (a int)" => [CreateTemp];
@@ -896,6 +917,59 @@ fn random_inputs_never_panic() {
         if c.statements.iter().any(|s| s.kind == Empty) {
             assert_eq!(c.statements.len(), 1, "{sql:?}");
         }
+    }
+}
+
+/// Reads that must run on the primary although they are reads: settings a standby shows
+/// differently, and objects of the session's temporary schema.
+#[test]
+fn standby_revealing_reads_go_to_the_primary() {
+    let h = |sql: &str| classify(sql, &[]);
+    for sql in [
+        "SHOW transaction_read_only",
+        "show TRANSACTION_READ_ONLY",
+        "SHOW default_transaction_read_only",
+        "SHOW in_hot_standby",
+        "SELECT current_setting('transaction_read_only')",
+        "SELECT setting FROM pg_settings WHERE name = 'in_hot_standby'",
+        "SELECT * FROM pg_temp.foo",
+        "SELECT 'ok'::pg_temp.mood",
+        "SELECT pg_temp_12.f()",
+    ] {
+        let c = h(sql);
+        assert_eq!((c.hint, c.is_read()), (Some(Hint::Primary), true), "{sql}");
+    }
+    for sql in [
+        "SELECT 'transaction_read_only is a setting'",
+        "SELECT pg_temp FROM t",
+        "SHOW search_path",
+        "SELECT 1",
+    ] {
+        assert_eq!(h(sql).hint, None, "{sql}");
+    }
+}
+
+#[test]
+fn database_lifecycle_statements() {
+    let cases = [
+        ("DROP DATABASE x", Some("x")),
+        ("drop database if exists \"Test DB\"", Some("Test DB")),
+        ("DROP DATABASE x WITH (FORCE)", Some("x")),
+        ("ALTER DATABASE x RENAME TO y", Some("x")),
+        ("ALTER DATABASE x SET work_mem = '1MB'", None),
+        ("CREATE DATABASE y TEMPLATE x", Some("x")),
+        (
+            "CREATE DATABASE y WITH OWNER app TEMPLATE = x ENCODING 'UTF8'",
+            Some("x"),
+        ),
+        ("CREATE DATABASE y", None),
+        ("DROP TABLE x", None),
+        ("SELECT 1", None),
+        ("DROP", None),
+        ("", None),
+    ];
+    for (sql, db) in cases {
+        assert_eq!(database_lifecycle(sql).as_deref(), db, "{sql}");
     }
 }
 

@@ -151,8 +151,40 @@ mod tests {
             setting: RouteSetting::Replica,
             ..FREE
         };
+        let serializable = Context {
+            serializable: true,
+            ..FREE
+        };
+        let serializable_forced_replica = Context {
+            serializable: true,
+            ..forced_replica
+        };
         let cases: &[(&str, bool, Context, Role, Reason)] = &[
             ("SELECT 1", false, FREE, Role::Replica, Reason::Read),
+            // A hot standby refuses SERIALIZABLE, whatever the hints say.
+            ("SELECT 1", false, serializable, Role::Primary, Reason::Pin),
+            ("SELECT 1", true, serializable, Role::Primary, Reason::Pin),
+            (
+                "/* pgnear:replica */ SELECT 1",
+                false,
+                serializable_forced_replica,
+                Role::Primary,
+                Reason::Pin,
+            ),
+            (
+                "SHOW transaction_read_only",
+                false,
+                FREE,
+                Role::Primary,
+                Reason::Hint,
+            ),
+            (
+                "SHOW transaction_read_only",
+                false,
+                in_replica_tx,
+                Role::Replica,
+                Reason::Transaction,
+            ),
             (
                 "INSERT INTO t VALUES (1)",
                 false,

@@ -12,13 +12,13 @@ use super::server::{Request, Retry};
 use super::state::{self, PendingState};
 use super::Session;
 use crate::backend::conn::Role;
+use crate::backend::pool::Fence;
 use crate::config::{OnTimeout, PoolMode, WriteMode};
 use crate::consistency::gate::{self, Gate};
 use crate::consistency::Lsn;
 use crate::error::{ErrorKind, PgError};
 use crate::protocol::frontend::query_text;
 use crate::protocol::{build_frame, cstr, frames, tag, write};
-use crate::backend::pool::Fence;
 use crate::router::classify::{database_lifecycle, Classified, Hint, Kind};
 use crate::router::route::{decide, Context, Reason, Request as RouteRequest, RouteSetting};
 
@@ -283,7 +283,11 @@ impl Session {
         if reason == Reason::Write && self.replays_writes() {
             return self.refuse_request(self.replay_error(), 1).await;
         }
-        tracing::debug!(route = role.name(), reason = reason.label(), "function call routed");
+        tracing::debug!(
+            route = role.name(),
+            reason = reason.label(),
+            "function call routed"
+        );
         self.shared.metrics.statement(role, reason);
         let capture = reason == Reason::Write && self.captures_lsn();
         let session_mode = self.shared.config.pool.mode == PoolMode::Session;
@@ -731,7 +735,10 @@ impl Session {
         });
         // The first Sync after an extended-protocol COPY ends the request already in flight.
         let owed = usize::from(std::mem::take(&mut server.reader.owed_sync));
-        let mut fences = match plan.database.filter(|_| role == Role::Primary && plan.executes) {
+        let mut fences = match plan
+            .database
+            .filter(|_| role == Role::Primary && plan.executes)
+        {
             Some(db) => fences_on(&self.shared, &db),
             None => Vec::new(),
         };
@@ -740,7 +747,11 @@ impl Session {
             let last = i + 1 == plan.syncs;
             server.requests.push_back(Request {
                 change: if last { change.take() } else { None },
-                fences: if last { std::mem::take(&mut fences) } else { Vec::new() },
+                fences: if last {
+                    std::mem::take(&mut fences)
+                } else {
+                    Vec::new()
+                },
                 capture_after: last && capture_lsn && plan.copy,
                 started: Some(std::time::Instant::now()),
                 ..Request::default()

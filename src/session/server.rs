@@ -339,7 +339,6 @@ impl Server {
     }
 }
 
-
 /// A query the replica refused before any of its answer reached the client, to run on the
 /// primary instead.
 #[derive(Debug)]
@@ -478,23 +477,24 @@ impl Reader {
                 if self.retrying {
                     if tag == be::READY_FOR_QUERY {
                         self.retrying = false;
-                        seen.retry = requests.pop_front().and_then(|r| r.retry).map(|frame| {
-                            Retry {
-                                frame,
-                                learn: self.retry_writes,
-                            }
-                        });
+                        seen.retry =
+                            requests
+                                .pop_front()
+                                .and_then(|r| r.retry)
+                                .map(|frame| Retry {
+                                    frame,
+                                    learn: self.retry_writes,
+                                });
                     }
-                } else if let Some(writes) =
-                    (tag == be::ERROR_RESPONSE).then(|| standby_refusal(body)).flatten()
+                } else if let Some(writes) = (tag == be::ERROR_RESPONSE)
+                    .then(|| standby_refusal(body))
+                    .flatten()
                 {
                     self.retrying = true;
                     self.retry_writes = writes;
                     self.held.clear();
-                } else if matches!(
-                    tag,
-                    be::ROW_DESCRIPTION | be::NOTICE_RESPONSE
-                ) && self.held.len() < HOLD_LIMIT
+                } else if matches!(tag, be::ROW_DESCRIPTION | be::NOTICE_RESPONSE)
+                    && self.held.len() < HOLD_LIMIT
                 {
                     self.held.extend_from_slice(frame);
                 } else {
