@@ -49,11 +49,11 @@ fn error_code(frames: &[(u8, Vec<u8>)]) -> Option<String> {
         .map(|f| String::from_utf8_lossy(&f[1..]).into_owned())
 }
 
-/// ParameterStatus frames among `frames`, as (name, value).
+/// ParameterStatus frames among `frames`, as (name, value), but pgnear's own (`pgnear.*`).
 fn statuses(frames: &[(u8, Vec<u8>)]) -> Vec<(String, String)> {
     frames
         .iter()
-        .filter(|(t, _)| *t == b'S')
+        .filter(|(t, b)| *t == b'S' && !b.starts_with(b"pgnear."))
         .map(|(_, b)| {
             let mut parts = b.split(|c| *c == 0);
             let name = String::from_utf8_lossy(parts.next().unwrap_or_default()).into_owned();

@@ -163,8 +163,8 @@ pub fn next_frame(buf: &BytesMut, max: usize) -> Result<Option<(u8, usize)>, PgE
 }
 
 /// The query text of a Query frame body.
-pub fn query_text(body: &[u8]) -> Result<&str, PgError> {
-    cstr(body)
+pub fn query_text(body: &[u8]) -> Result<std::borrow::Cow<'_, str>, PgError> {
+    super::sql_text(body)
         .map(|(s, _)| s)
         .ok_or_else(|| PgError::protocol("invalid Query message"))
 }

@@ -61,6 +61,15 @@ pub fn cstr(buf: &[u8]) -> Option<(&str, usize)> {
     Some((s, end + 1))
 }
 
+/// A NUL-terminated SQL text at the start of `buf` and the bytes it used. Text in a client
+/// encoding other than UTF-8 (LATIN1, WIN1252, ...) is read with its non-UTF-8 bytes replaced:
+/// what the classifier looks at (keywords, quotes, punctuation) is ASCII in every client
+/// encoding Postgres accepts, and the text sent on is always the client's own bytes.
+pub fn sql_text(buf: &[u8]) -> Option<(std::borrow::Cow<'_, str>, usize)> {
+    let end = buf.iter().position(|&b| b == 0)?;
+    Some((String::from_utf8_lossy(&buf[..end]), end + 1))
+}
+
 /// Iterates over whole tagged frames laid end to end in `buf` (already validated as complete):
 /// (tag, the whole frame). Stops at anything short or malformed.
 pub fn frames(buf: &[u8]) -> impl Iterator<Item = (u8, &[u8])> {

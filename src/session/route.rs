@@ -18,7 +18,7 @@ use crate::consistency::gate::{self, Gate};
 use crate::consistency::Lsn;
 use crate::error::{ErrorKind, PgError};
 use crate::protocol::frontend::query_text;
-use crate::protocol::{build_frame, cstr, frames, tag, write};
+use crate::protocol::{build_frame, cstr, frames, sql_text, tag, write};
 use crate::router::classify::{database_lifecycle, Classified, Hint, Kind};
 use crate::router::route::{decide, Context, Reason, Request as RouteRequest, RouteSetting};
 
@@ -98,7 +98,13 @@ fn is_plain_begin(sql: &str) -> bool {
             .map(String::as_str)
             .collect::<Vec<_>>()
             .as_slice(),
-        ["begin"] | ["begin", "work"] | ["begin", "transaction"] | ["start", "transaction"]
+        ["begin"]
+            | ["begin", "work"]
+            | ["begin", "transaction"]
+            | ["start", "transaction"]
+            | ["begin", "read", "only"]
+            | ["begin", "work" | "transaction", "read", "only"]
+            | ["start", "transaction", "read", "only"]
     )
 }
 
@@ -153,7 +159,8 @@ impl Session {
     pub(super) async fn on_query(&mut self, frame: BytesMut) -> Result<(), PgError> {
         // Shared, not copied: a replica read keeps it for a possible retry on the primary.
         let frame = frame.freeze();
-        let sql = query_text(&frame[5..])?;
+        let text = query_text(&frame[5..])?;
+        let sql: &str = &text;
         let c = self.classify(sql);
         if is_pgnear(&c) {
             return self.answer_pgnear(&c).await;
@@ -170,14 +177,14 @@ impl Session {
             return self.write_client(&out).await;
         }
         if self.deferred_begin.is_some() {
-            let read_only = c.statements.len() == 1
-                && matches!(
-                    c.statements[0].kind,
-                    Kind::SetTransaction {
-                        read_only: Some(true)
-                    }
-                );
-            self.start_deferred(read_only).await?;
+            let sets = match c.statements.as_slice() {
+                [s] => match s.kind {
+                    Kind::SetTransaction { read_only } => read_only,
+                    _ => None,
+                },
+                _ => None,
+            };
+            self.start_deferred(sets).await?;
         }
         let change = self.state.prepare_change(sql, &c);
         if let Some(change) = &change {
@@ -275,7 +282,7 @@ impl Session {
     /// Routes and sends one FunctionCall (libpq's fast path: large objects). It may write, so it
     /// runs on the primary, or on the server holding the session's transaction.
     pub(super) async fn on_function_call(&mut self, frame: BytesMut) -> Result<(), PgError> {
-        self.start_deferred(false).await?;
+        self.start_deferred(None).await?;
         let (role, reason) = match self.open_tx.or(self.unsynced) {
             Some(role) => (role, Reason::Transaction),
             None => (Role::Primary, Reason::Write),
@@ -400,22 +407,29 @@ impl Session {
         self.write_client(&out).await
     }
 
-    /// A lone plain `BEGIN` is deferred until the transaction's first statement. Only the exact
+    /// A lone plain `BEGIN` (or `BEGIN READ ONLY`) is deferred until the transaction's first
+    /// statement, which may still make it read-write, read-only or SERIALIZABLE. Only the exact
     /// forms that cannot fail are, so that answering it early never hides an error.
     fn defers(&self, sql: &str, c: &Classified) -> bool {
         c.statements.len() == 1
-            && matches!(c.statements[0].kind, Kind::Begin { read_only: false })
+            && matches!(c.statements[0].kind, Kind::Begin { .. })
             && is_plain_begin(sql)
-            && !self.state.read_only_default
             && !self.replays_writes()
     }
 
     /// Sends the deferred BEGIN (its answer was already given) to the server that will hold the
     /// transaction: the replica for a read-only one that can be served consistently there.
-    pub(super) async fn start_deferred(&mut self, read_only: bool) -> Result<(), PgError> {
+    /// `sets`: what the transaction's first statement sets (`SET TRANSACTION READ ONLY` or
+    /// `READ WRITE`, or SERIALIZABLE, which is `Some(false)`).
+    pub(super) async fn start_deferred(&mut self, sets: Option<bool>) -> Result<(), PgError> {
         let Some(begin) = self.deferred_begin.take() else {
             return Ok(());
         };
+        let begins_read_only = query_text(&begin[5..]).is_ok_and(|sql| {
+            let c = self.classify(&sql);
+            matches!(c.statements[..], [ref s] if s.kind == Kind::Begin { read_only: true })
+        });
+        let read_only = sets.unwrap_or(begins_read_only || self.state.read_only_default);
         let mut role = Role::Primary;
         let ctx = self.context();
         if read_only && ctx.replica_available && !ctx.pinned && !ctx.serializable {
@@ -563,7 +577,7 @@ impl Session {
     pub(super) async fn retry_on_primary(&mut self, retry: Retry) -> Result<(), PgError> {
         let frame = retry.frame;
         if let Some(sql) = query_text(&frame[5..]).ok().filter(|_| retry.learn) {
-            self.shared.classifier.mark_write(sql);
+            self.shared.classifier.mark_write(&sql);
         }
         tracing::debug!("replica refused a read-only query; running it on the primary");
         self.shared.metrics.replica_retries.inc();
@@ -584,7 +598,7 @@ impl Session {
             return Ok(());
         }
         if self.deferred_begin.is_some() {
-            self.start_deferred(false).await?;
+            self.start_deferred(None).await?;
         }
         let plan = self.plan_batch()?;
         if plan.pgnear && !plan.other && !plan.sticky {
@@ -835,7 +849,8 @@ impl Session {
             match t {
                 tag::PARSE => {
                     let (name, used) = cstr(body).ok_or_else(|| bad("Parse"))?;
-                    let (sql, _) = cstr(&body[used..]).ok_or_else(|| bad("Parse"))?;
+                    let (sql, _) = sql_text(&body[used..]).ok_or_else(|| bad("Parse"))?;
+                    let sql: &str = &sql;
                     note_text(sql, &mut plan);
                     let c = self.classify(sql);
                     self.note_statement(&c, &mut plan);
@@ -863,8 +878,8 @@ impl Session {
                     .and_then(|parse| parse_text(parse));
                     plan.bound_changes.retain(|(p, _)| p != portal);
                     if let Some(sql) = sql {
-                        let c = self.classify(sql);
-                        if let Some(change) = self.state.prepare_change(sql, &c) {
+                        let c = self.classify(&sql);
+                        if let Some(change) = self.state.prepare_change(&sql, &c) {
                             plan.bound_changes.push((portal.to_string(), change));
                         }
                     }
@@ -920,7 +935,7 @@ impl Session {
             name => self.state.statements.get(name),
         };
         if let Some(sql) = frame.and_then(|f| parse_text(f)) {
-            note_text(sql, plan);
+            note_text(&sql, plan);
         }
         if stmt.is_empty() {
             if !parsed_unnamed {
@@ -950,7 +965,7 @@ impl Session {
             Some(n) => self.state.statements.get(n)?,
             None => self.state.unnamed.as_ref()?,
         };
-        Some(self.classify(parse_text(frame)?))
+        Some(self.classify(&parse_text(frame)?))
     }
 
     fn note_statement(&mut self, c: &Classified, plan: &mut BatchPlan) {
@@ -1287,10 +1302,10 @@ impl Session {
 }
 
 /// The query text of a Parse frame.
-fn parse_text(frame: &[u8]) -> Option<&str> {
+fn parse_text(frame: &[u8]) -> Option<std::borrow::Cow<'_, str>> {
     let body = &frame[5..];
     let (_, used) = cstr(body)?;
-    Some(cstr(&body[used..])?.0)
+    Some(sql_text(&body[used..])?.0)
 }
 
 /// What a statement's text tells a batch beyond its class: it may be a COPY, it may act on a
