@@ -89,11 +89,37 @@ fn drivers_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/drivers")
 }
 
-/// Fails with a message naming the install script when `what` is missing.
-fn require(present: bool, what: &str) {
+/// Installs the drivers on first use (the script CI's .ci/run runs; quick when all is there),
+/// once per test binary and under a file lock against concurrent runs; then fails with a
+/// message naming the script when `what` is still missing.
+fn require(present: impl Fn() -> bool, what: &str) {
+    static INSTALLED: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    let installed = INSTALLED.get_or_init(|| {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        std::fs::create_dir_all(drivers_dir().join(".deps")).map_err(|e| e.to_string())?;
+        let out = Command::new("flock")
+            .arg(drivers_dir().join(".deps/install.lock"))
+            .args(["bash", INSTALL])
+            .current_dir(root)
+            .output()
+            .map_err(|e| format!("running {INSTALL}: {e}"))?;
+        let log = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        print!("{log}");
+        out.status
+            .success()
+            .then_some(())
+            .ok_or_else(|| format!("{INSTALL} failed ({}):\n{log}", out.status))
+    });
+    if let Err(e) = installed {
+        panic!("{what} is missing and could not be installed: {e}");
+    }
     assert!(
-        present,
-        "{what} is missing: run {INSTALL} (CI's .ci/run does) to install the drivers of this suite"
+        present(),
+        "{what} is missing after {INSTALL} ran: see its output above"
     );
 }
 
@@ -137,7 +163,7 @@ fn run_scenario(name: &str, mut cmd: Command) {
 #[test]
 fn psycopg() {
     let python = drivers_dir().join(".deps/venv/bin/python");
-    require(python.exists(), "the Python venv with psycopg");
+    require(|| python.exists(), "the Python venv with psycopg");
     let mut cmd = Command::new(python);
     cmd.arg("psycopg_test.py");
     run_scenario("psycopg", cmd);
@@ -146,7 +172,7 @@ fn psycopg() {
 #[test]
 fn asyncpg() {
     let python = drivers_dir().join(".deps/venv/bin/python");
-    require(python.exists(), "the Python venv with asyncpg");
+    require(|| python.exists(), "the Python venv with asyncpg");
     let mut cmd = Command::new(python);
     cmd.arg("asyncpg_test.py");
     run_scenario("asyncpg", cmd);
@@ -155,11 +181,13 @@ fn asyncpg() {
 #[test]
 fn node_pg() {
     require(
-        drivers_dir().join("node_modules/pg").is_dir()
-            && drivers_dir().join("node_modules/pg-copy-streams").is_dir(),
+        || {
+            drivers_dir().join("node_modules/pg").is_dir()
+                && drivers_dir().join("node_modules/pg-copy-streams").is_dir()
+        },
         "the npm packages pg and pg-copy-streams",
     );
-    require(which("node"), "Node.js (node)");
+    require(|| which("node"), "Node.js (node)");
     let mut cmd = Command::new("node");
     cmd.arg("node_pg_test.js");
     run_scenario("node-postgres", cmd);
@@ -168,8 +196,8 @@ fn node_pg() {
 #[test]
 fn pgjdbc() {
     let jar = Path::new("/usr/share/java/postgresql.jar");
-    require(jar.exists(), "pgjdbc (/usr/share/java/postgresql.jar)");
-    require(which("javac") && which("java"), "a JDK (javac)");
+    require(|| jar.exists(), "pgjdbc (/usr/share/java/postgresql.jar)");
+    require(|| which("javac") && which("java"), "a JDK (javac)");
     let classes = lab()._dir.path().join("jdbc-classes");
     let javac = Command::new("javac")
         .arg("-cp")

@@ -51,6 +51,7 @@ pub fn cluster() -> &'static Cluster {
     CLUSTER.get_or_init(|| {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_ansi(false)
             .with_test_writer()
             .try_init();
         rt().block_on(async {
