@@ -339,7 +339,9 @@ fn truncated_oversized_and_malformed_startups() {
         };
         let v3 = 196608u32.to_be_bytes();
         // (name, bytes, half-close afterwards)
-        let refused: Vec<(&str, Vec<u8>, bool)> = vec![
+        // A packet that cannot be read (a bad length, cut short) is only logged by Postgres,
+        // which closes the connection without a word: so does pgnear.
+        let silent: Vec<(&str, Vec<u8>, bool)> = vec![
             ("length 7", with_len(7, &[0, 3, 0]), true),
             ("length 10001", with_len(10_001, &v3), false),
             ("length u32::MAX", with_len(u32::MAX, &v3), false),
@@ -350,6 +352,12 @@ fn truncated_oversized_and_malformed_startups() {
                 false,
             ),
             ("only two bytes, then silence", vec![0, 0], false),
+        ];
+        for (name, bytes, half_close) in silent {
+            let out = exchange(addr, &bytes, half_close, name).await;
+            assert!(out.is_empty(), "{name}: {out:?}");
+        }
+        let refused: Vec<(&str, Vec<u8>, bool)> = vec![
             (
                 "user without a value",
                 body(&[&v3[..], b"user\0"].concat()),

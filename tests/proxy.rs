@@ -290,10 +290,16 @@ fn bad_input_gets_08p01_or_a_close_never_a_hang() {
             c.proxy.startup_timeout = pgnear::config::HumanDuration(Duration::from_millis(500))
         })
         .await;
-        let cases: Vec<(&str, Vec<u8>)> = vec![
+        // An unreadable startup packet: closed without a word, as by Postgres.
+        for (name, bytes) in [
             ("length 0", vec![0, 0, 0, 0]),
             ("length 3", vec![0, 0, 0, 3, 1, 2, 3]),
             ("length 2^31-1", vec![0x7f, 0xff, 0xff, 0xff, 0, 3, 0, 0]),
+        ] {
+            let out = raw_exchange(&p, &bytes).await;
+            assert!(out.is_empty(), "{name}: {out:?}");
+        }
+        let cases: Vec<(&str, Vec<u8>)> = vec![
             ("no user", startup_packet(&[("database", "app")], 196608)),
             ("protocol 2.0", startup_packet(&[("user", "app")], 2 << 16)),
             ("protocol 4.0", startup_packet(&[("user", "app")], 4 << 16)),
