@@ -60,6 +60,19 @@ impl CancelRegistry {
         }
     }
 
+    /// The pid pgnear gave the client whose session holds the server connection `pid` at
+    /// `addr`, if one does (notifications name their sender by it, as a direct connection's
+    /// `pg_backend_pid()` and BackendKeyData agree).
+    pub fn client_pid(&self, addr: SocketAddr, pid: i32) -> Option<i32> {
+        let entries = self.entries.lock().ok()?;
+        entries.iter().find_map(|(client, (_, slot))| {
+            let slot = slot.lock().ok()?;
+            slot.as_ref()
+                .filter(|t| t.pid == pid && t.addr == addr)
+                .map(|_| *client)
+        })
+    }
+
     /// Where to send a cancel for (pid, secret), if the key is valid and a query may be running.
     pub fn lookup(&self, pid: i32, secret: &[u8]) -> Option<CancelTarget> {
         let entries = self.entries.lock().ok()?;
@@ -88,7 +101,10 @@ mod tests {
             secret: vec![1, 2, 3, 4],
         };
         *key.slot.lock().unwrap() = Some(target.clone());
-        assert_eq!(reg.lookup(key.pid, &key.secret.to_be_bytes()), Some(target));
+        assert_eq!(reg.lookup(key.pid, &key.secret.to_be_bytes()), Some(target.clone()));
+        assert_eq!(reg.client_pid(target.addr, 42), Some(key.pid));
+        assert_eq!(reg.client_pid(target.addr, 43), None);
+        assert_eq!(reg.client_pid("127.0.0.1:5433".parse().unwrap(), 42), None);
         assert_eq!(
             reg.lookup(key.pid, &key.secret.wrapping_add(1).to_be_bytes()),
             None

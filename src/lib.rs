@@ -55,6 +55,8 @@ pub struct Shared {
     pub tls: Option<Arc<rustls::ServerConfig>>,
     pub cancels: Arc<CancelRegistry>,
     pub classifier: router::cache::ClassifyCache,
+    /// How servers report the parameter values clients give at startup.
+    pub reported: session::reported::ReportedValues,
     pub shutdown: watch::Receiver<bool>,
 }
 
@@ -223,6 +225,7 @@ impl Proxy {
             auth_method,
             tls,
             cancels: Arc::default(),
+            reported: Default::default(),
             classifier: router::cache::ClassifyCache::new(
                 CLASSIFY_CACHE_ENTRIES,
                 config.routing.write_functions.clone(),

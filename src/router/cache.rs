@@ -43,7 +43,10 @@ fn as_write(c: &Classified) -> Classified {
         statements: c
             .statements
             .iter()
-            .map(|_| Statement { kind: Kind::Write })
+            .map(|s| Statement {
+                kind: Kind::Write,
+                span: s.span,
+            })
             .collect(),
         hint: c.hint,
     }

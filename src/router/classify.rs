@@ -106,6 +106,22 @@ pub enum Kind {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Statement {
     pub kind: Kind,
+    /// Where its text lies in the query string (byte offsets, on char boundaries): a session
+    /// setting is replayed elsewhere as this text alone, not with the statements around it.
+    pub span: (u32, u32),
+}
+
+impl Statement {
+    /// A statement of `kind` with no known text.
+    pub fn of(kind: Kind) -> Statement {
+        Statement { kind, span: (0, 0) }
+    }
+
+    /// The statement's text within `sql`, the query string it was classified from.
+    pub fn text<'a>(&self, sql: &'a str) -> &'a str {
+        sql.get(self.span.0 as usize..self.span.1 as usize)
+            .unwrap_or_default()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -129,7 +145,7 @@ impl Classified {
 /// `schema.name` matches calls qualified with that schema or not qualified at all.
 pub fn classify(sql: &str, write_functions: &[String]) -> Classified {
     if sql.len() > u32::MAX as usize {
-        let statements = vec![Statement { kind: Kind::Write }];
+        let statements = vec![Statement::of(Kind::Write)];
         return Classified {
             statements,
             hint: None,
@@ -140,7 +156,8 @@ pub fn classify(sql: &str, write_functions: &[String]) -> Classified {
     let mut push = |toks: &[Tok]| {
         if !toks.is_empty() {
             let kind = statement(&Cur::new(sql, toks), write_functions);
-            statements.push(Statement { kind });
+            let span = (toks[0].s, toks[toks.len() - 1].e);
+            statements.push(Statement { kind, span });
         }
     };
     let (mut start, mut depth, mut atomic) = (0usize, 0i64, 0u32);
@@ -169,7 +186,7 @@ pub fn classify(sql: &str, write_functions: &[String]) -> Classified {
     }
     push(&toks[start..]);
     if statements.is_empty() {
-        statements.push(Statement { kind: Kind::Empty });
+        statements.push(Statement::of(Kind::Empty));
     }
     let hint = if needs_primary(sql, &toks) {
         Some(Hint::Primary)

@@ -3,6 +3,7 @@
 
 pub mod expect;
 pub mod lane;
+pub mod reported;
 mod route;
 pub mod server;
 pub mod startup;
@@ -19,7 +20,7 @@ use self::state::SessionState;
 use crate::backend::conn::{send_cancel, Role};
 use crate::backend::health::SILENT_CHECK;
 use crate::backend::pool::TERMINATE;
-use crate::cancel::CancelKey;
+use crate::cancel::{CancelKey, CancelRegistry};
 use crate::config::PoolMode;
 use crate::consistency::{gate, Lsn};
 use crate::error::{ErrorKind, PgError};
@@ -144,23 +145,55 @@ impl Session {
                 }
             }
         };
+        // The client's own settings are what its session will have, as the server reports
+        // them (learned once per value: see `reported`).
+        let given: Vec<(String, String)> = params
+            .iter()
+            .filter_map(|(k, v)| {
+                let (_, mine) = startup
+                    .params
+                    .iter()
+                    .find(|(name, _)| name.eq_ignore_ascii_case(k))?;
+                (mine != v).then(|| (k.clone(), mine.clone()))
+            })
+            .collect();
+        let unknown: Vec<(String, String)> = given
+            .iter()
+            .filter(|(k, v)| shared.reported.get(k, v).is_none())
+            .cloned()
+            .collect();
+        if !unknown.is_empty() {
+            let mut role = first.as_ref().map_or(home, |s| s.role);
+            let mut conn = match first.take() {
+                Some(s) => Ok(s.conn),
+                None => shared.pool(role).acquire(&database).await,
+            };
+            if conn.is_err() && role == Role::Replica {
+                role = Role::Primary;
+                conn = shared.pool(role).acquire(&database).await;
+            }
+            let mut conn = match conn {
+                Ok(c) => c,
+                Err(e) => return Err((client, e)),
+            };
+            let learned = shared.reported.learn(&mut conn, &unknown).await;
+            // Set and reset: what it carried from earlier sessions is no longer known.
+            shared.pool(role).release(conn, true);
+            if let Err(e) = learned {
+                return Err((client, e));
+            }
+        }
         let cancel = shared.cancels.register();
         let mut out = BytesMut::new();
         let mut told = Vec::with_capacity(params.len());
         for (k, v) in params.iter() {
-            // pgnear as a whole accepts writes, whichever server answered the startup; the
-            // client's own settings are what its session will have.
-            let v = if k == "in_hot_standby" {
-                server::as_primary(k, v)
-            } else {
-                startup
-                    .params
-                    .iter()
-                    .find(|(name, _)| name.eq_ignore_ascii_case(k))
-                    .map_or(v.as_str(), |(_, v)| v.as_str())
+            // pgnear as a whole accepts writes, whichever server answered the startup.
+            let v = match given.iter().find(|(name, _)| name == k) {
+                Some((name, mine)) => shared.reported.get(name, mine).unwrap_or(mine.clone()),
+                None => server::as_primary(k, v).to_string(),
             };
-            write::parameter_status(&mut out, k, v);
-            told.push((k.clone(), v.to_string()));
+            write::parameter_status(&mut out, k, &v);
+            told.push((k.clone(), v));
         }
         if !shared.config.regions.primary.is_empty() {
             write::parameter_status(
@@ -689,6 +722,9 @@ impl Session {
         };
         let server = server.expect("read from a connected server");
         server.scan(&mut self.cout, &mut seen, Some(&mut self.told))?;
+        for &at in &seen.notifications {
+            map_notification_pid(&mut self.cout, at, server.conn.addr, &self.shared.cancels);
+        }
         let (idle, tx) = (server.expect.is_empty(), server.tx);
         let mut capture = false;
         for request in seen.done {
@@ -743,6 +779,24 @@ impl Session {
         }
         self.release_if_done(role);
         Ok(())
+    }
+}
+
+/// Rewrites the sender pid of the notification at `at` in `out` (from a server at `addr`) when
+/// another pgnear session's server connection sent it: the client knows that session by the
+/// pid pgnear gave it, not by the server's.
+fn map_notification_pid(
+    out: &mut BytesMut,
+    at: usize,
+    addr: std::net::SocketAddr,
+    cancels: &CancelRegistry,
+) {
+    let Some(field) = out.get_mut(at + 5..at + 9) else {
+        return;
+    };
+    let pid = i32::from_be_bytes([field[0], field[1], field[2], field[3]]);
+    if let Some(client) = cancels.client_pid(addr, pid) {
+        field.copy_from_slice(&client.to_be_bytes());
     }
 }
 

@@ -165,10 +165,26 @@ impl Session {
         if is_pgnear(&c) {
             return self.answer_pgnear(&c).await;
         }
-        if self.open_tx.is_none() && self.deferred_begin.is_none() && self.defers(sql, &c) {
+        // A Flush-ended exchange that only prepared (asyncpg's way, e.g. before its COPY) does
+        // not hold the Query: see `dispatch_batch`.
+        let prepared_on = self
+            .unsynced
+            .filter(|_| !self.unsynced_executed && self.open_tx.is_none());
+        if prepared_on.is_some() {
+            self.unsynced = None;
+        }
+        if self.open_tx.is_none()
+            && self.unsynced.is_none()
+            && self.deferred_begin.is_none()
+            && self.defers(sql, &c)
+        {
             // Answered now, sent with the next statement: that statement decides which server
             // holds the transaction (SET TRANSACTION READ ONLY sends it to the replica), and the
-            // BEGIN costs no round trip of its own.
+            // BEGIN costs no round trip of its own. A prepare-only exchange left open is ended
+            // first: the transaction's statements must not join it.
+            if let Some(prepared_on) = prepared_on {
+                self.sync_prepared_only(prepared_on);
+            }
             self.drain_all().await?;
             self.deferred_begin = Some(frame.clone());
             let mut out = BytesMut::new();
@@ -193,14 +209,6 @@ impl Session {
         let starts_read_only_tx = c.statements.first().is_some_and(|s| {
             matches!(s.kind, Kind::Begin { read_only } if read_only || self.state.read_only_default)
         });
-        // A Flush-ended exchange that only prepared (asyncpg's way, e.g. before its COPY) does
-        // not hold the Query: see `dispatch_batch`.
-        let prepared_on = self
-            .unsynced
-            .filter(|_| !self.unsynced_executed && self.open_tx.is_none());
-        if prepared_on.is_some() {
-            self.unsynced = None;
-        }
         let (role, reason) = if let Some(role) = self.unsynced.take() {
             // A Query ends an exchange a Flush left open; it runs where that exchange is.
             (role, Reason::Transaction)
@@ -270,8 +278,24 @@ impl Session {
             ..Request::default()
         };
         let taints = self.taints(&c);
+        let statements: Vec<(String, Bytes)> = self
+            .sql_uses(&c)
+            .into_iter()
+            .filter_map(|n| self.state.statements.get(&n).map(|f| (n, f.clone())))
+            .collect();
         let server = self.server(role).await?;
         server.dirty |= taints;
+        let mut reprepared = false;
+        for (name, parse) in statements {
+            if !server.has_statement(&name) {
+                server.send_internal_frame(tag::PARSE, &parse);
+                server.add_statement(&name, usize::MAX);
+                reprepared = true;
+            }
+        }
+        if reprepared {
+            server.send_internal_frame(tag::SYNC, &build_frame(tag::SYNC, &[]));
+        }
         server.send_query(&frame, request);
         if capture {
             server.send_internal_query(WRITE_LSN_QUERY, expect::Purpose::WriteLsn);
@@ -309,6 +333,24 @@ impl Session {
 
     fn fences(&self, database: Option<String>) -> Vec<Fence> {
         database.map_or_else(Vec::new, |db| fences_on(&self.shared, &db))
+    }
+
+    /// The statements the client prepared with the protocol that `c` uses by name in SQL
+    /// (`EXECUTE name`, `DEALLOCATE name`): they must exist where it runs. Session mode only:
+    /// transaction mode's statements have shared names the SQL does not know.
+    fn sql_uses(&self, c: &Classified) -> Vec<String> {
+        if self.shares_statements() {
+            return Vec::new();
+        }
+        c.statements
+            .iter()
+            .filter_map(|s| match &s.kind {
+                Kind::Execute { name } | Kind::Deallocate { name: Some(name) } => Some(name),
+                _ => None,
+            })
+            .filter(|n| self.state.statements.contains_key(*n))
+            .cloned()
+            .collect()
     }
 
     /// Replay mode outside the primary region: writes are refused with a replay signal.
@@ -972,6 +1014,11 @@ impl Session {
         if pgnear_command(c).is_some() {
             plan.pgnear = true;
             return;
+        }
+        for name in self.sql_uses(c) {
+            if !plan.needs.contains(&name) {
+                plan.needs.push(name);
+            }
         }
         plan.other = true;
         plan.read &= c.is_read();

@@ -113,6 +113,9 @@ pub struct Seen {
     pub retry: Option<Retry>,
     /// Value captured from pgnear's own commit-position lookup.
     pub write_lsn: Option<String>,
+    /// Where in the client's output the notifications passed on lie (their sender pid may
+    /// need mapping: see `Session::on_server`).
+    pub notifications: Vec<usize>,
 }
 
 impl Server {
@@ -573,6 +576,9 @@ impl Reader {
                     {
                         forward = false;
                     }
+                }
+                be::NOTIFICATION if forward => {
+                    seen.notifications.push(cout.len() + pos - run_start)
                 }
                 be::DATA_ROW if m.owner == Some(Owner::Internal(Purpose::WriteLsn)) => {
                     seen.write_lsn = be::first_column(body).map(str::to_string);

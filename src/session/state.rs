@@ -79,8 +79,9 @@ impl Default for SessionState {
 /// A state change a simple query makes, recorded once the server has accepted it.
 #[derive(Debug, Clone)]
 pub struct PendingState {
-    sql: String,
-    names: Vec<Option<String>>,
+    /// The settings it makes, in order: (GUC name, or `None` for a full reset; the statement's
+    /// own text), to replay on other servers without the statements around them.
+    settings: Vec<(Option<String>, String)>,
     effects: Vec<Kind>,
 }
 
@@ -94,8 +95,7 @@ const NOT_SETTINGS: [&str; 4] = ["user", "database", "replication", "options"];
 impl PendingState {
     /// Adds the change of a later statement (one Sync of the extended protocol ends both).
     pub fn extend(&mut self, later: PendingState) {
-        self.sql = format!("{}; {}", self.sql, later.sql);
-        self.names.extend(later.names);
+        self.settings.extend(later.settings);
         self.effects.extend(later.effects);
     }
 }
@@ -192,9 +192,10 @@ impl SessionState {
     /// Looks at a simple query before it is sent: returns the state change to record if it
     /// succeeds (`None`: it changes nothing pgnear replays).
     pub fn prepare_change(&self, sql: &str, c: &Classified) -> Option<PendingState> {
-        let mut names = Vec::new();
+        let mut settings = Vec::new();
         let mut effects = Vec::new();
         for s in &c.statements {
+            let mut names = Vec::new();
             match &s.kind {
                 Kind::Set {
                     name, local: false, ..
@@ -217,15 +218,14 @@ impl SessionState {
                 }
                 _ => {}
             }
+            // A statement classified from elsewhere (no text) replays the whole query.
+            let text = Some(s.text(sql)).filter(|t| !t.is_empty()).unwrap_or(sql);
+            settings.extend(names.into_iter().map(|n| (n, text.to_string())));
             if is_tracked(&s.kind) {
                 effects.push(s.kind.clone());
             }
         }
-        (!effects.is_empty()).then(|| PendingState {
-            sql: sql.to_string(),
-            names,
-            effects,
-        })
+        (!effects.is_empty()).then_some(PendingState { settings, effects })
     }
 
     /// Pins take effect as soon as the statement is sent (pipelined statements must follow it).
@@ -299,28 +299,27 @@ impl SessionState {
                 _ => {}
             }
         }
-        if p.names.is_empty() {
+        if p.settings.is_empty() {
             return self.seq;
         }
         self.snapshot = None;
-        // Later entries for the same name supersede earlier ones; a full reset supersedes all.
-        for name in &p.names {
-            match name {
+        self.seq += 1;
+        for (name, sql) in p.settings {
+            // A later entry for the same name supersedes an earlier one; a full reset, all.
+            match &name {
                 None => self.log.clear(),
                 Some(n) => self.log.retain(|e| e.name.as_deref() != Some(n.as_str())),
             }
+            // One statement setting two names is kept once.
+            if self.log.last().is_some_and(|e| e.seq == self.seq && e.sql == sql) {
+                continue;
+            }
+            self.log.push(Entry {
+                seq: self.seq,
+                name,
+                sql,
+            });
         }
-        self.seq += 1;
-        let name = if p.names.len() == 1 {
-            p.names[0].clone()
-        } else {
-            None
-        };
-        self.log.push(Entry {
-            seq: self.seq,
-            name,
-            sql: p.sql,
-        });
         self.seq
     }
 }
@@ -383,14 +382,14 @@ fn parse_options(options: &str) -> Result<Vec<(String, String)>, String> {
     Ok(out)
 }
 
-fn quote_name(name: &str) -> String {
+pub fn quote_name(name: &str) -> String {
     name.split('.')
         .map(|part| format!("\"{}\"", part.replace('"', "\"\"")))
         .collect::<Vec<_>>()
         .join(".")
 }
 
-fn quote_literal(value: &str) -> String {
+pub fn quote_literal(value: &str) -> String {
     format!("E'{}'", value.replace('\\', "\\\\").replace('\'', "''"))
 }
 
@@ -447,6 +446,32 @@ mod tests {
             }
             None => state.seq(),
         }
+    }
+
+    /// A script mixing settings with other statements replays its settings alone (asyncpg's
+    /// own tests create roles and grant between SET SESSION AUTHORIZATIONs: replaying the whole
+    /// script on the replica failed).
+    #[test]
+    fn replay_takes_only_the_settings_of_a_script() {
+        let mut s = SessionState::default();
+        run(
+            &mut s,
+            "CREATE ROLE u1; SET SESSION AUTHORIZATION u1; GRANT SELECT ON a TO u2; \
+             SET search_path = x; INSERT INTO t VALUES (1); RESET SESSION AUTHORIZATION",
+        );
+        assert_eq!(
+            s.replay_since(0).unwrap(),
+            "SET search_path = x; RESET SESSION AUTHORIZATION"
+        );
+        run(&mut s, "SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL SERIALIZABLE, READ ONLY");
+        assert!(s.serializable_default && s.read_only_default);
+        assert_eq!(
+            s.replay_since(0).unwrap(),
+            "SET search_path = x; RESET SESSION AUTHORIZATION; \
+             SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL SERIALIZABLE, READ ONLY"
+        );
+        run(&mut s, "RESET default_transaction_isolation");
+        assert!(!s.serializable_default);
     }
 
     #[test]
