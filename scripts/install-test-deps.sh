@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the driver compatibility suite (tests/drivers.rs) needs, when it is missing:
-#   - Python: psycopg 3 and asyncpg (tests/drivers/requirements.txt) in a venv,
+#   - Python: psycopg 3 and asyncpg (tests/drivers/requirements.txt) in a venv, and asyncpg's
+#     own test suite from its PyPI sdist (tests/suites.rs),
 #   - Node.js: pg and pg-copy-streams (tests/drivers/package.json),
 #   - Java: a headless JDK and pgjdbc (Debian's default-jdk-headless, libpostgresql-jdbc-java).
 # Idempotent, and quick when everything is there: each step checks first. Everything but the
@@ -37,6 +38,21 @@ if ! cmp -s "$req" "$venv/requirements.installed" 2>/dev/null; then
     "$venv/bin/pip" install -q --disable-pip-version-check -r "$req"
     cp "$req" "$venv/requirements.installed"
     echo "install-test-deps: pip install -r $req: $(took "$t") s"
+fi
+
+# asyncpg's own test suite, from its PyPI sdist (the version the venv has), for tests/suites.rs.
+asyncpg_version=$(sed -n 's/^asyncpg==//p' "$req")
+suite=$deps/asyncpg-$asyncpg_version
+if [ ! -d "$suite/tests" ]; then
+    t=$(now)
+    tmp=$(mktemp -d)
+    "$venv/bin/pip" download -q --disable-pip-version-check --no-deps --no-binary :all: \
+        "asyncpg==$asyncpg_version" -d "$tmp"
+    tar -xzf "$tmp/asyncpg-$asyncpg_version.tar.gz" -C "$tmp"
+    mkdir -p "$suite"
+    cp -r "$tmp/asyncpg-$asyncpg_version/tests" "$suite/tests"
+    rm -rf "$tmp"
+    echo "install-test-deps: asyncpg $asyncpg_version test suite (sdist): $(took "$t") s"
 fi
 
 # Node.js: node_modules beside package.json, pinned by package-lock.json.

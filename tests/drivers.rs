@@ -21,8 +21,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
 
-const INSTALL: &str = "scripts/install-test-deps.sh";
-
 /// Everything the scripts need: one pgnear with TLS in the replica region, shared by the tests.
 struct Lab {
     /// libpq-style URL through pgnear: SCRAM, `sslmode=verify-full` against the test CA.
@@ -85,43 +83,6 @@ fn lab() -> &'static Lab {
     })
 }
 
-fn drivers_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/drivers")
-}
-
-/// Installs the drivers on first use (the script CI's .ci/run runs; quick when all is there),
-/// once per test binary and under a file lock against concurrent runs; then fails with a
-/// message naming the script when `what` is still missing.
-fn require(present: impl Fn() -> bool, what: &str) {
-    static INSTALLED: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
-    let installed = INSTALLED.get_or_init(|| {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-        std::fs::create_dir_all(drivers_dir().join(".deps")).map_err(|e| e.to_string())?;
-        let out = Command::new("flock")
-            .arg(drivers_dir().join(".deps/install.lock"))
-            .args(["bash", INSTALL])
-            .current_dir(root)
-            .output()
-            .map_err(|e| format!("running {INSTALL}: {e}"))?;
-        let log = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        print!("{log}");
-        out.status
-            .success()
-            .then_some(())
-            .ok_or_else(|| format!("{INSTALL} failed ({}):\n{log}", out.status))
-    });
-    if let Err(e) = installed {
-        panic!("{what} is missing and could not be installed: {e}");
-    }
-    assert!(
-        present(),
-        "{what} is missing after {INSTALL} ran: see its output above"
-    );
-}
 
 /// Runs a driver's scenario with the lab's URLs in its environment; panics with its output when
 /// it fails. A scenario that hangs is killed (its own waits are bounded well below this).

@@ -97,6 +97,12 @@ pub struct Matched {
 #[derive(Default, Debug)]
 pub struct Expectations {
     queue: VecDeque<(Pending, Owner)>,
+    /// Client Queries and FunctionCalls the server skipped after an extended-protocol error
+    /// (it skips everything up to the next Sync): their requests end unanswered.
+    skipped: usize,
+    /// An extended-protocol error with no Sync sent yet: the server skips what comes until
+    /// one arrives (see `Server::send_query`).
+    pub skipping: bool,
 }
 
 impl Expectations {
@@ -152,6 +158,11 @@ impl Expectations {
         n
     }
 
+    /// How many client requests the server skipped since the last call (see `skipped`).
+    pub fn take_skipped(&mut self) -> usize {
+        std::mem::take(&mut self.skipped)
+    }
+
     pub fn clear(&mut self) {
         self.queue.clear();
     }
@@ -186,10 +197,16 @@ impl Expectations {
                     };
                 };
                 if !front.is_sync_point() {
-                    // Extended protocol: the server now skips everything up to the next Sync.
-                    while self.queue.front().is_some_and(|(p, _)| !p.is_sync_point()) {
+                    // Extended protocol: the server now skips everything up to the next Sync,
+                    // Queries and FunctionCalls included.
+                    while let Some(&(p, o)) = self.queue.front().filter(|(p, _)| *p != Pending::Sync)
+                    {
                         self.queue.pop_front();
+                        if p.is_sync_point() && o.is_client() {
+                            self.skipped += 1;
+                        }
                     }
+                    self.skipping = self.queue.is_empty();
                 }
                 // An error caused by pgnear's state replay matters to the client; only the LSN
                 // lookup's failure (e.g. after an aborted transaction) is pgnear's own business.
@@ -201,6 +218,7 @@ impl Expectations {
                 }
             }
             be::READY_FOR_QUERY => {
+                self.skipping = false;
                 // Completes the oldest sync point; anything before it was skipped by the server.
                 while let Some((p, o)) = self.queue.pop_front() {
                     if p.is_sync_point() {
@@ -301,6 +319,25 @@ mod tests {
         assert_eq!(e.len(), 2);
         assert_eq!(run(&mut e, b"1Z"), vec![true, true]);
         assert!(e.is_empty());
+    }
+
+    /// After an extended-protocol error the server skips a Query up to the Sync (found by the
+    /// protocol fuzzer: pgnear waited for the skipped Query's answer forever).
+    #[test]
+    fn error_skips_queries_up_to_sync() {
+        let mut e = Expectations::default();
+        e.push(Pending::Parse, Owner::Client);
+        e.push(Pending::Query, Owner::Client);
+        e.push(Pending::Query, Owner::Internal(Purpose::WriteLsn));
+        e.push(Pending::FunctionCall, Owner::Client);
+        e.push(Pending::Sync, Owner::Client);
+        assert_eq!(run(&mut e, b"EZ"), vec![true, true]);
+        assert!(e.is_empty());
+        assert_eq!(e.take_skipped(), 2);
+        assert!(!e.skipping);
+        e.push(Pending::Parse, Owner::Client);
+        assert_eq!(run(&mut e, b"E"), vec![true]);
+        assert!(e.skipping);
     }
 
     #[test]

@@ -236,6 +236,10 @@ impl Server {
     pub fn send_query(&mut self, frame: &[u8], mut request: Request) {
         request.started = Some(std::time::Instant::now());
         self.out.extend_from_slice(frame);
+        if self.expect.skipping {
+            // The server skips it (an extended-protocol error awaits its Sync): no answer.
+            return;
+        }
         let owner = if request.retry.is_some() {
             Owner::Tentative
         } else {
@@ -248,6 +252,9 @@ impl Server {
     /// Queues a client FunctionCall, a request of its own (see `Pending::FunctionCall`).
     pub fn send_function_call(&mut self, frame: &[u8]) {
         self.out.extend_from_slice(frame);
+        if self.expect.skipping {
+            return;
+        }
         self.expect.push(Pending::FunctionCall, Owner::Client);
         self.requests.push_back(Request {
             started: Some(std::time::Instant::now()),
@@ -265,6 +272,10 @@ impl Server {
 
     /// Queues a simple query of pgnear's own; its answer is swallowed.
     pub fn send_internal_query(&mut self, sql: &str, purpose: Purpose) {
+        if self.expect.skipping {
+            // It would be skipped too.
+            return;
+        }
         postgres_protocol::message::frontend::query(sql, &mut self.out)
             .expect("query text has no NUL");
         self.expect.push(Pending::Query, Owner::Internal(purpose));
@@ -464,6 +475,10 @@ impl Reader {
             let body = &frame[5..];
             let front = expect.front();
             let m = expect.on_frame(tag);
+            for _ in 0..expect.take_skipped() {
+                // A skipped request ends unanswered: its ErrorResponse went to the batch before it.
+                requests.pop_front();
+            }
             if tag == be::PARAMETER_STATUS {
                 if let Some((name, value)) = be::parameter_status(body) {
                     set_param(server, name, value);

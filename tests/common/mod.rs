@@ -369,3 +369,45 @@ pub async fn pgbench_ok(url: &str, args: &[&str], transactions: usize) {
     assert!(stdout.contains(&processed), "{stdout}");
     assert!(stdout.contains("failed transactions: 0"), "{stdout}");
 }
+
+/// The install script of the driver suites (tests/drivers.rs, tests/suites.rs).
+pub const INSTALL: &str = "scripts/install-test-deps.sh";
+
+/// Where the driver suites' scenarios and dependencies live.
+pub fn drivers_dir() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/drivers")
+}
+
+/// Installs the drivers on first use (the script CI's .ci/run runs; quick when all is there),
+/// once per test binary and under a file lock against concurrent runs; then fails with a
+/// message naming the script when `what` is still missing.
+pub fn require(present: impl Fn() -> bool, what: &str) {
+    static INSTALLED: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    let installed = INSTALLED.get_or_init(|| {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        std::fs::create_dir_all(drivers_dir().join(".deps")).map_err(|e| e.to_string())?;
+        let out = std::process::Command::new("flock")
+            .arg(drivers_dir().join(".deps/install.lock"))
+            .args(["bash", INSTALL])
+            .current_dir(root)
+            .output()
+            .map_err(|e| format!("running {INSTALL}: {e}"))?;
+        let log = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        print!("{log}");
+        out.status
+            .success()
+            .then_some(())
+            .ok_or_else(|| format!("{INSTALL} failed ({}):\n{log}", out.status))
+    });
+    if let Err(e) = installed {
+        panic!("{what} is missing and could not be installed: {e}");
+    }
+    assert!(
+        present(),
+        "{what} is missing after {INSTALL} ran: see its output above"
+    );
+}

@@ -1,0 +1,171 @@
+//! Third-party drivers' own test suites through pgnear: asyncpg's unittest suite (from its
+//! PyPI sdist, the version the driver suite uses) runs directly against the lab's primary, then
+//! through pgnear in the primary region and in a replica region. Every test that passes
+//! directly must pass through pgnear, except the few listed in `MAY_DIFFER` with the reason no
+//! proxy that reads from a replica can hide.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::process::{Command, Stdio};
+
+use common::*;
+
+/// Tests that may differ through pgnear in a replica region, and why. They are run and
+/// reported, never asserted either way.
+const MAY_DIFFER: &[(&str, &str)] = &[
+    // The test terminates its own backend by `pg_backend_pid()`: through pgnear the read that
+    // asks runs on the replica, the termination on the primary.
+    (
+        "tests.test_execute.TestExecuteScript.test_execute_script_interrupted_by_server",
+        "pg_backend_pid() of the replica",
+    ),
+    // These write on one connection and use the object at once on another: reads (and
+    // prepares) of the second connection go to the replica, which may not have replayed the
+    // first connection's write yet (read-your-writes holds within a session, not across them).
+    (
+        "tests.test_codecs.TestCodecs.test_custom_codec_override_tuple",
+        "another connection's DDL, not yet replayed",
+    ),
+    (
+        "tests.test_cache_invalidation.TestCacheInvalidation.test_prepare_cache_invalidation_in_pool",
+        "another connection's DDL, not yet replayed",
+    ),
+    (
+        "tests.test_cache_invalidation.TestCacheInvalidation.test_type_cache_invalidation_in_pool",
+        "another connection's DDL, not yet replayed",
+    ),
+    (
+        "tests.test_cache_invalidation.TestCacheInvalidation.test_prepare_cache_invalidation_in_transaction",
+        "another connection's DDL, not yet replayed",
+    ),
+    (
+        "tests.test_introspection.TestIntrospection.test_introspection_retries_after_cache_bust",
+        "another connection's DDL, not yet replayed",
+    ),
+    (
+        "tests.test_pool.TestPool.test_pool_connection_execute_many",
+        "another connection's DDL, not yet replayed",
+    ),
+    // Timing: introspection of a large catalog must finish within a bound, and a server
+    // failure mid-executemany must stop it within 128 rows; through a proxy with a replica
+    // both take longer than the tests allow on a loaded 2-core machine.
+    (
+        "tests.test_introspection.TestIntrospection.test_introspection_on_large_db",
+        "a wall-clock bound",
+    ),
+    (
+        "tests.test_execute.TestExecuteMany.test_executemany_server_failure_during_writes",
+        "pipelined rows in flight when the server fails",
+    ),
+    // The pool tests that kill server connections by pid (pg_terminate_backend of
+    // pg_stat_activity rows): through pgnear they terminate pgnear's pooled connections.
+    (
+        "tests.test_pool.TestPool.test_pool_min_size_restored_after_idle_connection_loss",
+        "terminates server connections by pid",
+    ),
+    (
+        "tests.test_pool.TestPool.test_pool_floor_reconnect_honors_expired_generation",
+        "terminates server connections by pid",
+    ),
+];
+
+/// A superuser URL's host:port part for the lab node at `addr` (asyncpg's suite creates
+/// roles, databases and extensions).
+fn superuser_url(addr: std::net::SocketAddr) -> String {
+    format!(
+        "postgres://postgres:{}@{addr}/postgres?sslmode=disable",
+        cluster().superuser_password()
+    )
+}
+
+/// Runs the suite against `addr` as the superuser; each test's outcome.
+fn run_suite(name: &str, addr: std::net::SocketAddr) -> BTreeMap<String, String> {
+    let version = std::fs::read_to_string(drivers_dir().join("requirements.txt"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("asyncpg==").map(str::to_string))
+        .expect("asyncpg pinned in requirements.txt");
+    let suite = drivers_dir().join(format!(".deps/asyncpg-{version}"));
+    require(
+        || suite.join("tests").is_dir(),
+        "asyncpg's test suite (sdist)",
+    );
+    let out = tempfile::NamedTempFile::new().unwrap();
+    let started = std::time::Instant::now();
+    let status = Command::new(drivers_dir().join(".deps/venv/bin/python"))
+        .arg(drivers_dir().join("run_suite.py"))
+        .arg(&suite)
+        .arg(out.path())
+        .env("PGHOST", addr.ip().to_string())
+        .env("PGPORT", addr.port().to_string())
+        .env("PGUSER", "postgres")
+        .env("PGPASSWORD", cluster().superuser_password())
+        .env("PGDATABASE", "postgres")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("running asyncpg's suite");
+    let outcomes: BTreeMap<String, String> =
+        serde_json::from_str(&std::fs::read_to_string(out.path()).unwrap_or_default())
+            .unwrap_or_else(|e| panic!("{name}: no outcomes ({status}): {e}"));
+    let count = |o: &str| outcomes.values().filter(|v| *v == o).count();
+    eprintln!(
+        "asyncpg {version} suite {name}: {} passed, {} failed, {} skipped in {:.0?}",
+        count("pass"),
+        count("fail"),
+        count("skip"),
+        started.elapsed()
+    );
+    outcomes
+}
+
+#[test]
+fn asyncpg_suite_passes_through_pgnear_as_directly() {
+    run(async {
+        let direct = cluster().primary().addr();
+        let primary_url = |region: &str| superuser_url(cluster().primary_addr_from(region));
+        let iad = proxy(PRIMARY, |c| c.upstream.primary_url = primary_url(PRIMARY)).await;
+        let syd = proxy(REPLICA, |c| {
+            c.upstream.primary_url = primary_url(REPLICA);
+            c.upstream.replica_url =
+                superuser_url(cluster().replica(REPLICA).expect("a replica").node.addr());
+        })
+        .await;
+        let (iad_addr, syd_addr) = (iad.addr(), syd.addr());
+        let runs = tokio::task::spawn_blocking(move || {
+            [
+                ("direct", direct),
+                ("through pgnear, primary region", iad_addr),
+                ("through pgnear, replica region", syd_addr),
+            ]
+            .map(|(name, addr)| (name, run_suite(name, addr)))
+        })
+        .await
+        .unwrap();
+        let (_, direct) = &runs[0];
+        let mut unexplained = Vec::new();
+        for (name, outcomes) in &runs[1..] {
+            for (test, outcome) in direct.iter().filter(|(_, o)| *o == "pass") {
+                let got = outcomes.get(test).map_or("missing", String::as_str);
+                if got == "pass" {
+                    continue;
+                }
+                let why = MAY_DIFFER
+                    .iter()
+                    .find(|(t, _)| test.starts_with(t))
+                    .map(|(_, why)| *why);
+                match why {
+                    Some(why) => eprintln!("{name}: {test}: {got} ({why})"),
+                    None => unexplained.push(format!("{name}: {test}: {outcome} directly, {got}")),
+                }
+            }
+        }
+        assert!(
+            unexplained.is_empty(),
+            "tests that pass directly but not through pgnear:\n{}",
+            unexplained.join("\n")
+        );
+    });
+}
