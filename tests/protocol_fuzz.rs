@@ -1,0 +1,1185 @@
+//! Protocol-level differential fuzzer (issue #19: the client cannot tell pgnear from Postgres).
+//!
+//! Seeded random sequences of frontend messages (simple queries from a small corpus, the extended
+//! protocol in any order with named and unnamed statements and portals, COPY in and out with
+//! CopyData/CopyDone/CopyFail, fast-path large-object calls, errors in the middle, pipelining)
+//! are sent to the primary directly and through pgnear; the backend messages after the first
+//! ReadyForQuery must agree, up to the masking in [`render`]. One test per target: the primary
+//! and the replica region, session and transaction pool mode; each has its own scratch table.
+//!
+//! Default: 200 sequences per target. `PGNEAR_FUZZ_SECONDS=N` runs each target for N seconds
+//! instead; `PGNEAR_FUZZ_SEED=S` starts at sequence seed S (a divergence prints its seed).
+//! `scripts/protocol-fuzz.sh [SECONDS]` runs all four targets at once (they are `#[ignore]`d while
+//! known pgnear bugs make them fail; `PGNEAR_FUZZ_KNOWN_BUGS=1` also generates the sequences that
+//! the generator avoids because of them).
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use common::*;
+use pgnear::config::{AuthMethod, PoolMode};
+use pgnear::Proxy;
+use rand::rngs::StdRng;
+use rand::seq::IndexedRandom;
+use rand::{Rng, SeedableRng};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio_postgres::Client;
+
+/// How long a direct connection may be silent before it has sent all it will for a batch (the
+/// ReadyForQuery count of a batch is an upper bound: Postgres skips a Query or FunctionCall after
+/// an extended-protocol error until Sync, and ignores a Sync in copy-in mode).
+const DIRECT_IDLE: Duration = Duration::from_millis(500);
+/// How long pgnear may be silent while Postgres had answered: longer is a hang.
+const PGNEAR_WAIT: Duration = Duration::from_secs(5);
+/// Large-object oids the sequences create and unlink themselves (per target, 10 each).
+const FIXED_LO: u32 = 900_000;
+
+/// One frontend message.
+#[derive(Clone, Debug)]
+enum Msg {
+    Query(String),
+    Parse {
+        name: &'static str,
+        sql: String,
+        types: Vec<u32>,
+    },
+    Bind {
+        portal: &'static str,
+        stmt: &'static str,
+        params: Vec<Option<&'static str>>,
+        binary: bool,
+    },
+    Describe(char, &'static str),
+    Execute {
+        portal: &'static str,
+        max_rows: i32,
+    },
+    Close(char, &'static str),
+    Sync,
+    Flush,
+    CopyData(&'static str),
+    CopyDone,
+    CopyFail,
+    Call(Func, u32),
+}
+
+/// The functions a FunctionCall names: `lo_creat(mode)`, `lo_create(oid)`, `lo_unlink(oid)`,
+/// and an oid that is no function.
+#[derive(Clone, Copy, Debug)]
+enum Func {
+    LoCreat,
+    LoCreate,
+    LoUnlink,
+    Missing,
+}
+
+/// The oids of the large-object functions (looked up through regproc).
+struct Oids {
+    lo_creat: u32,
+    lo_create: u32,
+    lo_unlink: u32,
+}
+
+fn cstr(b: &mut Vec<u8>, s: &str) {
+    b.extend_from_slice(s.as_bytes());
+    b.push(0);
+}
+
+impl Msg {
+    fn encode(&self, oids: &Oids) -> Vec<u8> {
+        let mut b = Vec::new();
+        let tag = match self {
+            Msg::Query(sql) => {
+                cstr(&mut b, sql);
+                b'Q'
+            }
+            Msg::Parse { name, sql, types } => {
+                cstr(&mut b, name);
+                cstr(&mut b, sql);
+                b.extend((types.len() as u16).to_be_bytes());
+                for t in types {
+                    b.extend(t.to_be_bytes());
+                }
+                b'P'
+            }
+            Msg::Bind {
+                portal,
+                stmt,
+                params,
+                binary,
+            } => {
+                cstr(&mut b, portal);
+                cstr(&mut b, stmt);
+                b.extend(0u16.to_be_bytes()); // every parameter in text
+                b.extend((params.len() as u16).to_be_bytes());
+                for p in params {
+                    match p {
+                        Some(v) => {
+                            b.extend((v.len() as i32).to_be_bytes());
+                            b.extend(v.as_bytes());
+                        }
+                        None => b.extend((-1i32).to_be_bytes()),
+                    }
+                }
+                b.extend(1u16.to_be_bytes());
+                b.extend(u16::from(*binary).to_be_bytes());
+                b'B'
+            }
+            Msg::Describe(kind, name) => {
+                b.push(*kind as u8);
+                cstr(&mut b, name);
+                b'D'
+            }
+            Msg::Execute { portal, max_rows } => {
+                cstr(&mut b, portal);
+                b.extend(max_rows.to_be_bytes());
+                b'E'
+            }
+            Msg::Close(kind, name) => {
+                b.push(*kind as u8);
+                cstr(&mut b, name);
+                b'C'
+            }
+            Msg::Sync => b'S',
+            Msg::Flush => b'H',
+            Msg::CopyData(d) => {
+                b.extend(d.as_bytes());
+                b'd'
+            }
+            Msg::CopyDone => b'c',
+            Msg::CopyFail => {
+                cstr(&mut b, "fuzz: client gave up");
+                b'f'
+            }
+            Msg::Call(func, arg) => {
+                let oid = match func {
+                    Func::LoCreat => oids.lo_creat,
+                    Func::LoCreate => oids.lo_create,
+                    Func::LoUnlink => oids.lo_unlink,
+                    Func::Missing => 1,
+                };
+                b.extend(oid.to_be_bytes());
+                b.extend(1u16.to_be_bytes()); // one argument format: binary
+                b.extend(1u16.to_be_bytes());
+                b.extend(1u16.to_be_bytes()); // one argument: an int4 or an oid
+                b.extend(4i32.to_be_bytes());
+                b.extend(arg.to_be_bytes());
+                b.extend(1u16.to_be_bytes()); // binary result
+                b'F'
+            }
+        };
+        frame(tag, &b)
+    }
+
+    /// The most ReadyForQuery messages this message is answered with.
+    fn max_ready(&self) -> usize {
+        usize::from(matches!(self, Msg::Query(_) | Msg::Sync | Msg::Call(..)))
+    }
+}
+
+/// Simple-query corpus; `{t}` is the target's scratch table (also its LISTEN channel).
+const SIMPLE: &[&str] = &[
+    // reads
+    "SELECT 1",
+    "SELECT * FROM {t} ORDER BY id",
+    "SELECT count(*), max(v) FROM {t}",
+    "SELECT g, g * 2 AS twice FROM generate_series(1, 3) g",
+    "VALUES (1, 'one'), (2, 'two')",
+    "SHOW application_name",
+    "SHOW TimeZone",
+    "SHOW DateStyle",
+    "SHOW client_encoding",
+    "SHOW standard_conforming_strings",
+    "SHOW transaction_read_only",
+    "SHOW default_transaction_read_only",
+    "SHOW transaction_isolation",
+    "SELECT current_setting('application_name'), current_setting('IntervalStyle')",
+    "SELECT '2024-01-02 03:04:05+00'::timestamptz AS ts, '1 day 02:03:04'::interval AS iv",
+    "SELECT 'a\\b' AS backslash, 0.1::float8 AS f",
+    "SELECT * FROM {t} WHERE id = 1 FOR UPDATE",
+    "SELECT * FROM fz_tmp",
+    "COPY {t} TO STDOUT",
+    "COPY (SELECT * FROM {t} ORDER BY id) TO STDOUT WITH (FORMAT csv, HEADER)",
+    // writes
+    "INSERT INTO {t} VALUES (10, 'ten')",
+    "INSERT INTO {t} VALUES (1, 'dup')",
+    "UPDATE {t} SET v = v || '!' WHERE id <= 2",
+    "DELETE FROM {t} WHERE id = 3",
+    "INSERT INTO {t} VALUES (11, 'eleven') RETURNING *",
+    "CREATE TEMP TABLE fz_tmp AS SELECT 1 AS x",
+    "LISTEN {t}",
+    "NOTIFY {t}, 'hello'",
+    "UNLISTEN *",
+    // settings (reported ones, and plain ones that change the output)
+    "SET application_name = 'fz_a'",
+    "RESET application_name",
+    "SET TimeZone = 'Asia/Tokyo'",
+    "SET TimeZone = 'UTC'",
+    "RESET TimeZone",
+    "SET DateStyle = 'SQL, DMY'",
+    "SET DateStyle = 'German'",
+    "RESET DateStyle",
+    "SET client_encoding = 'LATIN1'",
+    "SET client_encoding = 'UTF8'",
+    "RESET client_encoding",
+    "SET standard_conforming_strings = off",
+    "RESET standard_conforming_strings",
+    "SET IntervalStyle = 'iso_8601'",
+    "SET extra_float_digits = 0",
+    "SET LOCAL TimeZone = 'Europe/Paris'",
+    "SET LOCAL application_name = 'fz_local'",
+    "RESET ALL",
+    "DISCARD ALL",
+    // transactions
+    "BEGIN",
+    "BEGIN READ ONLY",
+    "BEGIN ISOLATION LEVEL SERIALIZABLE",
+    "START TRANSACTION ISOLATION LEVEL REPEATABLE READ",
+    "COMMIT",
+    "ROLLBACK",
+    "SAVEPOINT a",
+    "ROLLBACK TO SAVEPOINT a",
+    "RELEASE SAVEPOINT a",
+    // errors
+    "SELECT 1/0",
+    "SELEC 1",
+    "SELECT * FROM fz_missing",
+    "SELECT 'x'::int",
+    "",
+    ";",
+    // multi-statement strings
+    "SELECT 1; SELECT 2",
+    "INSERT INTO {t} VALUES (12, 'x'); SELECT 1/0; SELECT 3",
+    "BEGIN; UPDATE {t} SET v = 'm' WHERE id = 1; COMMIT",
+    "SET TimeZone = 'America/New_York'; SHOW TimeZone",
+    "SELECT 1; BEGIN; SELECT count(*) FROM {t}",
+];
+
+/// COPY FROM STDIN (simple protocol): the statement and whether its data is csv.
+const COPY_IN: &[(&str, bool)] = &[
+    ("COPY {t} FROM STDIN", false),
+    ("COPY {t} (id, v) FROM STDIN WITH (FORMAT csv)", true),
+];
+const TEXT_LINES: &[&str] = &["20\ttwenty\n", "21\ttwenty-one\n", "1\tdup\n", "x\tbad\n"];
+const CSV_LINES: &[&str] = &["20,twenty\n", "21,\"twenty, one\"\n", "1,dup\n", "x,bad\n"];
+
+/// Extended-protocol corpus: statement and its parameter count.
+const EXTENDED: &[(&str, usize)] = &[
+    ("SELECT $1::int + 1 AS n", 1),
+    ("SELECT id, v FROM {t} WHERE id >= $1 ORDER BY id", 1),
+    ("SELECT g FROM generate_series(1, 5) g", 0),
+    ("INSERT INTO {t} VALUES ($1, 'ext')", 1),
+    ("UPDATE {t} SET v = 'u' WHERE id = $1", 1),
+    ("SELECT $1::text AS t, current_setting('TimeZone') AS tz", 1),
+    ("SELECT 1/0", 0),
+    ("SELEC 1", 0),
+    ("SELECT 1; SELECT 2", 0),
+    ("", 0),
+    ("BEGIN", 0),
+    ("COMMIT", 0),
+    ("ROLLBACK", 0),
+    ("SET TimeZone = 'Asia/Kolkata'", 0),
+    ("SET application_name = 'fz_ext'", 0),
+    ("SHOW TimeZone", 0),
+    ("COPY {t} TO STDOUT", 0),
+    ("COPY {t} FROM STDIN", 0),
+];
+const PARAMS: &[Option<&str>] = &[Some("1"), Some("3"), Some("10"), Some("abc"), None];
+
+fn is_copy_in(sql: &str) -> bool {
+    sql.contains("FROM STDIN")
+}
+
+/// A seeded generator of one message sequence; it tracks which statements and portals it named
+/// (optimistically: a failed Parse or Bind leaves the server's view behind), so that an Execute
+/// of a COPY FROM STDIN is followed by copy data (which Postgres ignores when no copy started).
+struct Gen<'a> {
+    rng: StdRng,
+    table: &'a str,
+    lo: u32,
+    msgs: Vec<Msg>,
+    stmts: HashMap<&'static str, usize>,
+    portals: HashMap<&'static str, bool>,
+    /// An extended-protocol message was sent since the last Sync.
+    unsynced: bool,
+    /// `PGNEAR_FUZZ_KNOWN_BUGS` set: also generate what triggers the known pgnear bugs.
+    known_bugs: bool,
+}
+
+impl Gen<'_> {
+    fn push(&mut self, m: Msg) {
+        match m {
+            Msg::Sync => self.unsynced = false,
+            Msg::Query(_) | Msg::Call(..) if self.unsynced && !self.known_bugs => {
+                // Known pgnear bug (`query_skipped_after_extended_error` and the tests after
+                // it): a Query or FunctionCall that Postgres skips after an extended-protocol
+                // error hangs the session. Until it is fixed, a Sync comes first.
+                self.msgs.push(Msg::Sync);
+                self.unsynced = false;
+            }
+            Msg::Parse { .. }
+            | Msg::Bind { .. }
+            | Msg::Describe(..)
+            | Msg::Execute { .. }
+            | Msg::Close(..)
+            | Msg::Flush => self.unsynced = true,
+            _ => {}
+        }
+        self.msgs.push(m);
+    }
+
+    /// A statement name to refer to. Known pgnear bug (`describe_before_parse_in_one_pipeline`):
+    /// a name Parsed later in the sequence is prepared early; until it is fixed, only names
+    /// parsed already, or one never parsed.
+    fn stmt(&mut self) -> &'static str {
+        let name = *["", "s1", "s2", "nope"].choose(&mut self.rng).unwrap();
+        if self.known_bugs || self.stmts.contains_key(name) {
+            name
+        } else {
+            "nope"
+        }
+    }
+
+    fn sql(&self, s: &str) -> String {
+        s.replace("{t}", self.table)
+    }
+
+    fn simple(&mut self) -> String {
+        let n = if self.rng.random_bool(0.15) { 3 } else { 1 };
+        let parts: Vec<String> = (0..self.rng.random_range(1..=n))
+            .map(|_| {
+                let q = *SIMPLE.choose(&mut self.rng).unwrap();
+                self.sql(q)
+            })
+            .collect();
+        parts.join("; ")
+    }
+
+    fn copy_tail(&mut self, csv: bool) {
+        let lines = if csv { CSV_LINES } else { TEXT_LINES };
+        for _ in 0..self.rng.random_range(0..4) {
+            let line = *lines.choose(&mut self.rng).unwrap();
+            self.push(Msg::CopyData(line));
+        }
+        let end = if self.rng.random_bool(0.8) {
+            Msg::CopyDone
+        } else {
+            Msg::CopyFail
+        };
+        self.push(end);
+    }
+
+    fn parse(&mut self, name: &'static str) -> usize {
+        let i = self.rng.random_range(0..EXTENDED.len());
+        let (sql, n) = EXTENDED[i];
+        let types = if n > 0 && self.rng.random_bool(0.3) {
+            vec![23; n]
+        } else {
+            Vec::new()
+        };
+        self.push(Msg::Parse {
+            name,
+            sql: self.sql(sql),
+            types,
+        });
+        self.stmts.insert(name, i);
+        i
+    }
+
+    fn bind(&mut self, portal: &'static str, stmt: &'static str) {
+        let known = self.stmts.get(stmt).copied();
+        let n = match known {
+            Some(i) if self.rng.random_bool(0.9) => EXTENDED[i].1,
+            _ => self.rng.random_range(0..2),
+        };
+        let params = (0..n)
+            .map(|_| *PARAMS.choose(&mut self.rng).unwrap())
+            .collect();
+        let binary = self.rng.random_bool(0.3);
+        self.push(Msg::Bind {
+            portal,
+            stmt,
+            params,
+            binary,
+        });
+        let copy = known.is_some_and(|i| is_copy_in(EXTENDED[i].0));
+        self.portals.insert(portal, copy);
+    }
+
+    fn execute(&mut self, portal: &'static str) {
+        let max_rows = if self.rng.random_bool(0.25) { 2 } else { 0 };
+        self.push(Msg::Execute { portal, max_rows });
+        if self.portals.get(portal).copied().unwrap_or(false) {
+            // The server ignores Sync and Flush in copy-in mode (libpq and tokio-postgres send them).
+            if self.rng.random_bool(0.3) {
+                self.push(Msg::Sync);
+            }
+            self.copy_tail(false);
+        }
+    }
+
+    /// Parse, Bind, Execute (and maybe Describes), then Sync, Flush or nothing.
+    fn chain(&mut self) {
+        let name = *["", "s1", "s2"].choose(&mut self.rng).unwrap();
+        self.parse(name);
+        if self.rng.random_bool(0.3) {
+            self.push(Msg::Describe('S', name));
+        }
+        let portal = *["", "p1"].choose(&mut self.rng).unwrap();
+        self.bind(portal, name);
+        if self.rng.random_bool(0.3) {
+            self.push(Msg::Describe('P', portal));
+        }
+        self.execute(portal);
+        match self.rng.random_range(0..20) {
+            0..14 => self.push(Msg::Sync),
+            14..17 => self.push(Msg::Flush),
+            _ => {}
+        }
+    }
+
+    /// One extended-protocol message, names chosen at random (some never defined).
+    fn single(&mut self) {
+        let stmt = self.stmt();
+        let portal = *["", "p1", "p2", "nope"].choose(&mut self.rng).unwrap();
+        let kind = if self.rng.random_bool(0.5) { 'S' } else { 'P' };
+        let name = if kind == 'S' { stmt } else { portal };
+        match self.rng.random_range(0..7) {
+            0 => {
+                self.parse(if stmt == "nope" { "s2" } else { stmt });
+            }
+            1 => self.bind(if portal == "nope" { "p2" } else { portal }, stmt),
+            2 => self.push(Msg::Describe(kind, name)),
+            3 => self.execute(portal),
+            4 => {
+                if kind == 'S' {
+                    self.stmts.remove(name);
+                }
+                self.push(Msg::Close(kind, name))
+            }
+            5 => self.push(Msg::Sync),
+            _ => self.push(Msg::Flush),
+        }
+    }
+
+    fn call(&mut self) {
+        let fixed = self.lo + self.rng.random_range(0..3);
+        let call = match self.rng.random_range(0..4) {
+            0 => Msg::Call(Func::LoCreat, 0x60000), // INV_READ | INV_WRITE
+            1 => Msg::Call(Func::LoCreate, fixed),
+            2 => Msg::Call(Func::LoUnlink, fixed),
+            _ => Msg::Call(Func::Missing, 0),
+        };
+        self.push(call);
+    }
+}
+
+/// The sequence for `seed`, cut into batches: each batch is written at once, then its answers
+/// read. It always ends with a Sync and a sentinel Query, so trailing answers are compared too.
+fn generate(seed: u64, table: &str, lo: u32) -> Vec<Vec<Msg>> {
+    let mut g = Gen {
+        rng: StdRng::seed_from_u64(seed),
+        table,
+        lo,
+        msgs: Vec::new(),
+        stmts: HashMap::new(),
+        portals: HashMap::new(),
+        unsynced: false,
+        known_bugs: std::env::var_os("PGNEAR_FUZZ_KNOWN_BUGS").is_some(),
+    };
+    for _ in 0..g.rng.random_range(1..=8) {
+        match g.rng.random_range(0..100) {
+            0..30 => {
+                let q = g.simple();
+                g.push(Msg::Query(q));
+            }
+            30..38 => {
+                let (sql, csv) = *COPY_IN.choose(&mut g.rng).unwrap();
+                let q = g.sql(sql);
+                g.push(Msg::Query(q));
+                g.copy_tail(csv);
+            }
+            38..65 => g.chain(),
+            65..88 => g.single(),
+            _ => g.call(),
+        }
+    }
+    g.push(Msg::Sync);
+    g.push(Msg::Query("SELECT 'fuzz-end'".into()));
+    // 0: one batch (fully pipelined); 1: one batch per request; 2: cut at random.
+    let style = g.rng.random_range(0..3);
+    let mut batches = vec![Vec::new()];
+    for m in std::mem::take(&mut g.msgs) {
+        let boundary = m.max_ready() > 0;
+        batches.last_mut().unwrap().push(m);
+        let cut = match style {
+            0 => false,
+            1 => boundary,
+            _ => g.rng.random_bool(0.3),
+        };
+        if cut {
+            batches.push(Vec::new());
+        }
+    }
+    batches.retain(|b| !b.is_empty());
+    batches
+}
+
+/// What differs between runs for reasons that are not pgnear's, replaced in [`render`].
+struct Mask {
+    /// The scratch table's oid (other table oids in RowDescription are temp tables, new per run).
+    table: u32,
+    /// The pid of the session's BackendKeyData (a notification from it reads as `self`).
+    own_pid: i32,
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl Reader<'_> {
+    fn take(&mut self, n: usize) -> &[u8] {
+        let n = n.min(self.0.len());
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        head
+    }
+    fn u16(&mut self) -> u16 {
+        self.take(2).try_into().map_or(0, u16::from_be_bytes)
+    }
+    fn i32(&mut self) -> i32 {
+        self.take(4).try_into().map_or(0, i32::from_be_bytes)
+    }
+    fn cstr(&mut self) -> String {
+        let end = self.0.iter().position(|b| *b == 0).unwrap_or(self.0.len());
+        let s = String::from_utf8_lossy(&self.0[..end]).into_owned();
+        self.take(end + 1);
+        s
+    }
+}
+
+fn value(v: &[u8]) -> String {
+    match std::str::from_utf8(v) {
+        Ok(s) if !s.chars().any(|c| c.is_control() && c != '\t' && c != '\n') => format!("{s:?}"),
+        _ => format!(
+            "x{}",
+            v.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        ),
+    }
+}
+
+/// One backend message, readable; `None` for what is not compared.
+fn render(tag: u8, body: &[u8], mask: &Mask) -> Option<String> {
+    let mut r = Reader(body);
+    let t = tag as char;
+    Some(match tag {
+        b'S' => {
+            let name = r.cstr();
+            // pgnear's own parameters (`pgnear.write_lsn`, ...) are its documented additions.
+            if name.starts_with("pgnear.") {
+                return None;
+            }
+            format!("S {name}={}", r.cstr())
+        }
+        b'E' | b'N' => {
+            let mut fields = Vec::new();
+            while let Some(&code) = r.0.first() {
+                if code == 0 {
+                    break;
+                }
+                r.take(1);
+                fields.push(format!("{}={}", code as char, r.cstr()));
+            }
+            format!("{t} {}", fields.join(" | "))
+        }
+        b'T' => {
+            let cols: Vec<String> = (0..r.u16())
+                .map(|_| {
+                    let name = r.cstr();
+                    let table = r.i32() as u32;
+                    let table = if table == 0 || table == mask.table {
+                        table.to_string()
+                    } else {
+                        "<temp>".into()
+                    };
+                    let (att, typ, len, modifier, format) =
+                        (r.u16(), r.i32(), r.u16() as i16, r.i32(), r.u16());
+                    format!("{name}:{table}.{att}:{typ}/{len}/{modifier}/{format}")
+                })
+                .collect();
+            format!("T {}", cols.join(" "))
+        }
+        b'D' => {
+            let cols: Vec<String> = (0..r.u16())
+                .map(|_| match r.i32() {
+                    -1 => "NULL".into(),
+                    n => value(r.take(n as usize)),
+                })
+                .collect();
+            format!("D {}", cols.join(" "))
+        }
+        b'V' => match r.i32() {
+            -1 => "V NULL".into(),
+            4 => {
+                let v = r.i32() as u32;
+                // lo_creat's new oid comes from the server's oid counter.
+                if v >= 16384 && !(FIXED_LO..FIXED_LO + 100).contains(&v) {
+                    "V <new oid>".into()
+                } else {
+                    format!("V {v}")
+                }
+            }
+            n => format!("V {}", value(r.take(n as usize))),
+        },
+        b'A' => {
+            let pid = r.i32();
+            let from = if pid == mask.own_pid { "self" } else { "other" };
+            format!("A from {from}: {} {:?}", r.cstr(), r.cstr())
+        }
+        b'K' => "K <masked>".into(),
+        b'C' => format!("C {}", r.cstr()),
+        b'Z' => format!("Z {}", value(body)),
+        b'd' => format!("d {}", value(body)),
+        _ => format!("{t} {}", value(body)),
+    })
+}
+
+async fn read_frame<S: AsyncRead + Unpin>(s: &mut S) -> std::io::Result<(u8, Vec<u8>)> {
+    let mut head = [0u8; 5];
+    s.read_exact(&mut head).await?;
+    let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+    let mut body = vec![0u8; len.saturating_sub(4)];
+    s.read_exact(&mut body).await?;
+    Ok((head[0], body))
+}
+
+/// How an exchange ended.
+#[derive(Debug, PartialEq)]
+enum End {
+    /// Every batch answered (as far as Postgres answers it).
+    Answered,
+    /// The server closed the connection.
+    Closed,
+    /// Nothing within [`PGNEAR_WAIT`] where Postgres had answered (pgnear only).
+    Hang(String),
+}
+
+struct Answer {
+    frames: Vec<String>,
+    /// ReadyForQuery messages received after each batch, cumulated.
+    ready: Vec<usize>,
+    end: End,
+}
+
+/// Starts a session on `s` and runs `batches`. Direct (`expect` none): after each batch, reads
+/// until its upper bound of ReadyForQuery or [`DIRECT_IDLE`] of silence. Through pgnear: reads
+/// until the direct connection's count after that batch.
+async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    batches: &[Vec<Msg>],
+    oids: &Oids,
+    table: u32,
+    expect: Option<&[usize]>,
+) -> Answer {
+    let o = cluster().options();
+    let startup = startup_packet(&[("user", &o.app_user), ("database", &o.database)], 196608);
+    let mut mask = Mask { table, own_pid: 0 };
+    let mut answer = Answer {
+        frames: Vec::new(),
+        ready: Vec::new(),
+        end: End::Answered,
+    };
+    let started = async {
+        s.write_all(&startup).await?;
+        loop {
+            let (tag, body) = read_frame(s).await?;
+            match tag {
+                b'K' => mask.own_pid = Reader(&body).i32(),
+                b'E' => return Err(std::io::Error::other(render(tag, &body, &mask).unwrap())),
+                b'Z' => return Ok(()),
+                _ => {}
+            }
+        }
+    };
+    match tokio::time::timeout(PGNEAR_WAIT, started).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            answer.end = End::Hang(format!("startup failed: {e}"));
+            return answer;
+        }
+        Err(_) => {
+            answer.end = End::Hang("no startup answer".into());
+            return answer;
+        }
+    }
+    let mut ready = 0;
+    'batches: for (i, batch) in batches.iter().enumerate() {
+        let bytes: Vec<u8> = batch.iter().flat_map(|m| m.encode(oids)).collect();
+        if s.write_all(&bytes).await.is_err() {
+            answer.end = End::Closed;
+            break;
+        }
+        let target = match expect {
+            Some(counts) => counts[i],
+            None => ready + batch.iter().map(Msg::max_ready).sum::<usize>(),
+        };
+        while ready < target {
+            let wait = if expect.is_some() {
+                PGNEAR_WAIT
+            } else {
+                DIRECT_IDLE
+            };
+            match tokio::time::timeout(wait, read_frame(s)).await {
+                Ok(Ok((tag, body))) => {
+                    ready += usize::from(tag == b'Z');
+                    answer.frames.extend(render(tag, &body, &mask));
+                }
+                Ok(Err(_)) => {
+                    answer.end = End::Closed;
+                    break 'batches;
+                }
+                Err(_) if expect.is_none() => break,
+                Err(_) => {
+                    answer.end = End::Hang(format!(
+                        "nothing for {wait:?} after batch {i}: {ready} of {target} ReadyForQuery"
+                    ));
+                    break 'batches;
+                }
+            }
+        }
+        answer.ready.push(ready);
+    }
+    let _ = s.write_all(&frame(b'X', &[])).await;
+    answer
+}
+
+/// A target's scratch table, its fixed large objects, and a direct admin connection.
+struct Scratch {
+    table: String,
+    lo: u32,
+    admin: Client,
+    oids: Oids,
+    table_oid: u32,
+}
+
+impl Scratch {
+    async fn new(table: &str, lo: u32) -> Scratch {
+        let admin = connect(&cluster().primary_url_from(PRIMARY)).await;
+        admin
+            .batch_execute(&format!(
+                "SET lock_timeout = '10s';
+                 DROP TABLE IF EXISTS {table};
+                 CREATE TABLE {table} (id int PRIMARY KEY, v text NOT NULL)"
+            ))
+            .await
+            .unwrap();
+        let row = admin
+            .query_one(
+                "SELECT 'lo_creat'::regproc::oid, 'lo_create'::regproc::oid,
+                        'lo_unlink'::regproc::oid, $1::text::regclass::oid",
+                &[&table],
+            )
+            .await
+            .unwrap();
+        Scratch {
+            table: table.to_string(),
+            lo,
+            oids: Oids {
+                lo_creat: row.get(0),
+                lo_create: row.get(1),
+                lo_unlink: row.get(2),
+            },
+            table_oid: row.get(3),
+            admin,
+        }
+    }
+
+    /// Puts the table and the fixed large objects back as every sequence starts from them.
+    async fn reset(&self) -> Result<(), tokio_postgres::Error> {
+        let (table, lo) = (&self.table, self.lo);
+        self.admin
+            .batch_execute(&format!(
+                "TRUNCATE {table}; INSERT INTO {table} VALUES (1, 'one'), (2, 'two'), (3, 'three');
+                 SELECT lo_unlink(oid) FROM pg_largeobject_metadata
+                  WHERE oid >= {lo} AND oid < {lo} + 10"
+            ))
+            .await
+    }
+
+    /// `batches` on a new direct connection to the primary (its Unix socket: trust auth).
+    async fn direct(&self, batches: &[Vec<Msg>]) -> Answer {
+        // A failure here (lock timeout) means that a server connection of pgnear's still holds
+        // a lock from the previous sequence, whose client has gone.
+        self.reset()
+            .await
+            .expect("resetting the scratch table after the previous sequence");
+        let primary = cluster().primary();
+        let socket = primary
+            .socket_dir()
+            .join(format!(".s.PGSQL.{}", primary.addr().port()));
+        let mut s = tokio::net::UnixStream::connect(&socket).await.unwrap();
+        exchange(&mut s, batches, &self.oids, self.table_oid, None).await
+    }
+
+    /// `batches` through pgnear, expecting `direct`'s ReadyForQuery counts; the answer, and
+    /// what went wrong besides it.
+    async fn via(
+        &self,
+        p: &Proxy,
+        region: &str,
+        batches: &[Vec<Msg>],
+        direct: &Answer,
+    ) -> (Answer, Option<String>) {
+        let problem = self
+            .reset()
+            .await
+            .err()
+            .map(|e| format!("resetting the scratch table failed: {e}"));
+        if region == REPLICA {
+            cluster().wait_replicas_caught_up().await.unwrap();
+        }
+        let mut s = tokio::net::TcpStream::connect(p.addr()).await.unwrap();
+        let via = exchange(
+            &mut s,
+            batches,
+            &self.oids,
+            self.table_oid,
+            Some(&direct.ready),
+        )
+        .await;
+        let problem = problem.or_else(|| {
+            (direct.frames != via.frames || direct.end != via.end)
+                .then(|| "the answers differ".to_string())
+        });
+        (via, problem)
+    }
+}
+
+fn show(batches: &[Vec<Msg>]) -> String {
+    let mut out = String::new();
+    for (i, b) in batches.iter().enumerate() {
+        out.push_str(&format!("  batch {i}:\n"));
+        for m in b {
+            out.push_str(&format!("    {m:?}\n"));
+        }
+    }
+    out
+}
+
+fn show_answers(direct: &Answer, via: &Answer) -> String {
+    let first = direct
+        .frames
+        .iter()
+        .zip(&via.frames)
+        .position(|(d, v)| d != v)
+        .unwrap_or(direct.frames.len().min(via.frames.len()));
+    let mut out = format!(
+        "  first difference at message {first}\n  direct ({:?}):\n",
+        direct.end
+    );
+    for f in &direct.frames {
+        out.push_str(&format!("    {f}\n"));
+    }
+    out.push_str(&format!("  pgnear ({:?}):\n", via.end));
+    for f in &via.frames {
+        out.push_str(&format!("    {f}\n"));
+    }
+    out
+}
+
+/// When to stop: `PGNEAR_FUZZ_SECONDS` or 200 sequences.
+fn budget() -> (Option<Duration>, usize) {
+    match std::env::var("PGNEAR_FUZZ_SECONDS") {
+        Ok(s) => (
+            Some(Duration::from_secs(
+                s.parse()
+                    .expect("PGNEAR_FUZZ_SECONDS is a number of seconds"),
+            )),
+            usize::MAX,
+        ),
+        Err(_) => (None, 200),
+    }
+}
+
+/// Fuzzes one pgnear target (region, pool mode) against the primary; `salt` picks the target's
+/// seeds, scratch table and large-object oids.
+fn fuzz(region: &'static str, pool: PoolMode, salt: u32) {
+    let (seconds, sequences) = budget();
+    cluster();
+    rt().block_on(async {
+        // Bounded like `run`: every read has its own timeout, this catches anything else.
+        let limit = seconds.unwrap_or(Duration::ZERO) + Duration::from_secs(300);
+        tokio::time::timeout(limit, fuzz_target(region, pool, salt, seconds, sequences))
+            .await
+            .expect("the fuzzer ran past its budget");
+    });
+}
+
+/// A pgnear in `region` with trust auth and `pool` mode.
+async fn pgnear(region: &str, pool: PoolMode) -> Proxy {
+    proxy(region, |c| {
+        c.auth.method = Some(AuthMethod::Trust);
+        c.pool.mode = pool;
+    })
+    .await
+}
+
+async fn fuzz_target(
+    region: &'static str,
+    pool: PoolMode,
+    salt: u32,
+    seconds: Option<Duration>,
+    sequences: usize,
+) {
+    let table = format!("fz_{region}_{pool:?}").to_lowercase();
+    let scratch = Scratch::new(&table, FIXED_LO + 10 * salt).await;
+    let p = pgnear(region, pool).await;
+    let first_seed = std::env::var("PGNEAR_FUZZ_SEED")
+        .map(|s| s.parse().expect("PGNEAR_FUZZ_SEED is a number"))
+        .unwrap_or(u64::from(salt) << 32);
+    let start = Instant::now();
+    let mut compared = 0;
+    let mut divergences = Vec::new();
+    for seed in first_seed.. {
+        let done = match seconds {
+            Some(s) => start.elapsed() >= s,
+            None => compared >= sequences,
+        };
+        if done {
+            break;
+        }
+        let batches = generate(seed, &table, scratch.lo);
+        let direct = scratch.direct(&batches).await;
+        let (via, problem) = scratch.via(&p, region, &batches, &direct).await;
+        compared += 1;
+        if let Some(what) = problem {
+            println!(
+                "DIVERGENCE {region}/{pool:?} seed {seed}: {what}\n{}{}",
+                show(&batches),
+                show_answers(&direct, &via)
+            );
+            divergences.push(seed);
+        }
+    }
+    println!(
+        "protocol fuzz {region}/{pool:?}: {:.1} minutes, {compared} sequences compared, {} divergences {divergences:?}",
+        start.elapsed().as_secs_f64() / 60.0,
+        divergences.len()
+    );
+    // No `shutdown`: it waits for every session, and a session pgnear left hanging never ends.
+    drop(p);
+    assert!(
+        divergences.is_empty(),
+        "{region}/{pool:?}: divergences at seeds {divergences:?} (details above)"
+    );
+}
+
+// The fuzz tests find the pgnear bugs of the ignored regression tests below (and more, see
+// the report on the `fuzz` branch) at almost every run; run them with `--ignored`.
+#[test]
+#[ignore = "pgnear bugs: divergences in every run (see the ignored regression tests)"]
+fn fuzz_primary_region_session_pool() {
+    fuzz(PRIMARY, PoolMode::Session, 1);
+}
+
+#[test]
+#[ignore = "pgnear bugs: divergences in every run (see the ignored regression tests)"]
+fn fuzz_primary_region_transaction_pool() {
+    fuzz(PRIMARY, PoolMode::Transaction, 2);
+}
+
+#[test]
+#[ignore = "pgnear bugs: divergences in every run (see the ignored regression tests)"]
+fn fuzz_replica_region_session_pool() {
+    fuzz(REPLICA, PoolMode::Session, 3);
+}
+
+#[test]
+#[ignore = "pgnear bugs: divergences in every run (see the ignored regression tests)"]
+fn fuzz_replica_region_transaction_pool() {
+    fuzz(REPLICA, PoolMode::Transaction, 4);
+}
+
+const TARGETS: [(&str, PoolMode); 4] = [
+    (PRIMARY, PoolMode::Session),
+    (PRIMARY, PoolMode::Transaction),
+    (REPLICA, PoolMode::Session),
+    (REPLICA, PoolMode::Transaction),
+];
+
+/// Runs `batches` directly and through pgnear in every target; asserts the direct answer.
+fn assert_as_direct(table: &str, lo: u32, batches: &[Vec<Msg>]) {
+    run(async {
+        let scratch = Scratch::new(table, lo).await;
+        for (region, pool) in TARGETS {
+            let p = pgnear(region, pool).await;
+            let direct = scratch.direct(batches).await;
+            let (via, problem) = scratch.via(&p, region, batches, &direct).await;
+            assert!(
+                problem.is_none(),
+                "{region}/{pool:?}: {problem:?}\n{}{}",
+                show(batches),
+                show_answers(&direct, &via)
+            );
+        }
+    });
+}
+
+fn parse(name: &'static str, sql: &str) -> Msg {
+    Msg::Parse {
+        name,
+        sql: sql.into(),
+        types: Vec::new(),
+    }
+}
+
+fn bind(portal: &'static str, stmt: &'static str, params: Vec<Option<&'static str>>) -> Msg {
+    Msg::Bind {
+        portal,
+        stmt,
+        params,
+        binary: false,
+    }
+}
+
+fn execute(portal: &'static str) -> Msg {
+    Msg::Execute {
+        portal,
+        max_rows: 0,
+    }
+}
+
+fn query(sql: &str) -> Msg {
+    Msg::Query(sql.into())
+}
+
+/// A Query after an extended-protocol error and before the Sync is skipped by Postgres (no
+/// answer at all); pgnear waited for its answer and never relayed the next one.
+#[test]
+#[ignore = "pgnear bug: a Query skipped by Postgres after an extended-protocol error hangs the session"]
+fn query_skipped_after_extended_error() {
+    assert_as_direct(
+        "fz_skip",
+        FIXED_LO + 100,
+        &[
+            vec![
+                parse("", "SELEC 1"),
+                query("INSERT INTO fz_skip VALUES (10, 'ten')"),
+                Msg::Sync,
+            ],
+            vec![query("SELECT 2")],
+        ],
+    );
+}
+
+/// The same for a FunctionCall, then an extended-protocol write.
+#[test]
+#[ignore = "pgnear bug: a FunctionCall skipped by Postgres after an extended-protocol error desyncs the session"]
+fn function_call_skipped_after_extended_error() {
+    assert_as_direct(
+        "fz_skipf",
+        FIXED_LO + 110,
+        &[
+            vec![
+                parse("", "SELEC 1"),
+                Msg::Call(Func::LoUnlink, FIXED_LO + 110),
+                Msg::Sync,
+            ],
+            vec![
+                parse("", "UPDATE fz_skipf SET v = 'u' WHERE id = 3"),
+                bind("", "", vec![]),
+                execute(""),
+            ],
+            vec![Msg::Sync],
+            vec![Msg::Sync, query("SELECT 2")],
+        ],
+    );
+}
+
+/// Describe of a statement that does not exist yet, then its Parse in the same pipeline.
+#[test]
+#[ignore = "pgnear bug: a statement Parsed later in a pipeline is prepared before an earlier Describe"]
+fn describe_before_parse_in_one_pipeline() {
+    assert_as_direct(
+        "fz_desc",
+        FIXED_LO + 120,
+        &[
+            vec![Msg::Describe('S', "s1"), parse("s1", "SELECT 1"), Msg::Sync],
+            vec![parse("s1", "SELECT 2"), Msg::Sync],
+        ],
+    );
+}
+
+/// An extended-protocol write whose Sync arrives in a later packet, then another Sync.
+#[test]
+fn write_then_sync_in_a_later_packet() {
+    assert_as_direct(
+        "fz_lsn",
+        FIXED_LO + 130,
+        &[
+            vec![
+                parse("", "UPDATE fz_lsn SET v = 'u' WHERE id = 3"),
+                bind("", "", vec![]),
+                execute(""),
+            ],
+            vec![Msg::Sync],
+            vec![Msg::Sync, query("SELECT 1")],
+        ],
+    );
+}
+
+/// COPY FROM STDIN right after an extended-protocol statement without a Sync.
+#[test]
+#[ignore = "pgnear bug: pgnear sends a Query of its own to a server in copy-in mode"]
+fn copy_in_after_unsynced_extended_statement() {
+    assert_as_direct(
+        "fz_copy",
+        FIXED_LO + 140,
+        &[
+            vec![query("COPY fz_copy FROM STDIN")],
+            vec![
+                Msg::CopyDone,
+                parse("", "ROLLBACK"),
+                bind("", "", vec![]),
+                execute(""),
+                query("COPY fz_copy FROM STDIN"),
+            ],
+            vec![Msg::CopyDone, Msg::Sync],
+            vec![query("SELECT 1")],
+        ],
+    );
+}
+
+/// A second Parse of a statement name that exists is 42P05 in Postgres.
+#[test]
+#[ignore = "pgnear bug: a second Parse of an existing statement name succeeds (and errors name pgnear_<hash> statements)"]
+fn parse_of_an_existing_name_fails() {
+    assert_as_direct(
+        "fz_dup",
+        FIXED_LO + 150,
+        &[
+            vec![parse("s1", "SELECT 1"), Msg::Sync],
+            vec![parse("s1", "SELECT 2"), Msg::Sync],
+            vec![
+                parse("s2", "SELECT $1::int"),
+                bind("", "s2", vec![]),
+                Msg::Sync,
+            ],
+        ],
+    );
+}
+
+/// COPY FROM STDIN with its data and the next query in one packet, an error mid-copy.
+#[test]
+fn pipelined_copy_in_with_an_error() {
+    assert_as_direct(
+        "fz_pcopy",
+        FIXED_LO + 160,
+        &[vec![
+            query("COPY fz_pcopy FROM STDIN"),
+            Msg::CopyData("x\tbad\n"),
+            Msg::CopyDone,
+            query("SELECT 1"),
+        ]],
+    );
+}
