@@ -101,7 +101,10 @@ mod tests {
             secret: vec![1, 2, 3, 4],
         };
         *key.slot.lock().unwrap() = Some(target.clone());
-        assert_eq!(reg.lookup(key.pid, &key.secret.to_be_bytes()), Some(target.clone()));
+        assert_eq!(
+            reg.lookup(key.pid, &key.secret.to_be_bytes()),
+            Some(target.clone())
+        );
         assert_eq!(reg.client_pid(target.addr, 42), Some(key.pid));
         assert_eq!(reg.client_pid(target.addr, 43), None);
         assert_eq!(reg.client_pid("127.0.0.1:5433".parse().unwrap(), 42), None);

@@ -83,7 +83,6 @@ fn lab() -> &'static Lab {
     })
 }
 
-
 /// Runs a driver's scenario with the lab's URLs in its environment; panics with its output when
 /// it fails. A scenario that hangs is killed (its own waits are bounded well below this).
 fn run_scenario(name: &str, mut cmd: Command) {

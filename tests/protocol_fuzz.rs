@@ -1056,7 +1056,6 @@ fn query(sql: &str) -> Msg {
 /// A Query after an extended-protocol error and before the Sync is skipped by Postgres (no
 /// answer at all); pgnear waited for its answer and never relayed the next one.
 #[test]
-#[ignore = "pgnear bug: a Query skipped by Postgres after an extended-protocol error hangs the session"]
 fn query_skipped_after_extended_error() {
     assert_as_direct(
         "fz_skip",
@@ -1074,7 +1073,6 @@ fn query_skipped_after_extended_error() {
 
 /// The same for a FunctionCall, then an extended-protocol write.
 #[test]
-#[ignore = "pgnear bug: a FunctionCall skipped by Postgres after an extended-protocol error desyncs the session"]
 fn function_call_skipped_after_extended_error() {
     assert_as_direct(
         "fz_skipf",

@@ -199,7 +199,8 @@ impl Expectations {
                 if !front.is_sync_point() {
                     // Extended protocol: the server now skips everything up to the next Sync,
                     // Queries and FunctionCalls included.
-                    while let Some(&(p, o)) = self.queue.front().filter(|(p, _)| *p != Pending::Sync)
+                    while let Some(&(p, o)) =
+                        self.queue.front().filter(|(p, _)| *p != Pending::Sync)
                     {
                         self.queue.pop_front();
                         if p.is_sync_point() && o.is_client() {

@@ -31,7 +31,9 @@ impl ReportedValues {
 
     /// The value a server reports for `name` after the client set it to `value`, if learned.
     pub fn get(&self, name: &str, value: &str) -> Option<String> {
-        self.map().get(&(name.to_string(), value.to_string())).cloned()
+        self.map()
+            .get(&(name.to_string(), value.to_string()))
+            .cloned()
     }
 
     /// Sets each (name, value) on `conn` and resets it, recording what the server reports.
@@ -43,7 +45,11 @@ impl ReportedValues {
     ) -> Result<(), PgError> {
         let mut sql = String::new();
         for (name, value) in wanted {
-            sql.push_str(&format!("SET {} TO {}; ", quote_name(name), quote_literal(value)));
+            sql.push_str(&format!(
+                "SET {} TO {}; ",
+                quote_name(name),
+                quote_literal(value)
+            ));
         }
         for (name, _) in wanted {
             sql.push_str(&format!("RESET {}; ", quote_name(name)));

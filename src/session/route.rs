@@ -170,6 +170,10 @@ impl Session {
         let prepared_on = self
             .unsynced
             .filter(|_| !self.unsynced_executed && self.open_tx.is_none());
+        let prepared_on = match prepared_on {
+            Some(_) if !self.prepared_fine().await? => None,
+            other => other,
+        };
         if prepared_on.is_some() {
             self.unsynced = None;
         }
@@ -653,7 +657,8 @@ impl Session {
             && !self.unsynced_executed
             && plan.executes
             && !plan.sticky
-            && self.open_tx.is_none();
+            && self.open_tx.is_none()
+            && self.prepared_fine().await?;
         let (role, reason) = if let Some(role) = self.copy_role() {
             // What follows a COPY FROM STDIN (its Sync, say) belongs to the server running it.
             (role, Reason::Transaction)
@@ -863,6 +868,18 @@ impl Session {
                 || plan.taints
                 || plan.copy
                 || self.state.pins.extended_state)
+    }
+
+    /// Whether the prepare-only exchange a Flush left open succeeded, once its answers are in:
+    /// after an error the server skips everything up to the Sync, so what follows must go
+    /// where it is skipped too, not run elsewhere. (Drivers wait for those answers before
+    /// going on, so this rarely waits.)
+    async fn prepared_fine(&mut self) -> Result<bool, PgError> {
+        let Some(role) = self.unsynced else {
+            return Ok(true);
+        };
+        self.drain(role).await?;
+        Ok(self.slot_ref(role).is_none_or(|s| !s.expect.skipping))
     }
 
     /// Ends an exchange that only prepared and described on `role` (it was left open by a

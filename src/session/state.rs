@@ -311,7 +311,11 @@ impl SessionState {
                 Some(n) => self.log.retain(|e| e.name.as_deref() != Some(n.as_str())),
             }
             // One statement setting two names is kept once.
-            if self.log.last().is_some_and(|e| e.seq == self.seq && e.sql == sql) {
+            if self
+                .log
+                .last()
+                .is_some_and(|e| e.seq == self.seq && e.sql == sql)
+            {
                 continue;
             }
             self.log.push(Entry {
@@ -463,7 +467,10 @@ mod tests {
             s.replay_since(0).unwrap(),
             "SET search_path = x; RESET SESSION AUTHORIZATION"
         );
-        run(&mut s, "SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL SERIALIZABLE, READ ONLY");
+        run(
+            &mut s,
+            "SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL SERIALIZABLE, READ ONLY",
+        );
         assert!(s.serializable_default && s.read_only_default);
         assert_eq!(
             s.replay_since(0).unwrap(),
