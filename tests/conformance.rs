@@ -584,3 +584,72 @@ fn an_invalid_startup_packet_closes_silently() {
         }
     });
 }
+
+/// A raw protocol session (trust) with extra startup parameters; the startup's frames.
+async fn raw_session_with(
+    p: &pgnear::Proxy,
+    extra: &[(&str, &str)],
+) -> (tokio::net::TcpStream, Vec<(u8, Vec<u8>)>) {
+    let o = cluster().options();
+    let mut params = vec![
+        ("user", o.app_user.as_str()),
+        ("database", o.database.as_str()),
+    ];
+    params.extend_from_slice(extra);
+    let mut s = tokio::net::TcpStream::connect(p.addr()).await.unwrap();
+    s.write_all(&startup_packet(&params, 196608)).await.unwrap();
+    let frames = frames_until(&mut s, b'Z').await;
+    (s, frames)
+}
+
+/// RESET ALL, DISCARD ALL and RESET of a startup parameter return it to the value the client
+/// gave at startup, as on a direct connection (asyncpg's pool resets with RESET ALL), and the
+/// client is told nothing changed. Startup values are reported as the server normalises them.
+#[test]
+fn resets_return_to_the_startup_values() {
+    run(async {
+        for pool in MODES {
+            for region in [PRIMARY, REPLICA] {
+                let p = proxy(region, mode(pool)).await;
+                let startup = [
+                    ("application_name", "conf_app"),
+                    ("client_encoding", "utf-8"),
+                    ("DateStyle", "ISO"),
+                ];
+                let (mut s, frames) = raw_session_with(&p, &startup).await;
+                let told = statuses(&frames);
+                for (name, value) in [
+                    ("application_name", "conf_app"),
+                    ("client_encoding", "UTF8"),
+                    ("DateStyle", "ISO, MDY"),
+                ] {
+                    assert!(
+                        told.contains(&(name.to_string(), value.to_string())),
+                        "{pool:?} {region}: {name} at startup: {told:?}"
+                    );
+                }
+                for reset in ["RESET ALL", "DISCARD ALL", "RESET application_name"] {
+                    simple(&mut s, "SET application_name = 'changed'").await;
+                    let got = simple(&mut s, reset).await;
+                    assert_eq!(
+                        statuses(&got),
+                        [("application_name".to_string(), "conf_app".to_string())],
+                        "{pool:?} {region}: {reset}: {got:?}"
+                    );
+                    let tags: Vec<u8> = got.iter().map(|(t, _)| *t).collect();
+                    assert_eq!(tags, b"CSZ", "{pool:?} {region}: {reset}");
+                    let shown = simple(&mut s, "SHOW application_name").await;
+                    let row = &shown.iter().find(|(t, _)| *t == b'D').expect("a row").1;
+                    assert_eq!(&row[6..], b"conf_app", "{pool:?} {region}: after {reset}");
+                }
+                // On the other server too (a write moves the session to the primary).
+                simple(&mut s, "RESET ALL").await;
+                let got = simple(&mut s, "CREATE TEMP TABLE reset_t (a int)").await;
+                assert!(statuses(&got).is_empty(), "{pool:?} {region}: {got:?}");
+                let shown = simple(&mut s, "SELECT current_setting('application_name')").await;
+                let row = &shown.iter().find(|(t, _)| *t == b'D').expect("a row").1;
+                assert_eq!(&row[6..], b"conf_app", "{pool:?} {region}");
+            }
+        }
+    });
+}

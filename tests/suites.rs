@@ -58,16 +58,6 @@ const MAY_DIFFER: &[(&str, &str)] = &[
         "tests.test_execute.TestExecuteMany.test_executemany_server_failure_during_writes",
         "pipelined rows in flight when the server fails",
     ),
-    // asyncpg's pool resets a connection with RESET ALL on release: through pgnear that returns
-    // startup parameters (application_name here) to the server's default (README, Limitations).
-    (
-        "tests.test_pool.TestPool.test_pool_set_connection_args",
-        "RESET ALL returns startup parameters to the server default",
-    ),
-    (
-        "tests.test_pool.TestPool.test_pool_config_persistence",
-        "RESET ALL returns startup parameters to the server default (not yet confirmed)",
-    ),
     // Not explained yet (issue #19): a cancel after command_timeout on a loaded machine passes
     // when run alone; introspection without a statement cache in the primary region.
     (

@@ -62,6 +62,9 @@ impl Pending {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Owner {
     Client,
+    /// The client's, but for its ReadyForQuery, which the request after it (pgnear's own
+    /// `Purpose::Restore`) sends in its place.
+    ClientBody,
     /// The client's, but held back until it is clear the replica will not refuse it as a write
     /// (SQLSTATE 25006), in which case it runs again on the primary.
     Tentative,
@@ -71,7 +74,20 @@ pub enum Owner {
 
 impl Owner {
     pub fn is_client(self) -> bool {
-        matches!(self, Owner::Client | Owner::Tentative)
+        matches!(self, Owner::Client | Owner::ClientBody | Owner::Tentative)
+    }
+
+    /// Whether this entry's ReadyForQuery ends a client request (and goes to the client).
+    fn ends_client_request(self) -> bool {
+        matches!(
+            self,
+            Owner::Client | Owner::Tentative | Owner::Internal(Purpose::Restore)
+        )
+    }
+
+    /// Whether its errors and notices are pgnear's own business (not the client's).
+    fn quiet(self) -> bool {
+        matches!(self, Owner::Internal(Purpose::WriteLsn | Purpose::Restore))
     }
 }
 
@@ -82,6 +98,10 @@ pub enum Purpose {
     WriteLsn,
     /// Session state or prepared statement replayed on a server that lacked it.
     Sync,
+    /// The client's startup settings applied again behind its RESET ALL (or DISCARD ALL, or
+    /// RESET of one of them), which returned them to the server's defaults: its
+    /// ReadyForQuery ends the client's request (see `Owner::ClientBody`).
+    Restore,
 }
 
 /// The outcome of matching one server frame.
@@ -163,6 +183,13 @@ impl Expectations {
         std::mem::take(&mut self.skipped)
     }
 
+    /// Makes the last entry's ReadyForQuery pgnear's (see `Owner::ClientBody`).
+    pub fn defer_ready(&mut self) {
+        if let Some((_, o)) = self.queue.back_mut().filter(|(_, o)| *o == Owner::Client) {
+            *o = Owner::ClientBody;
+        }
+    }
+
     pub fn clear(&mut self) {
         self.queue.clear();
     }
@@ -173,7 +200,7 @@ impl Expectations {
             // Asynchronous messages can arrive at any time; they always reach the client.
             be::NOTICE_RESPONSE | be::NOTIFICATION => {
                 let owner = self.queue.front().map(|(_, o)| *o);
-                let forward = owner != Some(Owner::Internal(Purpose::WriteLsn));
+                let forward = !owner.is_some_and(Owner::quiet);
                 Matched {
                     forward,
                     completed: None,
@@ -211,7 +238,7 @@ impl Expectations {
                 }
                 // An error caused by pgnear's state replay matters to the client; only the LSN
                 // lookup's failure (e.g. after an aborted transaction) is pgnear's own business.
-                let forward = owner != Owner::Internal(Purpose::WriteLsn);
+                let forward = !owner.quiet();
                 Matched {
                     forward,
                     completed: None,
@@ -224,7 +251,7 @@ impl Expectations {
                 while let Some((p, o)) = self.queue.pop_front() {
                     if p.is_sync_point() {
                         return Matched {
-                            forward: o.is_client(),
+                            forward: o.ends_client_request(),
                             completed: Some((p, o)),
                             owner: Some(o),
                         };
@@ -339,6 +366,23 @@ mod tests {
         e.push(Pending::Parse, Owner::Client);
         assert_eq!(run(&mut e, b"E"), vec![true]);
         assert!(e.skipping);
+    }
+
+    /// A RESET ALL's own ReadyForQuery is swallowed; the restore behind it answers for it.
+    #[test]
+    fn restore_answers_for_the_client() {
+        let mut e = Expectations::default();
+        e.push(Pending::Query, Owner::Client);
+        e.defer_ready();
+        e.push(Pending::Query, Owner::Internal(Purpose::Restore));
+        assert_eq!(run(&mut e, b"CZ"), vec![true, false]);
+        assert_eq!(run(&mut e, b"CCNZ"), vec![false, false, false, true]);
+        assert!(e.is_empty());
+        // In a failed transaction the restore's error stays pgnear's.
+        e.push(Pending::Query, Owner::Client);
+        e.defer_ready();
+        e.push(Pending::Query, Owner::Internal(Purpose::Restore));
+        assert_eq!(run(&mut e, b"EZEZ"), vec![true, false, false, true]);
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! How servers report the values clients give at startup: Postgres answers a client's
 //! `client_encoding=utf-8` with ParameterStatus `client_encoding` = `UTF8`, `DateStyle=ISO` with
 //! `ISO, MDY`. pgnear answers a startup without a server, so it learns each (name, value) once
-//! from one (setting and resetting it on a pooled connection) and tells later clients the
+//! from one (setting it on a pooled connection, which is then reset) and tells later clients the
 //! same, as a direct connection would. A value the server refuses refuses the client, with the
 //! server's own error, as Postgres does at startup.
 
@@ -36,8 +36,9 @@ impl ReportedValues {
             .cloned()
     }
 
-    /// Sets each (name, value) on `conn` and resets it, recording what the server reports.
-    /// The connection is left as it was.
+    /// Sets each (name, value) on `conn`, recording what the server reports (Postgres reports
+    /// changes at the query's end: a reset in the same query would hide them). The caller
+    /// resets the connection before anyone else uses it.
     pub async fn learn(
         &self,
         conn: &mut ServerConn,
@@ -50,9 +51,6 @@ impl ReportedValues {
                 quote_name(name),
                 quote_literal(value)
             ));
-        }
-        for (name, _) in wanted {
-            sql.push_str(&format!("RESET {}; ", quote_name(name)));
         }
         let mut out = BytesMut::new();
         postgres_protocol::message::frontend::query(&sql, &mut out)

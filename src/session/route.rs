@@ -206,6 +206,7 @@ impl Session {
             };
             self.start_deferred(sets).await?;
         }
+        let restore = self.state.restore_after(&c);
         let change = self.state.prepare_change(sql, &c);
         if let Some(change) = &change {
             self.state.apply_pins(change);
@@ -260,8 +261,11 @@ impl Session {
             Some(TxEffect::End) => self.open_tx = None,
             None => {}
         }
-        let retry = (role == Role::Replica && reason == Reason::Read && self.open_tx.is_none())
-            .then(|| frame.clone());
+        let retry = (role == Role::Replica
+            && reason == Reason::Read
+            && self.open_tx.is_none()
+            && restore.is_none())
+        .then(|| frame.clone());
         let capture = role == Role::Primary
             && self.open_tx.is_none()
             && !c.is_read()
@@ -301,6 +305,11 @@ impl Session {
             server.send_internal_frame(tag::SYNC, &build_frame(tag::SYNC, &[]));
         }
         server.send_query(&frame, request);
+        if let Some(sql) = restore.filter(|_| !server.expect.skipping) {
+            // Its ReadyForQuery comes from the restore, once the startup settings are back.
+            server.expect.defer_ready();
+            server.send_internal_query(&sql, expect::Purpose::Restore);
+        }
         if capture {
             server.send_internal_query(WRITE_LSN_QUERY, expect::Purpose::WriteLsn);
         }

@@ -57,6 +57,9 @@ pub struct SessionState {
     pub unnamed: Option<Bytes>,
     /// Transaction mode: the client's statement names -> the shared server-side names.
     pub names: HashMap<String, String>,
+    /// The client's startup settings as (name, SQL): what RESET returns them to on a direct
+    /// connection (pgnear's server connections are opened without them).
+    startup: Vec<(String, String)>,
 }
 
 impl Default for SessionState {
@@ -72,6 +75,7 @@ impl Default for SessionState {
             statements: HashMap::new(),
             unnamed: None,
             names: HashMap::new(),
+            startup: Vec::new(),
         }
     }
 }
@@ -84,6 +88,9 @@ pub struct PendingState {
     settings: Vec<(Option<String>, String)>,
     effects: Vec<Kind>,
 }
+
+/// Returns a connection's settings to the server's defaults.
+const FULL_RESET: &str = "SET SESSION AUTHORIZATION DEFAULT; RESET ALL";
 
 /// A server's `synced` value when what it has applied is known only from its `Carry`
 /// (a connection fresh from the pool).
@@ -126,6 +133,8 @@ impl SessionState {
             state
                 .log
                 .retain(|e| e.name.as_deref() != Some(name.as_str()));
+            state.startup.retain(|(n, _)| *n != name);
+            state.startup.push((name.clone(), sql.clone()));
             state.seq += 1;
             state.log.push(Entry {
                 seq: state.seq,
@@ -134,6 +143,43 @@ impl SessionState {
             });
         }
         Ok(state)
+    }
+
+    /// The startup settings that statements `kinds` (in order) return to the server's
+    /// defaults and do not set again: RESET ALL, DISCARD ALL, RESET of one of them.
+    fn reset_startup<'a>(&self, kinds: impl Iterator<Item = &'a Kind>) -> Vec<&(String, String)> {
+        let mut reset: Vec<&(String, String)> = Vec::new();
+        for k in kinds {
+            match k {
+                Kind::Reset { name: None } | Kind::Discard { all: true } => {
+                    reset = self.startup.iter().collect();
+                }
+                Kind::Reset { name: Some(n) } => {
+                    if let Some(entry) = self.startup.iter().find(|(s, _)| s == n) {
+                        reset.retain(|(s, _)| s != n);
+                        reset.push(entry);
+                    }
+                }
+                Kind::Set {
+                    name, local: false, ..
+                } => reset.retain(|(s, _)| s != name),
+                _ => {}
+            }
+        }
+        reset
+    }
+
+    /// What applies the client's startup settings again after `c`, when it resets them (see
+    /// `Purpose::Restore`).
+    pub fn restore_after(&self, c: &Classified) -> Option<String> {
+        let reset = self.reset_startup(c.statements.iter().map(|s| &s.kind));
+        (!reset.is_empty()).then(|| {
+            reset
+                .iter()
+                .map(|(_, sql)| sql.as_str())
+                .collect::<Vec<_>>()
+                .join("; ")
+        })
     }
 
     /// The SQL that set `name`, if the session set it (or a reset or multi-setting statement
@@ -218,8 +264,13 @@ impl SessionState {
                 }
                 _ => {}
             }
-            // A statement classified from elsewhere (no text) replays the whole query.
-            let text = Some(s.text(sql)).filter(|t| !t.is_empty()).unwrap_or(sql);
+            // A statement classified from elsewhere (no text) replays the whole query. DISCARD
+            // ALL cannot run inside the transaction block a replayed multi-statement string is:
+            // elsewhere, its settings part is what the session has.
+            let text = match s.kind {
+                Kind::Discard { all: true } => FULL_RESET,
+                _ => Some(s.text(sql)).filter(|t| !t.is_empty()).unwrap_or(sql),
+            };
             settings.extend(names.into_iter().map(|n| (n, text.to_string())));
             if is_tracked(&s.kind) {
                 effects.push(s.kind.clone());
@@ -321,6 +372,22 @@ impl SessionState {
             self.log.push(Entry {
                 seq: self.seq,
                 name,
+                sql,
+            });
+        }
+        // The startup settings a reset returned to the server's defaults were applied again
+        // behind it (`restore_after`): they are the session's again.
+        let restored: Vec<(String, String)> = self
+            .reset_startup(p.effects.iter())
+            .into_iter()
+            .cloned()
+            .collect();
+        for (name, sql) in restored {
+            self.log
+                .retain(|e| e.name.as_deref() != Some(name.as_str()));
+            self.log.push(Entry {
+                seq: self.seq,
+                name: Some(name),
                 sql,
             });
         }
@@ -428,7 +495,7 @@ fn sync_steps<'a>(
         .count();
     let mut parts: Vec<&str> = Vec::new();
     if common < have.len() {
-        parts.push("SET SESSION AUTHORIZATION DEFAULT; RESET ALL");
+        parts.push(FULL_RESET);
         parts.extend(want.map(|(_, sql)| sql));
     } else {
         parts.extend(want.skip(common).map(|(_, sql)| sql));
