@@ -1096,7 +1096,6 @@ fn function_call_skipped_after_extended_error() {
 
 /// Describe of a statement that does not exist yet, then its Parse in the same pipeline.
 #[test]
-#[ignore = "pgnear bug: a statement Parsed later in a pipeline is prepared before an earlier Describe"]
 fn describe_before_parse_in_one_pipeline() {
     assert_as_direct(
         "fz_desc",
@@ -1128,7 +1127,6 @@ fn write_then_sync_in_a_later_packet() {
 
 /// COPY FROM STDIN right after an extended-protocol statement without a Sync.
 #[test]
-#[ignore = "pgnear bug: pgnear sends a Query of its own to a server in copy-in mode"]
 fn copy_in_after_unsynced_extended_statement() {
     assert_as_direct(
         "fz_copy",

@@ -13,7 +13,7 @@ use pgnear::backend::conn::Role;
 use pgnear::protocol::backend::{error_fields, first_column, header, parameter_status};
 use pgnear::protocol::{cstr, frames};
 use pgnear::session::expect::{Expectations, Owner, Pending, Purpose};
-use pgnear::session::server::{Reader, Request, ScanError, Seen};
+use pgnear::session::server::{Reader, Reported, Request, ScanError, Seen};
 
 const PENDING: [Pending; 8] = [
     Pending::Parse,
@@ -66,6 +66,7 @@ fuzz_target!(|data: &[u8]| {
     let mut tx = b'I';
     let mut cout = BytesMut::new();
     let mut seen = Seen::default();
+    let (mut server_params, mut told) = (Vec::new(), Vec::new());
     let mut fed = 0;
     for piece in server.chunks(chunk) {
         reader.feed(piece);
@@ -75,6 +76,10 @@ fuzz_target!(|data: &[u8]| {
             &mut expect,
             &mut tx,
             &mut requests,
+            Reported {
+                server: &mut server_params,
+                told: Some(&mut told),
+            },
             &mut cout,
             &mut seen,
         ) {

@@ -728,7 +728,7 @@ impl Session {
         let (idle, tx) = (server.expect.is_empty(), server.tx);
         let mut capture = false;
         for request in seen.done {
-            capture |= request.capture_after && !request.failed;
+            capture |= (request.capture_after && !request.failed) || request.capture_owed;
             if let Some(t) = request.started {
                 self.shared
                     .metrics
@@ -768,9 +768,16 @@ impl Session {
             }
         }
         if capture {
+            let open = self.unsynced == Some(role);
             if let Some(s) = self.slot(role).as_mut() {
-                s.send_internal_query(route::WRITE_LSN_QUERY, expect::Purpose::WriteLsn);
-                s.flush().await?;
+                if let Some(last) = s.requests.back_mut() {
+                    // The client sent more behind it (another COPY, say): the lookup waits for
+                    // the last, so that nothing of pgnear's reaches a server in copy-in mode.
+                    last.capture_owed = true;
+                } else if !(open || s.reader.copy_in || s.expect.skipping) {
+                    s.send_internal_query(route::WRITE_LSN_QUERY, expect::Purpose::WriteLsn);
+                    s.flush().await?;
+                }
             }
         }
         if let Some(retry) = seen.retry {

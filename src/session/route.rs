@@ -998,11 +998,14 @@ impl Session {
 
     /// A statement used (Bind, Describe) in the batch: it must exist where the batch runs.
     fn note_use(&mut self, stmt: &str, parsed_unnamed: bool, plan: &mut BatchPlan) {
-        let frame = match stmt {
-            "" => self.state.unnamed.as_ref(),
-            name => self.state.statements.get(name),
+        // A statement from an earlier batch: its text tells what the Parse's did then.
+        let earlier = match stmt {
+            "" if !parsed_unnamed => self.state.unnamed.as_ref(),
+            "" => None,
+            name if !plan.parsed.iter().any(|p| p == name) => self.state.statements.get(name),
+            _ => None,
         };
-        if let Some(sql) = frame.and_then(|f| parse_text(f)) {
+        if let Some(sql) = earlier.and_then(|f| parse_text(f)) {
             note_text(&sql, plan);
         }
         if stmt.is_empty() {
@@ -1013,11 +1016,15 @@ impl Session {
                 }
             }
         } else if !plan.parsed.iter().any(|p| p == stmt) {
-            if !plan.needs.iter().any(|n| n == stmt) {
-                plan.needs.push(stmt.to_string());
-            }
             match self.statement_class(Some(stmt)) {
-                Some(c) => self.note_statement(&c, plan),
+                Some(c) => {
+                    // Known from an earlier Parse: it is prepared where the batch runs. (One
+                    // parsed later in this batch does not exist yet when this message runs.)
+                    if !plan.needs.iter().any(|n| n == stmt) {
+                        plan.needs.push(stmt.to_string());
+                    }
+                    self.note_statement(&c, plan)
+                }
                 // Unknown to pgnear: let the server report it, on the primary.
                 None => {
                     plan.read = false;

@@ -36,6 +36,9 @@ pub struct Request {
     /// Learn the commit position once this completes (it may enter COPY IN mode, during which
     /// nothing else can be pipelined behind it).
     pub capture_after: bool,
+    /// Learn the commit position once this completes, whatever its outcome: a write before it
+    /// left that to it (see `Session::on_server`).
+    pub capture_owed: bool,
     /// When it was sent (for the duration histogram).
     pub started: Option<std::time::Instant>,
     /// Keep the pools off a database the request drops, renames or copies, until it ends.
@@ -93,6 +96,9 @@ pub struct Reader {
     /// Stop each scan after a client request finishes (a shared connection answers several
     /// sessions: each one's frames go to it alone).
     pub one_request: bool,
+    /// The server's reported parameters may differ from what the client was told: a
+    /// ParameterStatus arrived, or the session just took this connection.
+    params_changed: bool,
 }
 
 /// Why a scan stopped.
@@ -123,7 +129,10 @@ impl Server {
         Server {
             conn,
             role,
-            reader: Reader::default(),
+            reader: Reader {
+                params_changed: true,
+                ..Reader::default()
+            },
             out: BytesMut::new(),
             expect: Expectations::default(),
             tx: b'I',
@@ -482,6 +491,7 @@ impl Reader {
             if tag == be::PARAMETER_STATUS {
                 if let Some((name, value)) = be::parameter_status(body) {
                     set_param(server, name, value);
+                    self.params_changed = true;
                 }
                 cout.extend_from_slice(&buf[run_start..pos]);
                 pos += total;
@@ -552,7 +562,11 @@ impl Reader {
                     self.copy_in = false;
                     self.client_ended_copy = false;
                     *tx = body.first().copied().unwrap_or(b'I');
-                    if let Some(told) = told.as_deref_mut().filter(|_| forward) {
+                    if let Some(told) = told
+                        .as_deref_mut()
+                        .filter(|_| forward && self.params_changed)
+                    {
+                        self.params_changed = false;
                         cout.extend_from_slice(&buf[run_start..pos]);
                         run_start = pos;
                         tell_changes(server, told, cout);
@@ -668,6 +682,57 @@ mod tests {
             scan(&mut reader, &mut expect),
             Ok(ref o) if o.is_empty()
         ));
+    }
+
+    fn status(name: &str, value: &str) -> Vec<u8> {
+        let mut out = BytesMut::new();
+        crate::protocol::write::parameter_status(&mut out, name, value);
+        out.to_vec()
+    }
+
+    /// ParameterStatus frames update the server's values; the client is told the differences
+    /// just before its ReadyForQuery, once each, and nothing that did not change for it.
+    #[test]
+    fn parameter_status_is_told_before_ready_for_query() {
+        let mut expect = Expectations::default();
+        expect.push(Pending::Query, Owner::Client);
+        let mut reader = Reader {
+            params_changed: true,
+            ..Reader::default()
+        };
+        let mut server: Params = vec![("TimeZone".into(), "UTC".into())];
+        let mut told: Params = vec![
+            ("TimeZone".into(), "UTC".into()),
+            ("in_hot_standby".into(), "off".into()),
+        ];
+        let mut bytes = b"C\0\0\0\x08SET\0".to_vec();
+        bytes.extend(status("TimeZone", "Asia/Tokyo"));
+        bytes.extend(status("in_hot_standby", "on"));
+        bytes.extend(status("TimeZone", "Europe/Paris"));
+        bytes.extend(b"Z\0\0\0\x05I");
+        reader.feed(&bytes);
+        let mut cout = BytesMut::new();
+        let reported = Reported {
+            server: &mut server,
+            told: Some(&mut told),
+        };
+        reader
+            .scan(
+                Role::Replica,
+                &mut expect,
+                &mut b'I',
+                &mut VecDeque::new(),
+                reported,
+                &mut cout,
+                &mut Seen::default(),
+            )
+            .unwrap();
+        let mut want = b"C\0\0\0\x08SET\0".to_vec();
+        want.extend(status("TimeZone", "Europe/Paris"));
+        want.extend(b"Z\0\0\0\x05I");
+        assert_eq!(&cout[..], &want[..]);
+        assert!(told.contains(&("TimeZone".into(), "Europe/Paris".into())));
+        assert!(server.contains(&("in_hot_standby".into(), "on".into())));
     }
 
     #[test]
