@@ -18,6 +18,9 @@ pub enum Pending {
     FunctionCall,
     Sync,
     Query,
+    /// CopyDone or CopyFail: no answer of its own, but it ends a COPY FROM STDIN, so the Syncs
+    /// behind it are processed, not ignored (a marker, dropped once it reaches the front).
+    CopyEnd,
 }
 
 impl Pending {
@@ -32,6 +35,7 @@ impl Pending {
             tag::FUNCTION_CALL => Pending::FunctionCall,
             tag::SYNC => Pending::Sync,
             tag::QUERY => Pending::Query,
+            tag::COPY_DONE | tag::COPY_FAIL => Pending::CopyEnd,
             _ => return None,
         })
     }
@@ -50,6 +54,7 @@ impl Pending {
             // A FunctionCall is a complete request, like a Query: answered by
             // FunctionCallResponse (or an error) and ReadyForQuery.
             Pending::Sync | Pending::Query | Pending::FunctionCall => frame == be::READY_FOR_QUERY,
+            Pending::CopyEnd => false,
         }
     }
 
@@ -128,6 +133,26 @@ pub struct Expectations {
 impl Expectations {
     pub fn push(&mut self, p: Pending, owner: Owner) {
         self.queue.push_back((p, owner));
+        self.drop_markers();
+    }
+
+    /// Drops the CopyEnd markers that reached the front: they are answered by nothing.
+    fn drop_markers(&mut self) {
+        while self
+            .queue
+            .front()
+            .is_some_and(|(p, _)| *p == Pending::CopyEnd)
+        {
+            self.queue.pop_front();
+        }
+    }
+
+    /// Whether the client ended the COPY the front entry runs (a CopyEnd behind it).
+    pub fn copy_ended_behind_front(&self) -> bool {
+        self.queue
+            .iter()
+            .skip(1)
+            .any(|(p, _)| *p == Pending::CopyEnd)
     }
 
     pub fn front(&self) -> Option<(Pending, Owner)> {
@@ -196,6 +221,12 @@ impl Expectations {
 
     /// Matches one server frame against the queue.
     pub fn on_frame(&mut self, frame: u8) -> Matched {
+        let m = self.match_frame(frame);
+        self.drop_markers();
+        m
+    }
+
+    fn match_frame(&mut self, frame: u8) -> Matched {
         match frame {
             // Asynchronous messages can arrive at any time; they always reach the client.
             be::NOTICE_RESPONSE | be::NOTIFICATION => {

@@ -467,6 +467,11 @@ impl Session {
                     let sent = self.dispatch_batch().await;
                     self.unless_primary_unreachable(sent, syncs).await?;
                 }
+                tag::COPY_DATA | tag::COPY_DONE | tag::COPY_FAIL if !self.batch.is_empty() => {
+                    // Pipelined behind an Execute not yet sent: it goes after it, in order.
+                    self.batch.extend_from_slice(&frame);
+                    self.batch_tags.push(t);
+                }
                 tag::COPY_DATA | tag::COPY_DONE | tag::COPY_FAIL => {
                     // COPY continues on the server that started it; outside COPY the server ignores these.
                     let role = self.copy_role().unwrap_or(self.last);

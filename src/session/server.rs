@@ -544,7 +544,8 @@ impl Reader {
             match tag {
                 be::COPY_IN => {
                     self.copy_in = true;
-                    self.client_ended_copy = false;
+                    // The client may have pipelined its CopyDone already.
+                    self.client_ended_copy = expect.copy_ended_behind_front();
                     if front.is_some_and(|(p, _)| p == Pending::Execute) {
                         // The Syncs sent behind the Execute reach a server in copy-in mode,
                         // which ignores them: the request ends at the client's next Sync.
