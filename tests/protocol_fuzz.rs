@@ -1179,3 +1179,42 @@ fn pipelined_copy_in_with_an_error() {
         ]],
     );
 }
+
+/// pgnear's own simple queries (the commit-position lookup behind a write) drop the server's
+/// unnamed statement: a later Bind of it must still find it, as on a direct connection.
+#[test]
+fn unnamed_statement_survives_pgnears_own_queries() {
+    assert_as_direct(
+        "fz_unnamed",
+        FIXED_LO + 160,
+        &[vec![
+            parse("", "UPDATE fz_unnamed SET v = 'u' WHERE id = $1"),
+            bind("p1", "", vec![Some("1")]),
+            execute("p1"),
+            Msg::Sync,
+            bind("p2", "", vec![Some("2")]),
+            execute("p2"),
+            Msg::Sync,
+        ]],
+    );
+}
+
+/// CopyData and CopyDone pipelined behind the Execute that starts the COPY keep their order
+/// (pgnear sent them ahead of the still-buffered Execute).
+#[test]
+fn copy_data_pipelined_behind_its_execute() {
+    assert_as_direct(
+        "fz_pipecopy",
+        FIXED_LO + 170,
+        &[vec![
+            parse("", "COPY fz_pipecopy FROM STDIN"),
+            bind("p1", "", vec![]),
+            execute("p1"),
+            Msg::CopyData("30\tthirty\n"),
+            Msg::CopyDone,
+            Msg::Sync,
+            Msg::Sync,
+            query("SELECT count(*) FROM fz_pipecopy"),
+        ]],
+    );
+}

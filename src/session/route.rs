@@ -162,6 +162,8 @@ impl Session {
         let text = query_text(&frame[5..])?;
         let sql: &str = &text;
         let c = self.classify(sql);
+        // A simple query drops the unnamed statement, as the server does.
+        self.state.unnamed = None;
         if is_pgnear(&c) {
             return self.answer_pgnear(&c).await;
         }
@@ -749,11 +751,8 @@ impl Session {
             && !self.state.pins.extended_state
             && self.captures_lsn();
         let batch = std::mem::take(&mut self.batch);
-        let unnamed = self
-            .state
-            .unnamed
-            .clone()
-            .filter(|_| plan.needs_unnamed && self.unnamed_role != Some(role));
+        let unnamed_here = self.unnamed_role == Some(role);
+        let unnamed = self.state.unnamed.clone().filter(|_| plan.needs_unnamed);
         let statements: Vec<(String, Bytes)> = plan
             .needs
             .iter()
@@ -778,8 +777,14 @@ impl Session {
                 }
             }
         }
+        // A simple query of pgnear's own since (a commit-position lookup, a state replay)
+        // dropped the server's unnamed statement: it is parsed again.
+        let unnamed = unnamed.filter(|_| !unnamed_here || server.unnamed_dropped);
         if let Some(parse) = &unnamed {
             server.send_internal_frame(tag::PARSE, parse);
+        }
+        if plan.parsed_unnamed || unnamed.is_some() {
+            server.unnamed_dropped = false;
         }
         for (t, frame) in frames(&batch) {
             if t == tag::PARSE {

@@ -66,6 +66,9 @@ pub struct Server {
     /// It ran something that may leave state behind that pgnear does not track (a write, a
     /// pin, a named statement): `DISCARD ALL` before another session gets it.
     pub dirty: bool,
+    /// A simple query of pgnear's own ran since the session's last unnamed Parse here: the
+    /// server no longer has the client's unnamed statement.
+    pub unnamed_dropped: bool,
     /// When bytes last arrived or were sent (or the session took the connection), to tell a
     /// server that went silent.
     last_activity: std::time::Instant,
@@ -140,6 +143,7 @@ impl Server {
             to_close: Vec::new(),
             synced: super::state::FROM_POOL,
             dirty: false,
+            unnamed_dropped: false,
             last_activity: std::time::Instant::now(),
         }
     }
@@ -274,6 +278,7 @@ impl Server {
     /// Queues frames of pgnear's own whose answers are swallowed (re-prepares, closes).
     pub fn send_internal_frame(&mut self, tag: u8, frame: &[u8]) {
         self.out.extend_from_slice(frame);
+        self.unnamed_dropped |= tag == crate::protocol::tag::QUERY;
         if let Some(p) = Pending::for_tag(tag) {
             self.expect.push(p, Owner::Internal(Purpose::Sync));
         }
@@ -287,6 +292,7 @@ impl Server {
         }
         postgres_protocol::message::frontend::query(sql, &mut self.out)
             .expect("query text has no NUL");
+        self.unnamed_dropped = true;
         self.expect.push(Pending::Query, Owner::Internal(purpose));
     }
 
