@@ -7,4 +7,4 @@ set -eu
 seconds=${1:-600}
 [ $# -gt 0 ] && shift
 PGNEAR_FUZZ_SECONDS=$seconds exec cargo test --test protocol_fuzz -- \
-    --ignored --nocapture --test-threads=4 fuzz_ "$@"
+    --include-ignored --nocapture --test-threads=4 fuzz_ "$@"

@@ -58,6 +58,12 @@ const MAY_DIFFER: &[(&str, &str)] = &[
         "tests.test_execute.TestExecuteMany.test_executemany_server_failure_during_writes",
         "pipelined rows in flight when the server fails",
     ),
+    // Flaky against Postgres itself: "unexpected connection_lost() call" when a pool closes
+    // connections after one query each (1 run in 3 directly, here).
+    (
+        "tests.test_pool.TestPool.test_pool_config_persistence",
+        "flaky directly too",
+    ),
     // Not explained yet (issue #19): a cancel after command_timeout on a loaded machine passes
     // when run alone; introspection without a statement cache in the primary region.
     (
