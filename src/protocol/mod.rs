@@ -67,7 +67,11 @@ pub fn cstr(buf: &[u8]) -> Option<(&str, usize)> {
 /// encoding Postgres accepts, and the text sent on is always the client's own bytes.
 pub fn sql_text(buf: &[u8]) -> Option<(std::borrow::Cow<'_, str>, usize)> {
     let end = buf.iter().position(|&b| b == 0)?;
-    Some((String::from_utf8_lossy(&buf[..end]), end + 1))
+    let text = match std::str::from_utf8(&buf[..end]) {
+        Ok(s) => std::borrow::Cow::Borrowed(s),
+        Err(_) => String::from_utf8_lossy(&buf[..end]),
+    };
+    Some((text, end + 1))
 }
 
 /// Iterates over whole tagged frames laid end to end in `buf` (already validated as complete):

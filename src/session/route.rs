@@ -354,7 +354,7 @@ impl Session {
     /// (`EXECUTE name`, `DEALLOCATE name`): they must exist where it runs. Session mode only:
     /// transaction mode's statements have shared names the SQL does not know.
     fn sql_uses(&self, c: &Classified) -> Vec<String> {
-        if self.shares_statements() {
+        if self.shares_statements() || self.state.statements.is_empty() {
             return Vec::new();
         }
         c.statements
@@ -924,8 +924,12 @@ impl Session {
                     let (name, used) = cstr(body).ok_or_else(|| bad("Parse"))?;
                     let (sql, _) = sql_text(&body[used..]).ok_or_else(|| bad("Parse"))?;
                     let sql: &str = &sql;
-                    note_text(sql, &mut plan);
                     let c = self.classify(sql);
+                    if c.is_read() {
+                        note_read_text(sql, &mut plan);
+                    } else {
+                        note_text(sql, &mut plan);
+                    }
                     self.note_statement(&c, &mut plan);
                     let frame = Bytes::copy_from_slice(frame);
                     if name.is_empty() {
@@ -1400,6 +1404,11 @@ fn note_text(sql: &str, plan: &mut BatchPlan) {
     if let Some(db) = database_lifecycle(sql) {
         plan.database = Some(db);
     }
+}
+
+/// `note_text` for a statement known to be a read (which acts on no database as a whole).
+fn note_read_text(sql: &str, plan: &mut BatchPlan) {
+    plan.copy |= may_copy(sql);
 }
 
 /// Keeps the pools off `database` while a statement on it runs (see `Pool::fence`).
