@@ -31,6 +31,7 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use tokio::task::JoinHandle;
+use tokio_postgres::types::Type;
 use tokio_postgres::{Client, NoTls, Statement};
 
 const WORKERS: u64 = 6;
@@ -70,11 +71,16 @@ struct Log {
     ops: BTreeMap<&'static str, u64>,
 }
 
-/// One client session through pgnear, with its prepared statements.
+/// One client session through pgnear, with its prepared statements. Every statement it runs is
+/// prepared once or unnamed: tokio-postgres closes a statement it prepared for one call with a
+/// request whose answer it ignores, and a FATAL error that arrives while that request is first
+/// in line is ignored with it (the operation then only sees "connection closed").
 struct Session {
     client: Client,
     conn: JoinHandle<Result<(), tokio_postgres::Error>>,
     insert: Statement,
+    insert_in_tx: Statement,
+    copy: Statement,
     count: Statement,
 }
 
@@ -84,6 +90,12 @@ async fn open(url: &str) -> Result<Session, tokio_postgres::Error> {
     let insert = client
         .prepare("INSERT INTO chaos_writes VALUES ($1, 'prepared')")
         .await?;
+    let insert_in_tx = client
+        .prepare("INSERT INTO chaos_writes VALUES ($1, 'transaction')")
+        .await?;
+    let copy = client
+        .prepare("COPY chaos_writes (id, kind) FROM STDIN")
+        .await?;
     let count = client
         .prepare("SELECT count(*) FROM chaos_writes WHERE id = ANY($1)")
         .await?;
@@ -91,6 +103,8 @@ async fn open(url: &str) -> Result<Session, tokio_postgres::Error> {
         client,
         conn,
         insert,
+        insert_in_tx,
+        copy,
         count,
     })
 }
@@ -153,8 +167,7 @@ async fn run_op(
             let r = async {
                 c.batch_execute("BEGIN").await?;
                 for id in &mine {
-                    c.execute("INSERT INTO chaos_writes VALUES ($1, 'transaction')", &[id])
-                        .await?;
+                    c.execute(&s.insert_in_tx, &[id]).await?;
                 }
                 c.batch_execute("COMMIT").await
             }
@@ -165,9 +178,10 @@ async fn run_op(
             r?;
         }
         Op::ReadAfterWrite => {
-            c.execute(
+            // The unnamed statement, prepared with the write.
+            c.execute_typed(
                 "INSERT INTO chaos_writes VALUES ($1, 'read after write')",
-                &[&first],
+                &[(&first, Type::INT8)],
             )
             .await?;
         }
