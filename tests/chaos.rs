@@ -189,7 +189,7 @@ async fn run_op(
             c.execute(&s.insert, &[&first]).await?;
         }
         Op::Copy => {
-            let sink = c.copy_in("COPY chaos_writes (id, kind) FROM STDIN").await?;
+            let sink = c.copy_in(&s.copy).await?;
             futures_util::pin_mut!(sink);
             let rows: String = mine.iter().map(|id| format!("{id}\tcopy\n")).collect();
             sink.send(bytes::Bytes::from(rows)).await?;
