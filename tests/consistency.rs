@@ -277,3 +277,53 @@ fn write_lsn_is_reported_as_parameter_status() {
         p.shutdown().await;
     });
 }
+
+/// Found by tests/chaos.rs: a read sent right behind the Sync that ends the session's own
+/// extended-protocol `COPY ... FROM STDIN`, before the COPY's ReadyForQuery came back, went to
+/// the replica without waiting for the COPY's commit position (asked for only after that
+/// ReadyForQuery): with replay paused it read the replica without the copied row.
+#[test]
+fn a_read_right_behind_a_copy_waits_for_it() {
+    let _serial = serial();
+    run(async {
+        setup_table("ryw_copy").await;
+        let admin = replica_admin().await;
+        let p = proxy(REPLICA, |c| {
+            c.auth.method = Some(pgnear::config::AuthMethod::Trust)
+        })
+        .await;
+        let mut s = raw_session(&p).await;
+        admin
+            .batch_execute("SELECT pg_wal_replay_pause()")
+            .await
+            .unwrap();
+        let mut copy = frame(b'P', b"\0COPY ryw_copy (id) FROM STDIN\0\0\0");
+        copy.extend(frame(b'B', b"\0\0\0\0\0\0\0\0"));
+        copy.extend(frame(b'E', b"\0\0\0\0\0"));
+        copy.extend(frame(b'S', b""));
+        s.write_all(&copy).await.unwrap();
+        assert_eq!(read_until(&mut s, b'G').await, b"12G");
+        let mut rest = frame(b'd', b"1\n");
+        rest.extend(frame(b'c', b""));
+        rest.extend(frame(b'S', b""));
+        rest.extend(frame(
+            b'Q',
+            b"SELECT pg_is_in_recovery(), count(*) FROM ryw_copy\0",
+        ));
+        s.write_all(&rest).await.unwrap();
+        assert_eq!(read_until(&mut s, b'Z').await, b"CZ");
+        let rows: Vec<String> = frames_until(&mut s, b'Z')
+            .await
+            .into_iter()
+            .filter(|(t, _)| *t == b'D')
+            .map(|(_, body)| String::from_utf8_lossy(&body[2..]).into_owned())
+            .collect();
+        admin
+            .batch_execute("SELECT pg_wal_replay_resume()")
+            .await
+            .unwrap();
+        // One row: (false, 1) from the primary after the wait, never (true, 0) from the replica.
+        assert_eq!(rows, ["\0\0\0\u{1}f\0\0\0\u{1}1"], "{rows:?}");
+        p.shutdown().await;
+    });
+}

@@ -9,86 +9,13 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::frozen::Frozen;
 use common::*;
-use pgnear::lab::postgres::PgNode;
 
 /// Longest any client operation may take before it counts as a hang.
 const HANG: Duration = Duration::from_secs(60);
-
-/// A Postgres with all its processes stopped (SIGSTOP); thawed (SIGCONT) when dropped, however
-/// the test ends, so no Postgres is left stopped.
-struct Frozen {
-    pids: Vec<u32>,
-}
-
-impl Frozen {
-    /// Stops the postmaster first (so it starts no new child), then each of its children.
-    fn freeze(node: &PgNode) -> Frozen {
-        let postmaster = node.pid().expect("the node is running");
-        let mut frozen = Frozen { pids: Vec::new() };
-        signal("STOP", postmaster);
-        frozen.pids.push(postmaster);
-        let out = Command::new("pgrep")
-            .args(["-P", &postmaster.to_string()])
-            .output()
-            .expect("pgrep is installed");
-        for pid in String::from_utf8_lossy(&out.stdout)
-            .split_whitespace()
-            .filter_map(|p| p.parse().ok())
-        {
-            signal("STOP", pid);
-            frozen.pids.push(pid);
-        }
-        assert!(frozen.pids.len() > 1, "the postmaster has children");
-        frozen
-    }
-
-    fn thaw(self) {}
-}
-
-impl Drop for Frozen {
-    fn drop(&mut self) {
-        for pid in self.pids.iter().rev() {
-            signal("CONT", *pid);
-        }
-    }
-}
-
-fn signal(sig: &str, pid: u32) {
-    let ok = Command::new("kill")
-        .args([&format!("-{sig}"), &pid.to_string()])
-        .status()
-        .is_ok_and(|s| s.success());
-    // A child may have exited in between; SIGCONT must not panic in a drop guard.
-    if !ok && sig != "CONT" {
-        eprintln!("kill -{sig} {pid} failed");
-    }
-}
-
-/// Which server answered: "replica" when it is in recovery.
-async fn answered_by(c: &tokio_postgres::Client) -> Result<&'static str, tokio_postgres::Error> {
-    let rows = c.simple_query("SELECT pg_is_in_recovery()").await?;
-    Ok(match first_value(&rows).as_deref() {
-        Some("t") => "replica",
-        _ => "primary",
-    })
-}
-
-async fn replica_status(p: &pgnear::Proxy) -> serde_json::Value {
-    let (status, body) = http_get(p.admin_addr(), "/status").await;
-    assert_eq!(status, 200, "{body}");
-    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-    v["upstreams"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|u| u["role"] == "replica")
-        .cloned()
-        .expect("a replica upstream")
-}
 
 /// pgnear in the replica region, with the default timeouts; and its `connect_timeout`.
 async fn start() -> (pgnear::Proxy, Duration) {
@@ -131,7 +58,7 @@ fn a_read_in_flight_on_a_frozen_replica_is_answered_by_the_primary() {
         let (status, body) = http_get(p.admin_addr(), "/readyz").await;
         assert_eq!(status, 200, "{body}");
         assert!(body.contains("the replica is down"), "{body}");
-        let s = replica_status(&p).await;
+        let s = upstream_status(&p, "replica").await;
         assert_eq!(s["up"], false, "{s}");
         assert!(
             s["lag_bytes"].is_null() && s["lag_seconds"].is_null(),
@@ -166,7 +93,7 @@ fn a_read_in_flight_on_a_frozen_replica_is_answered_by_the_primary() {
         for c in &clients {
             assert_eq!(answered_by(c).await.unwrap(), "replica");
         }
-        assert_eq!(replica_status(&p).await["up"], true);
+        assert_eq!(upstream_status(&p, "replica").await["up"], true);
         eprintln!(
             "frozen replica (connect_timeout {connect_timeout:?}): read in flight answered by the primary {first_read:?} after the freeze; \
              the next read of another session {other_read:?}, a new session's first read {new_session_read:?}; \

@@ -409,12 +409,16 @@ impl Session {
     /// writes. Returns a reason to use the primary instead, or sets `self.refused` when
     /// `on_timeout = "error"`.
     async fn consistent_read(&mut self) -> Result<Option<Reason>, PgError> {
-        // A commit position still on its way back from the primary must be known first.
-        if self
-            .primary
-            .as_ref()
-            .is_some_and(|p| p.expect.has_internal(expect::Purpose::WriteLsn))
-        {
+        // A commit position still on its way back from the primary must be known first. So must
+        // one still to be asked for: a COPY's is looked up after its ReadyForQuery, and a read
+        // may follow the Sync that ends the COPY before that arrives. (Not while the COPY is
+        // still waiting for the client's data or Sync: that answer would never come.)
+        if self.primary.as_ref().is_some_and(|p| {
+            let copy_ended =
+                !p.reader.owed_sync && (!p.reader.copy_in || p.reader.client_ended_copy);
+            p.expect.has_internal(expect::Purpose::WriteLsn)
+                || (copy_ended && p.requests.iter().any(|r| r.capture_after))
+        }) {
             self.drain(Role::Primary).await?;
         }
         let Some(watcher) = self.shared.watcher.clone() else {

@@ -3,6 +3,9 @@
 
 #![allow(dead_code)] // each test binary uses its own subset of these helpers
 
+pub mod frozen;
+pub mod netns;
+
 use std::future::Future;
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -410,4 +413,27 @@ pub fn require(present: impl Fn() -> bool, what: &str) {
         present(),
         "{what} is missing after {INSTALL} ran: see its output above"
     );
+}
+
+/// Which server answered: "replica" when it is in recovery.
+pub async fn answered_by(c: &Client) -> Result<&'static str, tokio_postgres::Error> {
+    let rows = c.simple_query("SELECT pg_is_in_recovery()").await?;
+    Ok(match first_value(&rows).as_deref() {
+        Some("t") => "replica",
+        _ => "primary",
+    })
+}
+
+/// The entry of pgnear's `/status` for the upstream with `role` ("primary" or "replica").
+pub async fn upstream_status(p: &Proxy, role: &str) -> serde_json::Value {
+    let (status, body) = http_get(p.admin_addr(), "/status").await;
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    v["upstreams"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|u| u["role"] == role)
+        .cloned()
+        .unwrap_or_else(|| panic!("a {role} upstream in {body}"))
 }
