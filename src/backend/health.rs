@@ -25,6 +25,9 @@ pub const SILENT_CHECK: Duration = Duration::from_millis(100);
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PrimaryState {
     pub up: bool,
+    /// Its health checks failed (not merely: not probed yet): new server connections to it
+    /// are not attempted, so new writes fail at once instead of after `connect_timeout`.
+    pub down: bool,
     /// The primary's WAL write position at the last probe.
     pub lsn: Option<Lsn>,
 }
@@ -89,7 +92,11 @@ impl PrimaryProbe {
                     if !self.state.borrow().up {
                         tracing::info!(primary = %primary.url, "primary is up");
                     }
-                    self.state.send_replace(PrimaryState { up: true, lsn });
+                    self.state.send_replace(PrimaryState {
+                        up: true,
+                        down: false,
+                        lsn,
+                    });
                 }
                 Err(e) => {
                     conn = None;
@@ -99,7 +106,10 @@ impl PrimaryProbe {
                         tracing::warn!(primary = %primary.url, error = %e, "primary is down");
                     }
                     if down {
-                        self.state.send_modify(|s| s.up = false);
+                        self.state.send_modify(|s| {
+                            s.up = false;
+                            s.down = true;
+                        });
                     }
                 }
             }

@@ -633,6 +633,13 @@ impl Session {
             Role::Replica => Role::Primary,
         };
         self.drain(other).await?;
+        if self.slot(role).is_none() && role == Role::Primary && self.shared.probe.current().down {
+            // Connecting would wait out connect_timeout on a path that swallows packets.
+            return Err(
+                PgError::upstream("primary upstream is down: its health checks fail")
+                    .with_detail("Nothing was sent; retry once the primary answers again."),
+            );
+        }
         if self.slot(role).is_none() {
             // Boxed: opening a connection is a large future, rarely needed.
             let conn = Box::pin(self.shared.pool(role).acquire(&self.database)).await?;
