@@ -417,7 +417,7 @@ impl Session {
             let copy_ended =
                 !p.reader.owed_sync && (!p.reader.copy_in || p.reader.client_ended_copy);
             p.expect.has_internal(expect::Purpose::WriteLsn)
-                || (copy_ended && p.requests.iter().any(|r| r.capture_after))
+                || (copy_ended && p.requests.iter().any(|r| r.capture_after || r.capture_owed))
         }) {
             self.drain(Role::Primary).await?;
         }
