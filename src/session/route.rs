@@ -8,7 +8,7 @@ use bytes::{Bytes, BytesMut};
 
 use super::expect;
 use super::lane::{Job, Reply};
-use super::server::{Request, Retry};
+use super::server::{Request, Retry, Server};
 use super::state::{self, PendingState};
 use super::Session;
 use crate::backend::conn::Role;
@@ -276,7 +276,7 @@ impl Session {
         let capture_after = capture && may_copy(sql);
         let capture = capture && !capture_after;
         let fences = if role == Role::Primary && !c.is_read() {
-            self.fences(database_lifecycle(sql))
+            fences_on(&self.shared, database_lifecycle(sql).as_deref())
         } else {
             Vec::new()
         };
@@ -295,15 +295,7 @@ impl Session {
             .collect();
         let server = self.server(role).await?;
         server.dirty |= taints;
-        let mut reprepared = false;
-        for (name, parse) in statements {
-            if !server.has_statement(&name) {
-                server.send_internal_frame(tag::PARSE, &parse);
-                server.add_statement(&name, usize::MAX);
-                reprepared = true;
-            }
-        }
-        if reprepared {
+        if prepare_missing(server, statements, usize::MAX) {
             server.send_internal_frame(tag::SYNC, &build_frame(tag::SYNC, &[]));
         }
         server.send_query(&frame, request);
@@ -344,10 +336,6 @@ impl Session {
             server.send_internal_query(WRITE_LSN_QUERY, expect::Purpose::WriteLsn);
         }
         Ok(())
-    }
-
-    fn fences(&self, database: Option<String>) -> Vec<Fence> {
-        database.map_or_else(Vec::new, |db| fences_on(&self.shared, &db))
     }
 
     /// The statements the client prepared with the protocol that `c` uses by name in SQL
@@ -773,14 +761,7 @@ impl Session {
         for name in std::mem::take(&mut server.to_close) {
             server.send_internal_frame(tag::CLOSE, &close_frame(&name));
         }
-        for (name, parse) in statements {
-            if !server.has_statement(&name) {
-                server.send_internal_frame(tag::PARSE, &parse);
-                if let Some(old) = server.add_statement(&name, limit) {
-                    server.send_internal_frame(tag::CLOSE, &close_frame(&old));
-                }
-            }
-        }
+        prepare_missing(server, statements, limit);
         // A simple query of pgnear's own since (a commit-position lookup, a state replay)
         // dropped the server's unnamed statement: it is parsed again.
         let unnamed = unnamed.filter(|_| !unnamed_here || server.unnamed_dropped);
@@ -814,13 +795,10 @@ impl Session {
         });
         // The first Sync after an extended-protocol COPY ends the request already in flight.
         let owed = usize::from(std::mem::take(&mut server.reader.owed_sync));
-        let mut fences = match plan
+        let database = plan
             .database
-            .filter(|_| role == Role::Primary && plan.executes)
-        {
-            Some(db) => fences_on(&self.shared, &db),
-            None => Vec::new(),
-        };
+            .filter(|_| role == Role::Primary && plan.executes);
+        let mut fences = fences_on(&self.shared, database.as_deref());
         let server = self.slot(role).as_mut().expect("connected above");
         for i in owed.min(plan.syncs)..plan.syncs {
             let last = i + 1 == plan.syncs;
@@ -1415,11 +1393,31 @@ fn note_read_text(sql: &str, plan: &mut BatchPlan) {
     plan.copy |= may_copy(sql);
 }
 
-/// Keeps the pools off `database` while a statement on it runs (see `Pool::fence`).
-fn fences_on(shared: &crate::Shared, database: &str) -> Vec<Fence> {
+/// Keeps the pools off `database` while a statement on it runs (see `Pool::fence`); nothing
+/// for a statement on no database as a whole.
+fn fences_on(shared: &crate::Shared, database: Option<&str>) -> Vec<Fence> {
+    let Some(database) = database else {
+        return Vec::new();
+    };
     let mut fences = vec![shared.primary_pool.fence(database)];
     fences.extend(shared.replica_pool.as_ref().map(|p| p.fence(database)));
     fences
+}
+
+/// Parses on `server` the statements (name, the client's Parse) it lacks, closing the least
+/// recently used past `limit`; whether it parsed any.
+fn prepare_missing(server: &mut Server, statements: Vec<(String, Bytes)>, limit: usize) -> bool {
+    let mut parsed = false;
+    for (name, parse) in statements {
+        if !server.has_statement(&name) {
+            server.send_internal_frame(tag::PARSE, &parse);
+            if let Some(old) = server.add_statement(&name, limit) {
+                server.send_internal_frame(tag::CLOSE, &close_frame(&old));
+            }
+            parsed = true;
+        }
+    }
+    parsed
 }
 
 /// Whether a statement may be a COPY (then nothing may be pipelined behind it).
