@@ -246,33 +246,35 @@ impl Server {
 
     /// Queues a client Query; with `request.retry` set its answer is held until it is clear the
     /// server does not refuse it as a write.
-    pub fn send_query(&mut self, frame: &[u8], mut request: Request) {
+    pub fn send_query(&mut self, frame: &[u8], request: Request) {
+        let owner = if request.retry.is_some() {
+            Owner::Tentative
+        } else {
+            Owner::Client
+        };
+        self.send_request(frame, Pending::Query, owner, request);
+    }
+
+    /// Queues a client FunctionCall, a request of its own (see `Pending::FunctionCall`).
+    pub fn send_function_call(&mut self, frame: &[u8]) {
+        self.send_request(
+            frame,
+            Pending::FunctionCall,
+            Owner::Client,
+            Request::default(),
+        );
+    }
+
+    /// Queues a client request that ends in its own ReadyForQuery (Query, FunctionCall).
+    fn send_request(&mut self, frame: &[u8], pending: Pending, owner: Owner, mut request: Request) {
         request.started = Some(std::time::Instant::now());
         self.out.extend_from_slice(frame);
         if self.expect.skipping {
             // The server skips it (an extended-protocol error awaits its Sync): no answer.
             return;
         }
-        let owner = if request.retry.is_some() {
-            Owner::Tentative
-        } else {
-            Owner::Client
-        };
-        self.expect.push(Pending::Query, owner);
+        self.expect.push(pending, owner);
         self.requests.push_back(request);
-    }
-
-    /// Queues a client FunctionCall, a request of its own (see `Pending::FunctionCall`).
-    pub fn send_function_call(&mut self, frame: &[u8]) {
-        self.out.extend_from_slice(frame);
-        if self.expect.skipping {
-            return;
-        }
-        self.expect.push(Pending::FunctionCall, Owner::Client);
-        self.requests.push_back(Request {
-            started: Some(std::time::Instant::now()),
-            ..Request::default()
-        });
     }
 
     /// Queues frames of pgnear's own whose answers are swallowed (re-prepares, closes).
