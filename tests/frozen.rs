@@ -25,34 +25,69 @@ async fn start() -> (pgnear::Proxy, Duration) {
     (p, connect_timeout)
 }
 
+/// A read's answer, and when it came, measured from `since`.
+async fn timed(
+    since: Instant,
+    read: impl std::future::Future<Output = Result<&'static str, tokio_postgres::Error>>,
+) -> (&'static str, Duration) {
+    let by = tokio::time::timeout(HANG, read)
+        .await
+        .expect("a read on the frozen replica hung")
+        .expect("the read is answered, not failed");
+    (by, since.elapsed())
+}
+
+const RETRIED: &str = "pgnear_statements_total{reason=\"retry\",route=\"primary\"}";
+
 #[test]
 fn a_read_in_flight_on_a_frozen_replica_is_answered_by_the_primary() {
     let _serial = serial();
     run(async {
         let (p, connect_timeout) = start().await;
         let u = url(&p);
+        // The same in transaction mode, where autocommit reads share pipelined replica
+        // connections.
+        let shared = pgnear::Proxy::start(config(REPLICA, |c| {
+            c.pool.mode = pgnear::config::PoolMode::Transaction;
+            c.pool.pipeline = 2;
+        }))
+        .await
+        .expect("starting pgnear");
+        let shared_url = url(&shared);
         // Sessions holding a replica connection, as a running app's pool does.
         let mut clients = Vec::new();
-        for _ in 0..2 {
+        for _ in 0..3 {
             clients.push(connect(&u).await);
         }
+        let lane = connect(&shared_url).await;
         for c in &clients {
             assert_eq!(answered_by(c).await.unwrap(), "replica");
         }
+        assert_eq!(answered_by_extended(&clients[2]).await.unwrap(), "replica");
+        assert_eq!(answered_by(&lane).await.unwrap(), "replica");
+        assert_eq!(answered_by_extended(&lane).await.unwrap(), "replica");
         let (status, body) = http_get(p.admin_addr(), "/readyz").await;
         assert_eq!(status, 200, "{body}");
         assert!(body.contains("replica and primary up"), "{body}");
 
         let frozen = Frozen::freeze(&cluster().replica(REPLICA).unwrap().node);
         let t_freeze = Instant::now();
-        // A read sent right after the freeze, on a session whose replica connection is now
-        // frozen: it is answered, by the primary.
-        let by = tokio::time::timeout(HANG, answered_by(&clients[0]))
-            .await
-            .expect("a read on the frozen replica hung")
-            .expect("the read is answered, not failed");
-        let first_read = t_freeze.elapsed();
-        assert_eq!(by, "primary");
+        // Reads sent right after the freeze, on sessions whose replica connection is now
+        // frozen, in the simple and the extended protocol, on a session's own connection and
+        // on a shared one: each is answered, by the primary, none with an error.
+        let (simple, extended, lane_simple) = tokio::join!(
+            timed(t_freeze, answered_by(&clients[0])),
+            timed(t_freeze, answered_by_extended(&clients[2])),
+            timed(t_freeze, answered_by(&lane)),
+        );
+        let first_read = simple.1;
+        assert_eq!(simple.0, "primary");
+        assert_eq!(extended.0, "primary");
+        assert_eq!(lane_simple.0, "primary");
+        // They ran again on the primary (the replica's watcher did not yet know when they
+        // were sent).
+        assert!(metric(&p, RETRIED).await >= 2.0);
+        assert!(metric(&shared, RETRIED).await >= 1.0);
 
         // pgnear says the replica is down, its lag unknown.
         let (status, body) = http_get(p.admin_addr(), "/readyz").await;
@@ -93,12 +128,20 @@ fn a_read_in_flight_on_a_frozen_replica_is_answered_by_the_primary() {
         for c in &clients {
             assert_eq!(answered_by(c).await.unwrap(), "replica");
         }
+        assert_eq!(answered_by_extended(&clients[2]).await.unwrap(), "replica");
+        eventually("shared reads back on the replica", HANG, || async {
+            answered_by_extended(&lane).await.unwrap() == "replica"
+        })
+        .await;
         assert_eq!(upstream_status(&p, "replica").await["up"], true);
         eprintln!(
-            "frozen replica (connect_timeout {connect_timeout:?}): read in flight answered by the primary {first_read:?} after the freeze; \
+            "frozen replica (connect_timeout {connect_timeout:?}): read in flight answered by the primary {first_read:?} after the freeze \
+             (extended protocol {:?}, shared connection {:?}); \
              the next read of another session {other_read:?}, a new session's first read {new_session_read:?}; \
-             reads back on the replica {back:?} after the thaw"
+             reads back on the replica {back:?} after the thaw",
+            extended.1, lane_simple.1
         );
+        shared.shutdown().await;
         p.shutdown().await;
     });
 }

@@ -38,23 +38,31 @@ fn replica_cut(how: Cut) {
             .await;
         let p = proxy(REPLICA, |c| c.upstream.replica_url = app_url(replica)).await;
         let u = url(&p);
-        let clients = [connect(&u).await, connect(&u).await];
+        let clients = [connect(&u).await, connect(&u).await, connect(&u).await];
         for c in &clients {
             assert_eq!(answered_by(c).await.unwrap(), "replica");
         }
+        assert_eq!(answered_by_extended(&clients[2]).await.unwrap(), "replica");
         let (status, body) = http_get(p.admin_addr(), "/readyz").await;
         assert_eq!(status, 200, "{body}");
         assert!(body.contains("replica and primary up"), "{body}");
 
         host.cut(how);
         let t_cut = Instant::now();
-        // A read sent right after the cut, on a session that holds a replica connection.
-        let by = tokio::time::timeout(HANG, answered_by(&clients[0]))
-            .await
-            .expect("a read on the cut-off replica hung")
-            .expect("the read is answered, not failed");
+        // Reads sent right after the cut, on sessions that hold a replica connection, in the
+        // simple and the extended protocol.
+        let (by, extended) = tokio::join!(
+            tokio::time::timeout(HANG, answered_by(&clients[0])),
+            tokio::time::timeout(HANG, answered_by_extended(&clients[2])),
+        );
         let first_read = t_cut.elapsed();
-        assert_eq!(by, "primary");
+        let by = by.expect("a read on the cut-off replica hung");
+        assert_eq!(by.expect("the read is answered, not failed"), "primary");
+        let extended = extended.expect("an extended read on the cut-off replica hung");
+        assert_eq!(
+            extended.expect("the read is answered, not failed"),
+            "primary"
+        );
         // A reset read is run again on the primary before the watcher's next poll has failed:
         // the replica is reported down at that poll.
         eventually("/readyz to report the replica down", HANG, || async {

@@ -20,7 +20,7 @@ use tokio::sync::{mpsc, watch};
 
 use super::expect::Purpose;
 use super::route::{close_frame, STATEMENTS_PER_CONNECTION};
-use super::server::{Request, Retry, Seen, Server};
+use super::server::{Again, Request, Retry, Seen, Server};
 use super::state::{sync_sql, Applied};
 use crate::backend::conn::Role;
 use crate::backend::health::SILENT_CHECK;
@@ -313,7 +313,7 @@ impl Lanes {
         }
         if job.query {
             let request = Request {
-                retry: Some(job.frames.clone()),
+                again: Some(Again::Query(job.frames.clone())),
                 ..Request::default()
             };
             server.send_query(&job.frames, request);

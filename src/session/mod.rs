@@ -15,7 +15,7 @@ use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 
-use self::server::{Request, Seen, Server};
+use self::server::{Seen, Server};
 use self::state::SessionState;
 use crate::backend::conn::{send_cancel, Role};
 use crate::backend::health::SILENT_CHECK;
@@ -553,20 +553,26 @@ impl Session {
     /// The replica connection failed. The session goes on: requests in flight there get an
     /// 08006 error (they may not have completed), later reads go to the primary until the
     /// replica is back. Only losing the primary ends the session (its state lives there).
-    /// An autocommit read whose answer has not begun to reach the client (a tentative one, its
-    /// answer still held) runs again on the primary instead: a standby changed nothing.
+    /// Autocommit reads none of whose answer has reached the client run again on the primary
+    /// instead (a standby changed nothing), in order, so the client just sees a slower answer.
     async fn replica_lost(&mut self, e: PgError) -> Result<(), PgError> {
         let Some(mut server) = self.replica.take() else {
             return Ok(());
         };
         tracing::warn!(error = %e, "lost the replica connection; reads go to the primary");
         self.shared.metrics.error(e.kind);
-        let rerun = (server.expect.has_tentative() && server.requests.len() == 1)
-            .then(|| server.requests.pop_front().and_then(|r| r.retry))
-            .flatten();
+        let again: Vec<_> =
+            if !server.reader.begun && server.requests.iter().all(|r| r.again.is_some()) {
+                let reads = server.requests.drain(..);
+                reads
+                    .filter_map(|mut r| r.again.take().map(|a| (r, a)))
+                    .collect()
+            } else {
+                Vec::new()
+            };
         let e = PgError { fatal: false, ..e }.with_detail("The statement may not have completed.");
         let mut out = BytesMut::new();
-        if rerun.is_none() && server.requests.is_empty() && !server.expect.is_empty() {
+        if again.is_empty() && server.requests.is_empty() && !server.expect.is_empty() {
             write::error_response(&mut out, &e);
         }
         if self.open_tx == Some(Role::Replica) {
@@ -588,16 +594,13 @@ impl Session {
         if !out.is_empty() {
             self.write_client(&out).await?;
         }
-        if let Some(frame) = rerun {
-            tracing::info!("a read's answer had not begun; running it on the primary");
-            self.shared
-                .metrics
-                .statement(Role::Primary, crate::router::route::Reason::Retry);
-            // Boxed: server() may relay, and so re-enter this function.
-            let primary = Box::pin(self.server(Role::Primary)).await?;
-            primary.send_query(&frame, Request::default());
-            // Losing the primary ends the session (as `server_failed` does).
-            primary.flush().await?;
+        if !again.is_empty() {
+            tracing::info!(
+                reads = again.len(),
+                "no answer had begun; running the reads on the primary"
+            );
+            // Boxed: it goes through server(), which may relay, and so re-enter this function.
+            Box::pin(self.run_again_on_primary(again)).await?;
         }
         Ok(())
     }

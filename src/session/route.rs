@@ -8,7 +8,7 @@ use bytes::{Bytes, BytesMut};
 
 use super::expect;
 use super::lane::{Job, Reply};
-use super::server::{Request, Retry, Server};
+use super::server::{Again, Request, Retry, Server};
 use super::state::{self, PendingState};
 use super::Session;
 use crate::backend::conn::Role;
@@ -263,11 +263,11 @@ impl Session {
             Some(TxEffect::End) => self.open_tx = None,
             None => {}
         }
-        let retry = (role == Role::Replica
+        let again = (role == Role::Replica
             && reason == Reason::Read
             && self.open_tx.is_none()
             && restore.is_none())
-        .then(|| frame.clone());
+        .then(|| Again::Query(frame.clone()));
         let capture = role == Role::Primary
             && self.open_tx.is_none()
             && !c.is_read()
@@ -282,7 +282,7 @@ impl Session {
         };
         let request = Request {
             change,
-            retry,
+            again,
             capture_after,
             fences,
             ..Request::default()
@@ -522,10 +522,14 @@ impl Session {
             return Ok(Settled::Route(Role::Primary, fallback));
         }
         if let Some(read) = shared.filter(|_| self.refused.is_none()) {
-            if self.pipelined(read).await? {
-                self.shared.metrics.statement(role, reason);
-                self.shared.metrics.pool(role).pipelined.inc();
-                return Ok(Settled::Done);
+            match self.pipelined(read).await? {
+                Piped::Served => {
+                    self.shared.metrics.statement(role, reason);
+                    self.shared.metrics.pool(role).pipelined.inc();
+                    return Ok(Settled::Done);
+                }
+                Piped::Lost => return Ok(Settled::Route(Role::Primary, Reason::Retry)),
+                Piped::Unsent => {}
             }
         }
         Ok(match self.ensure_replica().await {
@@ -544,11 +548,10 @@ impl Session {
             && !self.state.pins.any()
     }
 
-    /// Runs a read on a shared replica connection and relays its answer: false when none
-    /// could take it (nothing was sent).
-    async fn pipelined(&mut self, read: SharedRead) -> Result<bool, PgError> {
+    /// Runs a read on a shared replica connection and relays its answer.
+    async fn pipelined(&mut self, read: SharedRead) -> Result<Piped, PgError> {
         let Some(lanes) = self.shared.lanes.clone() else {
-            return Ok(false);
+            return Ok(Piped::Unsent);
         };
         self.drain_all().await?;
         // One channel per session for the answers of all its pipelined reads (they run one
@@ -565,17 +568,22 @@ impl Session {
             reply: answers.0.clone(),
         };
         if lanes.submit(&self.database, job).is_err() {
-            return Ok(false);
+            return Ok(Piped::Unsent);
         }
         // The lane points the cancel slot at its connection while the read runs.
         self.cancel_role = None;
+        let mut begun = false;
         loop {
             let answer = match self.answers.as_mut() {
                 Some(a) => a.1.recv().await,
                 None => None,
             };
-            match answer {
-                Some(Reply::Bytes(out)) => self.write_client(&out).await?,
+            let lost = match answer {
+                Some(Reply::Bytes(out)) => {
+                    begun = true;
+                    self.write_client(&out).await?;
+                    continue;
+                }
                 Some(Reply::Done(request, retry)) => {
                     if let Some(t) = request.started {
                         let seconds = t.elapsed().as_secs_f64();
@@ -584,16 +592,20 @@ impl Session {
                     if let Some(retry) = retry {
                         Box::pin(self.retry_on_primary(retry)).await?;
                     }
-                    return Ok(true);
+                    return Ok(Piped::Served);
                 }
-                Some(Reply::Unsent) => return Ok(false),
-                Some(Reply::Failed(e)) => return self.shared_read_failed(e).await.map(|()| true),
-                None => {
-                    let e = PgError::upstream("a shared replica connection was dropped")
-                        .with_detail("The statement may not have completed.");
-                    return self.shared_read_failed(e).await.map(|()| true);
-                }
+                Some(Reply::Unsent) => return Ok(Piped::Unsent),
+                Some(Reply::Failed(e)) => e,
+                None => PgError::upstream("a shared replica connection was dropped")
+                    .with_detail("The statement may not have completed."),
+            };
+            if begun {
+                return self.shared_read_failed(lost).await.map(|()| Piped::Served);
             }
+            // Nothing of the answer reached the client, and a standby changed nothing.
+            tracing::info!(error = %lost, "a shared replica connection was lost before the read's answer began; running it on the primary");
+            self.shared.metrics.error(lost.kind);
+            return Ok(Piped::Lost);
         }
     }
 
@@ -639,6 +651,47 @@ impl Session {
             server.send_internal_query(WRITE_LSN_QUERY, expect::Purpose::WriteLsn);
         }
         self.flush_servers().await
+    }
+
+    /// Runs on the primary, in order, replica reads whose answers had not begun when the
+    /// replica was lost (see `Session::replica_lost`).
+    pub(super) async fn run_again_on_primary(
+        &mut self,
+        reads: Vec<(Request, Again)>,
+    ) -> Result<(), PgError> {
+        let shared_names = self.shares_statements();
+        let limit = self.statement_limit();
+        let metrics = self.shared.metrics.clone();
+        let primary = self.server(Role::Primary).await?;
+        for (mut request, again) in reads {
+            metrics.statement(Role::Primary, Reason::Retry);
+            match again {
+                Again::Query(frame) => primary.send_query(&frame, request),
+                Again::Batch {
+                    frames,
+                    statements,
+                    unnamed,
+                } => {
+                    prepare_missing(primary, statements, limit);
+                    if let Some(parse) = &unnamed {
+                        primary.send_internal_frame(tag::PARSE, parse);
+                    }
+                    send_batch(primary, &frames, shared_names, limit);
+                    request.started = Some(std::time::Instant::now());
+                    primary.requests.push_back(request);
+                }
+            }
+        }
+        self.flush_servers().await
+    }
+
+    /// Most statements pgnear keeps prepared on one server connection for this session.
+    fn statement_limit(&self) -> usize {
+        if self.shares_statements() {
+            STATEMENTS_PER_CONNECTION
+        } else {
+            usize::MAX
+        }
     }
 
     /// Sends the pending extended-protocol messages to the server chosen for them.
@@ -725,6 +778,14 @@ impl Session {
             Some(TxEffect::End) => self.open_tx = None,
             None => {}
         }
+        // An autocommit read that starts and ends its exchange can run again on the primary if
+        // the replica is lost before its answer begins (see `Session::replica_lost`).
+        let again_on_primary = role == Role::Replica
+            && reason == Reason::Read
+            && self.unsynced.is_none()
+            && self.open_tx.is_none()
+            && plan.syncs == 1
+            && self.batch_tags.last() == Some(&tag::SYNC);
         let mut executed_before = self.unsynced.is_some() && self.unsynced_executed;
         if let Some(prepared_on) = self.unsynced.filter(|_| movable) {
             executed_before = false;
@@ -751,11 +812,12 @@ impl Session {
             .filter_map(|n| self.state.statements.get(n).map(|f| (n.clone(), f.clone())))
             .collect();
         let shared_names = self.shares_statements();
-        let limit = if shared_names {
-            STATEMENTS_PER_CONNECTION
-        } else {
-            usize::MAX
-        };
+        let limit = self.statement_limit();
+        let mut again = again_on_primary.then(|| Again::Batch {
+            frames: Bytes::copy_from_slice(&batch),
+            statements: statements.clone(),
+            unnamed: unnamed.clone(),
+        });
         let server = self.server(role).await?;
         server.dirty |= plan.taints;
         for name in std::mem::take(&mut server.to_close) {
@@ -771,24 +833,7 @@ impl Session {
         if plan.parsed_unnamed || unnamed.is_some() {
             server.unnamed_dropped = false;
         }
-        for (t, frame) in frames(&batch) {
-            if t == tag::PARSE {
-                let name = cstr(&frame[5..]).map_or("", |(n, _)| n);
-                if shared_names && !name.is_empty() && server.has_statement(name) {
-                    // Another session prepared it here already: the client still gets its
-                    // ParseComplete (or its error), from a scratch statement dropped at once.
-                    server.send_client_frame(t, &renamed_parse(frame, SCRATCH_STATEMENT));
-                    server.send_internal_frame(tag::CLOSE, &close_frame(SCRATCH_STATEMENT));
-                    continue;
-                }
-                if !name.is_empty() {
-                    if let Some(old) = server.add_statement(name, limit) {
-                        server.send_internal_frame(tag::CLOSE, &close_frame(&old));
-                    }
-                }
-            }
-            server.send_client_frame(t, frame);
-        }
+        send_batch(server, &batch, shared_names, limit);
         let mut change = plan.changes.into_iter().reduce(|mut all, c| {
             all.extend(c);
             all
@@ -810,6 +855,7 @@ impl Session {
                     Vec::new()
                 },
                 capture_after: last && capture_lsn && plan.copy,
+                again: if last { again.take() } else { None },
                 started: Some(std::time::Instant::now()),
                 ..Request::default()
             });
@@ -1406,6 +1452,30 @@ fn fences_on(shared: &crate::Shared, database: Option<&str>) -> Vec<Fence> {
 
 /// Parses on `server` the statements (name, the client's Parse) it lacks, closing the least
 /// recently used past `limit`; whether it parsed any.
+/// Queues a batch of client messages. With statement names shared between sessions
+/// (transaction mode), a Parse of a name the server already has gets its answer from a scratch
+/// statement; past `limit` statements the least recently used is closed.
+fn send_batch(server: &mut Server, batch: &[u8], shared_names: bool, limit: usize) {
+    for (t, frame) in frames(batch) {
+        if t == tag::PARSE {
+            let name = cstr(&frame[5..]).map_or("", |(n, _)| n);
+            if shared_names && !name.is_empty() && server.has_statement(name) {
+                // Another session prepared it here already: the client still gets its
+                // ParseComplete (or its error), from a scratch statement dropped at once.
+                server.send_client_frame(t, &renamed_parse(frame, SCRATCH_STATEMENT));
+                server.send_internal_frame(tag::CLOSE, &close_frame(SCRATCH_STATEMENT));
+                continue;
+            }
+            if !name.is_empty() {
+                if let Some(old) = server.add_statement(name, limit) {
+                    server.send_internal_frame(tag::CLOSE, &close_frame(&old));
+                }
+            }
+        }
+        server.send_client_frame(t, frame);
+    }
+}
+
 fn prepare_missing(server: &mut Server, statements: Vec<(String, Bytes)>, limit: usize) -> bool {
     let mut parsed = false;
     for (name, parse) in statements {
@@ -1470,6 +1540,17 @@ struct SharedRead {
 }
 
 /// Where `settle` sends a request.
+/// What became of a read offered to the shared replica connections.
+enum Piped {
+    /// It ran there; its answer (or error) was relayed.
+    Served,
+    /// None could take it: nothing was sent.
+    Unsent,
+    /// Its connection was lost before any of its answer reached the client: it can run on the
+    /// primary.
+    Lost,
+}
+
 enum Settled {
     Route(Role, Reason),
     /// It ran on a shared replica connection; its answer was relayed.

@@ -29,8 +29,9 @@ const MAX_RESERVE: usize = 1024 * 1024;
 pub struct Request {
     /// A session-state change to record if the request succeeds.
     pub change: Option<PendingState>,
-    /// The Query frame, when a 25006 from the replica may send it to the primary instead.
-    pub retry: Option<Bytes>,
+    /// An autocommit read on the replica: what it takes to run it on the primary instead, when
+    /// the replica refuses it (a simple Query only) or is lost before its answer begins.
+    pub again: Option<Again>,
     /// The server answered with an error.
     pub failed: bool,
     /// Learn the commit position once this completes (it may enter COPY IN mode, during which
@@ -43,6 +44,21 @@ pub struct Request {
     pub started: Option<std::time::Instant>,
     /// Keep the pools off a database the request drops, renames or copies, until it ends.
     pub fences: Vec<crate::backend::pool::Fence>,
+}
+
+/// A replica read as it can be sent again, to the primary.
+#[derive(Debug)]
+pub enum Again {
+    /// A simple Query. Its answer is held back (`Owner::Tentative`) until it is clear the
+    /// replica does not refuse it as a write (SQLSTATE 25006).
+    Query(Bytes),
+    /// Extended-protocol messages ending in their Sync, with the statements they use that
+    /// were parsed before them (the unnamed one apart), as their Parse.
+    Batch {
+        frames: Bytes,
+        statements: Vec<(String, Bytes)>,
+        unnamed: Option<Bytes>,
+    },
 }
 
 pub struct Server {
@@ -93,6 +109,9 @@ pub struct Reader {
     pub copy_in: bool,
     /// The client sent CopyDone or CopyFail for that COPY: what it sends next is processed.
     pub client_ended_copy: bool,
+    /// Part of the answer to the oldest client request in flight went to the client (after its
+    /// ReadyForQuery: to the next one's).
+    pub begun: bool,
     /// A COPY started by the extended protocol: the server discarded the Sync that followed
     /// its Execute, and the client's first Sync after the COPY completes that request instead.
     pub owed_sync: bool,
@@ -244,10 +263,10 @@ impl Server {
         }
     }
 
-    /// Queues a client Query; with `request.retry` set its answer is held until it is clear the
+    /// Queues a client Query; with `request.again` set its answer is held until it is clear the
     /// server does not refuse it as a write.
     pub fn send_query(&mut self, frame: &[u8], request: Request) {
-        let owner = if request.retry.is_some() {
+        let owner = if matches!(request.again, Some(Again::Query(_))) {
             Owner::Tentative
         } else {
             Owner::Client
@@ -480,6 +499,7 @@ impl Reader {
                         run_start = pos;
                         expect.confirm_front();
                     }
+                    self.begun = true;
                     expect.on_frame(tag);
                     self.skip = total - avail;
                     pos = buf.len();
@@ -513,14 +533,17 @@ impl Reader {
                 if self.retrying {
                     if tag == be::READY_FOR_QUERY {
                         self.retrying = false;
-                        seen.retry =
-                            requests
-                                .pop_front()
-                                .and_then(|r| r.retry)
-                                .map(|frame| Retry {
-                                    frame,
-                                    learn: self.retry_writes,
-                                });
+                        seen.retry = requests
+                            .pop_front()
+                            .and_then(|r| r.again)
+                            .and_then(|a| match a {
+                                Again::Query(frame) => Some(frame),
+                                Again::Batch { .. } => None,
+                            })
+                            .map(|frame| Retry {
+                                frame,
+                                learn: self.retry_writes,
+                            });
                     }
                 } else if let Some(writes) = (tag == be::ERROR_RESPONSE)
                     .then(|| standby_refusal(body))
@@ -584,6 +607,8 @@ impl Reader {
                         if let Some(r) = requests.pop_front() {
                             seen.done.push(r);
                         }
+                        // What the client gets next answers the request after it.
+                        self.begun = false;
                     }
                 }
                 be::ERROR_RESPONSE
@@ -626,6 +651,10 @@ impl Reader {
             if !forward {
                 cout.extend_from_slice(&buf[run_start..pos]);
                 run_start = pos + total;
+            } else if m.owner.is_some_and(Owner::is_client)
+                && !(tag == be::READY_FOR_QUERY && m.completed.is_some())
+            {
+                self.begun = true;
             }
             pos += total;
             if self.one_request && (!seen.done.is_empty() || seen.retry.is_some()) {

@@ -424,6 +424,17 @@ pub async fn answered_by(c: &Client) -> Result<&'static str, tokio_postgres::Err
     })
 }
 
+/// Which server answered, asked through the extended protocol (a statement prepared first,
+/// then run: two exchanges, as tokio-postgres, pgx or pgjdbc send them).
+pub async fn answered_by_extended(c: &Client) -> Result<&'static str, tokio_postgres::Error> {
+    let row = c.query_one("SELECT pg_is_in_recovery()", &[]).await?;
+    Ok(if row.get::<_, bool>(0) {
+        "replica"
+    } else {
+        "primary"
+    })
+}
+
 /// The entry of pgnear's `/status` for the upstream with `role` ("primary" or "replica").
 pub async fn upstream_status(p: &Proxy, role: &str) -> serde_json::Value {
     let (status, body) = http_get(p.admin_addr(), "/status").await;
