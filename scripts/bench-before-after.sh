@@ -3,7 +3,8 @@
 # pgbench -S (8 clients, simple and extended) and TPC-B (8 clients), direct to the primary and
 # through each binary (primary region, session mode, defaults), interleaved, each run
 # PGNEAR_BENCH_SECS long (default 10), ROUNDS times (default 3); prints the median TPS and the
-# ratio to direct.
+# ratio to direct. With BENCH_REGION=replica, pgnear runs in a replica region (rtt 0) and the
+# -S runs compare with direct reads from that replica.
 #   scripts/bench-before-after.sh OLD_PGNEAR NEW_PGNEAR
 set -euo pipefail
 old=$1 new=$2
@@ -17,14 +18,19 @@ cleanup() {
 }
 trap cleanup EXIT
 
-"$new" lab --rtt 0ms --regions iad > "$work/lab.out" 2>&1 &
+region=iad
+[ "${BENCH_REGION:-primary}" = replica ] && region=lhr
+"$new" lab --rtt 0ms --regions "iad,lhr" > "$work/lab.out" 2>&1 &
 for _ in $(seq 1 120); do grep -q "lab ready" "$work/lab.out" && break; sleep 0.5; done
 primary=$(sed -n 's/.*primary .*postgres on \([0-9.:]*\).*/\1/p' "$work/lab.out" | head -1)
-[ -n "$primary" ] || { cat "$work/lab.out"; exit 1; }
+replica=$(sed -n 's/.*replica .*postgres on \([0-9.:]*\).*/\1/p' "$work/lab.out" | head -1)
+[ -n "$primary" ] && [ -n "$replica" ] || { cat "$work/lab.out"; exit 1; }
 url="postgres://app:secret@$primary/app?sslmode=disable"
 
 start() { # binary port admin-port
-    DATABASE_URL=$url FLY_REGION=iad PRIMARY_REGION=iad PGNEAR_LISTEN=127.0.0.1:$2 \
+    local replica_url=""
+    [ "$region" = lhr ] && replica_url="postgres://app:secret@$replica/app?sslmode=disable"
+    DATABASE_URL=$url PGNEAR_REPLICA_URL=$replica_url FLY_REGION=$region PRIMARY_REGION=iad PGNEAR_LISTEN=127.0.0.1:$2 \
         PGNEAR_ADMIN_LISTEN=127.0.0.1:$3 PGNEAR_LOG_LEVEL=warn "$1" run > "$work/$2.log" 2>&1 &
 }
 start "$old" 7601 7701
@@ -39,9 +45,10 @@ tps() { # port args...
         | sed -n 's/^tps = \([0-9.]*\).*/\1/p'
 }
 median() { sort -n | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
-direct_port=${primary#*:}
 for mode in "-S -M simple" "-S -M extended" "-M simple"; do
     name=$([ "$mode" = "-M simple" ] && echo "TPC-B" || echo "pgbench $mode")
+    direct_port=${primary#*:}
+    [ "$region" = lhr ] && [ "$mode" != "-M simple" ] && direct_port=${replica#*:}
     : > "$work/d"; : > "$work/o"; : > "$work/n"
     for _ in $(seq 1 "$rounds"); do
         # shellcheck disable=SC2086

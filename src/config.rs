@@ -295,12 +295,45 @@ pub enum AuthMethod {
     Trust,
 }
 
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+/// Which roles clients may log in as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthUsers {
+    /// Only the primary URL's role: any other is refused (28000).
+    #[default]
+    Url,
+    /// Any role the primary knows: its verifier is looked up there with `auth.query`.
+    Query,
+}
+
+/// The default verifier lookup: the role's password verifier, when it may log in now.
+pub const DEFAULT_AUTH_QUERY: &str = "SELECT rolpassword FROM pg_catalog.pg_authid \
+     WHERE rolname = $1 AND rolcanlogin \
+     AND (rolvaliduntil IS NULL OR rolvaliduntil > pg_catalog.now())";
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AuthConfig {
     /// Unset: SCRAM-SHA-256, or trust when the upstream URL has no password and the
     /// listener is on loopback.
     pub method: Option<AuthMethod>,
+    pub users: AuthUsers,
+    /// With `users = "query"`: run on the primary as the URL's role, `$1` the role name; its
+    /// first column is the role's verifier (no row, or NULL: the role cannot log in).
+    pub query: String,
+    /// How long a looked-up verifier (or its absence) is used before it is looked up again.
+    pub cache_ttl: HumanDuration,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            method: None,
+            users: AuthUsers::Url,
+            query: DEFAULT_AUTH_QUERY.to_string(),
+            cache_ttl: HumanDuration(Duration::from_secs(30)),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -432,6 +465,13 @@ impl Config {
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.auth.users == AuthUsers::Query && !self.auth.query.contains("$1") {
+            return Err(invalid(
+                "auth.query",
+                &self.auth.query,
+                "a query that uses $1 for the role name",
+            ));
+        }
         for (key, value) in [
             ("proxy.listen", &self.proxy.listen),
             ("proxy.admin_listen", &self.proxy.admin_listen),

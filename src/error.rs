@@ -104,6 +104,12 @@ impl PgError {
         self
     }
 
+    /// A SQLSTATE more precise than its kind's (e.g. 28000 beside the auth kind's 28P01).
+    pub fn with_code(mut self, code: &str) -> PgError {
+        self.code = Some(code.to_string());
+        self
+    }
+
     pub fn with_hint(mut self, hint: impl Into<String>) -> PgError {
         self.hint = Some(hint.into());
         self

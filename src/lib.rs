@@ -27,7 +27,6 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::auth::Credentials;
 use crate::backend::conn::{Role, Upstream};
 use crate::cancel::CancelRegistry;
 use crate::config::{AuthMethod, Config};
@@ -50,8 +49,7 @@ pub struct Shared {
     pub watcher: Option<Arc<consistency::watcher::Watcher>>,
     pub probe: Arc<backend::health::PrimaryProbe>,
     pub metrics: Arc<admin::metrics::Metrics>,
-    pub creds: Credentials,
-    pub auth_method: AuthMethod,
+    pub auth: auth::Auth,
     pub tls: Option<Arc<rustls::ServerConfig>>,
     pub cancels: Arc<CancelRegistry>,
     pub classifier: router::cache::ClassifyCache,
@@ -151,6 +149,7 @@ impl Proxy {
                 })?;
                 Ok(Upstream {
                     role,
+                    login: Arc::new(auth::Login::of_url(&url)),
                     url,
                     tls,
                     connect_timeout,
@@ -164,10 +163,10 @@ impl Proxy {
                 upstream_url::UpstreamUrl::parse(&config.upstream.replica_url).expect("validated");
             Some(Arc::new(upstream(Role::Replica, url)?))
         };
-        let creds = Credentials::new(&primary_url.user, primary_url.password.as_deref());
         let (listener, addr) = bind(&config.proxy.listen).await?;
         let (admin, admin_addr) = bind(&config.proxy.admin_listen).await?;
         let primary = Arc::new(upstream(Role::Primary, primary_url)?);
+        let auth = auth::Auth::new(&config, &primary);
         let probe = backend::health::PrimaryProbe::spawn(
             primary.clone(),
             metrics.clone(),
@@ -188,6 +187,7 @@ impl Proxy {
         let pool = |upstream: &Arc<Upstream>| {
             backend::pool::Pool::spawn(
                 upstream.clone(),
+                auth.url_login().clone(),
                 config.pool.clone(),
                 metrics.clone(),
                 shutdown.clone(),
@@ -221,8 +221,7 @@ impl Proxy {
             watcher,
             probe,
             metrics,
-            creds,
-            auth_method,
+            auth,
             tls,
             cancels: Arc::default(),
             reported: Default::default(),
@@ -281,8 +280,15 @@ pub fn check_report(config: &Config) -> String {
         (c, p) => format!("replica region {c} (primary region {p})"),
     };
     let nameservers = discovery::Nameservers::read(config.nameserver());
+    let users = match config.auth.users {
+        config::AuthUsers::Url => format!("role \"{}\" only (auth.users = \"url\")", primary.user),
+        config::AuthUsers::Query => format!(
+            "any role the primary knows (auth.users = \"query\"): verifiers looked up with auth.query, cached for {:?}",
+            config.auth.cache_ttl.0
+        ),
+    };
     format!(
-        "# pgnear check: configuration is valid\n# role: {role}\n# primary upstream: {primary} (sslmode {:?})\n# replica upstream: {replica}\n# nameserver: {nameservers}; /etc/hosts first\n# client auth: {:?}\n\n{}",
+        "# pgnear check: configuration is valid\n# role: {role}\n# primary upstream: {primary} (sslmode {:?})\n# replica upstream: {replica}\n# nameserver: {nameservers}; /etc/hosts first\n# client auth: {:?}; {users}\n\n{}",
         primary.sslmode,
         config.auth_method(),
         config.render_masked()

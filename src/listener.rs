@@ -97,8 +97,8 @@ async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
     let mut read_startup = false;
     let handshake = handshake(&shared, &mut slot, &mut read_startup);
     let outcome = Box::pin(tokio::time::timeout(timeout, handshake)).await;
-    let startup = match outcome {
-        Ok(Ok(Handshake::Ready(startup))) => startup,
+    let (startup, login) = match outcome {
+        Ok(Ok(Handshake::Ready(startup, login))) => (startup, login),
         Ok(Ok(Handshake::Done)) => return,
         Ok(Err(e)) => return Box::pin(refuse(&shared, slot, e)).await,
         Err(_) => {
@@ -116,7 +116,7 @@ async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
     );
     let stream = slot.expect("stream present after a successful handshake");
     tracing::debug!(%peer, "client authenticated");
-    match Box::pin(Session::establish(shared.clone(), stream, startup)).await {
+    match Box::pin(Session::establish(shared.clone(), stream, startup, login)).await {
         Ok(session) => session.run().await,
         Err((stream, e)) => Box::pin(refuse(&shared, Some(stream), e)).await,
     }

@@ -203,10 +203,14 @@ fn sessions_survive_losing_the_shared_connection() {
         let p = proxy(REPLICA, pipelined(2)).await;
         let c = connect(&url(&p)).await;
         // The shared connections open in the background: reads run the usual way until then.
-        eventually("a read on a shared connection", Duration::from_secs(60), || async {
-            c.simple_query("SELECT 1").await.unwrap();
-            metric(&p, PIPELINED).await > 0.0
-        })
+        eventually(
+            "a read on a shared connection",
+            Duration::from_secs(60),
+            || async {
+                c.simple_query("SELECT 1").await.unwrap();
+                metric(&p, PIPELINED).await > 0.0
+            },
+        )
         .await;
         let admin = connect(&cluster().replica_url(REPLICA).unwrap()).await;
         let killed: i64 = admin

@@ -12,6 +12,8 @@ use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::auth::scram::KeyClient;
+use crate::auth::{Login, Secret};
 use crate::discovery::Discovery;
 use crate::error::{ErrorKind, PgError};
 use crate::protocol::backend::{self as be, error_fields};
@@ -40,8 +42,16 @@ pub struct Upstream {
     pub url: UpstreamUrl,
     pub tls: Option<Arc<rustls::ClientConfig>>,
     pub connect_timeout: Duration,
+    /// How pgnear logs in as the URL's role.
+    pub login: Arc<Login>,
     /// Where the host is now (DNS discovery; fixed for an IP literal).
     pub dns: Arc<Discovery>,
+}
+
+/// The client side of a SCRAM exchange: with the URL's password, or with a verifier's keys.
+enum Scram {
+    Password(ScramSha256),
+    Keys(KeyClient),
 }
 
 /// An authenticated server connection, ready for queries.
@@ -115,17 +125,18 @@ impl Upstream {
         }))
     }
 
-    /// Connects and authenticates. `params` are startup parameters to pass on (application_name,
-    /// options, client_encoding, ...); user and database come from `user`/`database`.
+    /// Connects and authenticates as `login`. `params` are startup parameters to pass on
+    /// (application_name, options, client_encoding, ...).
     pub async fn connect(
         &self,
+        login: &Login,
         database: &str,
         params: &[(String, String)],
     ) -> Result<ServerConn, PgError> {
         let (tcp, addr) = self.tcp().await?;
         let handshake = async {
             let stream = self.negotiate_tls(tcp).await?;
-            self.startup(stream, addr, database, params).await
+            self.startup(stream, addr, login, database, params).await
         };
         tokio::time::timeout(self.connect_timeout * 2, handshake)
             .await
@@ -165,11 +176,12 @@ impl Upstream {
         &self,
         mut stream: Stream,
         addr: SocketAddr,
+        login: &Login,
         database: &str,
         params: &[(String, String)],
     ) -> Result<ServerConn, PgError> {
         let mut out = BytesMut::new();
-        let mut startup: Vec<(&str, &str)> = vec![("user", &self.url.user), ("database", database)];
+        let mut startup: Vec<(&str, &str)> = vec![("user", &login.user), ("database", database)];
         startup.extend(
             params
                 .iter()
@@ -180,7 +192,7 @@ impl Upstream {
         stream.write_all(&out).await.map_err(|e| self.fail(e))?;
 
         let mut buf = BytesMut::with_capacity(1024);
-        let mut scram: Option<ScramSha256> = None;
+        let mut scram: Option<Scram> = None;
         let mut conn = ServerConn {
             stream,
             addr,
@@ -199,18 +211,21 @@ impl Upstream {
                     out.clear();
                     match code {
                         0 => continue,
-                        3 => frontend::password_message(self.password()?.as_bytes(), &mut out)
+                        3 => frontend::password_message(self.password(login)?.as_bytes(), &mut out)
                             .map_err(|e| self.fail(e))?,
                         5 => {
                             let salt: [u8; 4] = body
                                 .get(4..8)
                                 .and_then(|s| s.try_into().ok())
                                 .ok_or_else(|| self.fail("malformed md5 request"))?;
-                            let hash = postgres_protocol::authentication::md5_hash(
-                                self.url.user.as_bytes(),
-                                self.password()?.as_bytes(),
-                                salt,
-                            );
+                            let hash = match &login.secret {
+                                Secret::Md5(verifier) => crate::auth::md5_answer(verifier, salt),
+                                _ => postgres_protocol::authentication::md5_hash(
+                                    login.user.as_bytes(),
+                                    self.password(login)?.as_bytes(),
+                                    salt,
+                                ),
+                            };
                             frontend::password_message(hash.as_bytes(), &mut out)
                                 .map_err(|e| self.fail(e))?;
                         }
@@ -221,29 +236,47 @@ impl Upstream {
                                     self.fail("server offers no SASL mechanism pgnear supports")
                                 );
                             }
-                            let s = ScramSha256::new(
-                                self.password()?.as_bytes(),
-                                ChannelBinding::unsupported(),
-                            );
-                            frontend::sasl_initial_response("SCRAM-SHA-256", s.message(), &mut out)
+                            let s = match &login.secret {
+                                Secret::Scram {
+                                    client_key,
+                                    server_key,
+                                } => Scram::Keys(KeyClient::new(client_key, server_key)),
+                                _ => Scram::Password(ScramSha256::new(
+                                    self.password(login)?.as_bytes(),
+                                    ChannelBinding::unsupported(),
+                                )),
+                            };
+                            let first = match &s {
+                                Scram::Keys(k) => k.first().into_bytes(),
+                                Scram::Password(p) => p.message().to_vec(),
+                            };
+                            frontend::sasl_initial_response("SCRAM-SHA-256", &first, &mut out)
                                 .map_err(|e| self.fail(e))?;
                             scram = Some(s);
                         }
                         11 => {
-                            let s = scram
-                                .as_mut()
-                                .ok_or_else(|| self.fail("unexpected SASL continue"))?;
-                            s.update(&body[4..])
-                                .map_err(|e| self.fail(format!("SCRAM: {e}")))?;
-                            frontend::sasl_response(s.message(), &mut out)
-                                .map_err(|e| self.fail(e))?;
+                            let answer = match scram.as_mut() {
+                                Some(Scram::Keys(k)) => {
+                                    k.answer(&body[4..]).map(String::into_bytes)
+                                }
+                                Some(Scram::Password(p)) => p
+                                    .update(&body[4..])
+                                    .map(|()| p.message().to_vec())
+                                    .map_err(|e| e.to_string()),
+                                None => return Err(self.fail("unexpected SASL continue")),
+                            }
+                            .map_err(|e| self.fail(format!("SCRAM: {e}")))?;
+                            frontend::sasl_response(&answer, &mut out).map_err(|e| self.fail(e))?;
                         }
                         12 => {
-                            let s = scram
-                                .as_mut()
-                                .ok_or_else(|| self.fail("unexpected SASL final"))?;
-                            s.finish(&body[4..])
-                                .map_err(|e| self.fail(format!("SCRAM server signature: {e}")))?;
+                            match scram.as_mut() {
+                                Some(Scram::Keys(k)) => k.finish(&body[4..]),
+                                Some(Scram::Password(p)) => {
+                                    p.finish(&body[4..]).map_err(|e| e.to_string())
+                                }
+                                None => return Err(self.fail("unexpected SASL final")),
+                            }
+                            .map_err(|e| self.fail(format!("SCRAM server signature: {e}")))?;
                             continue;
                         }
                         other => {
@@ -297,16 +330,27 @@ impl Upstream {
         }
     }
 
-    fn password(&self) -> Result<&str, PgError> {
-        self.url.password.as_deref().ok_or_else(|| {
-            PgError::new(
+    fn password<'a>(&self, login: &'a Login) -> Result<&'a str, PgError> {
+        match &login.secret {
+            Secret::Password(p) => Ok(p),
+            Secret::None => Err(PgError::new(
                 ErrorKind::Auth,
                 format!(
-                    "{} upstream asks for a password and the upstream URL has none",
-                    self.role.name()
+                    "{} upstream asks role \"{}\" for a password and pgnear has none for it",
+                    self.role.name(),
+                    login.user
+                ),
+            )),
+            Secret::Scram { .. } | Secret::Md5(_) => Err(PgError::new(
+                ErrorKind::Auth,
+                format!(
+                    "{} upstream asks role \"{}\" for its password in a way pgnear cannot answer from the role's verifier",
+                    self.role.name(),
+                    login.user
                 ),
             )
-        })
+            .with_hint("Let the servers' pg_hba.conf ask for scram-sha-256 (or md5 for an md5 verifier).")),
+        }
     }
 
     async fn read_frame(

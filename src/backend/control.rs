@@ -56,10 +56,12 @@ impl ControlConn {
         deadline: Duration,
     ) -> Result<ControlConn, ControlError> {
         let params = [("application_name".to_string(), "pgnear-control".to_string())];
-        let conn =
-            tokio::time::timeout(deadline, upstream.connect(&upstream.url.database, &params))
-                .await
-                .map_err(|_| ControlError::Missed("connecting", deadline))??;
+        let conn = tokio::time::timeout(
+            deadline,
+            upstream.connect(&upstream.login, &upstream.url.database, &params),
+        )
+        .await
+        .map_err(|_| ControlError::Missed("connecting", deadline))??;
         Ok(ControlConn {
             conn,
             buf: BytesMut::new(),
@@ -74,7 +76,18 @@ impl ControlConn {
         sql: &str,
         deadline: Duration,
     ) -> Result<Vec<Option<String>>, ControlError> {
-        match tokio::time::timeout(deadline, self.query_row(sql)).await {
+        self.query_first_within(sql, deadline)
+            .await?
+            .ok_or_else(|| PgError::upstream("control query returned no row").into())
+    }
+
+    /// The first row of `sql`, if any, within `deadline` (see `query_row_within`).
+    pub async fn query_first_within(
+        &mut self,
+        sql: &str,
+        deadline: Duration,
+    ) -> Result<Option<Vec<Option<String>>>, ControlError> {
+        match tokio::time::timeout(deadline, self.query_first(sql)).await {
             Ok(r) => Ok(r?),
             Err(_) => Err(ControlError::Missed("a control query", deadline)),
         }
@@ -87,7 +100,7 @@ impl ControlConn {
 
     /// Runs `sql` and returns the text columns of its first row (`None` for NULL).
     /// Not cancel-safe: drop the connection if the future is dropped.
-    async fn query_row(&mut self, sql: &str) -> Result<Vec<Option<String>>, PgError> {
+    async fn query_first(&mut self, sql: &str) -> Result<Option<Vec<Option<String>>>, PgError> {
         self.out.clear();
         postgres_protocol::message::frontend::query(sql, &mut self.out)
             .expect("no NUL in pgnear's SQL");
@@ -109,7 +122,7 @@ impl ControlConn {
                 e.message, e.code
             )));
         }
-        row.ok_or_else(|| PgError::upstream("control query returned no row"))
+        Ok(row)
     }
 
     async fn read_frame(&mut self) -> Result<(u8, BytesMut), PgError> {

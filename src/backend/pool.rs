@@ -1,11 +1,14 @@
 //! Server connection pools, one per upstream. A pool bounds the connections open to its upstream
-//! (`primary_size` / `replica_size`, all databases together), keeps idle ones per database for
-//! the next session, keeps `min_idle` of them warm for the URL's database, and retires those
-//! idle past `idle_timeout`, older than `max_lifetime`, or closed by the server.
+//! (`primary_size` / `replica_size`, all roles and databases together), keeps idle ones per
+//! role and database (`Target`) for the next session, keeps `min_idle` of them warm for the
+//! URL's role and database, and retires those idle past `idle_timeout`, older than
+//! `max_lifetime`, or closed by the server. While several roles use it, a role that has its
+//! fair share open (the size divided among them) waits for one of its own instead of opening
+//! another; idle connections of other targets are closed to make room.
 //!
 //! Connections are opened without the client's startup parameters: sessions apply their own
 //! settings with SET (see `session::state`), so any client can use any connection of its
-//! database. Connections to an address that has left the upstream's DNS answer are retired
+//! role and database. Connections to an address that has left the upstream's DNS answer are retired
 //! when next looked at. What a connection carries between sessions (the settings applied, the prepared
 //! statements it has) travels with it as `Carry`.
 
@@ -20,6 +23,7 @@ use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 
 use super::conn::{ServerConn, Upstream};
 use crate::admin::metrics::PoolMetrics;
+use crate::auth::Login;
 use crate::config::PoolConfig;
 use crate::error::{ErrorKind, PgError};
 use crate::protocol::backend as be;
@@ -40,13 +44,51 @@ pub struct Carry {
     pub tick: u64,
 }
 
+/// Whom a server connection is for: the role it logs in as, and its database.
+#[derive(Clone, Debug)]
+pub struct Target {
+    pub login: Arc<Login>,
+    pub database: Arc<str>,
+    /// Role and database together: the key of its idle connections.
+    key: Arc<str>,
+}
+
+impl Target {
+    pub fn new(login: Arc<Login>, database: &str) -> Target {
+        let key = format!("{}\0{database}", login.user).into();
+        Target {
+            login,
+            database: database.into(),
+            key,
+        }
+    }
+
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    pub fn user(&self) -> &str {
+        &self.login.user
+    }
+}
+
 /// A server connection out of its pool. Dropping it closes the connection and frees its slot.
 pub struct Pooled {
     pub conn: ServerConn,
     pub carry: Carry,
-    database: String,
+    pub target: Target,
     created: Instant,
     _permit: OwnedSemaphorePermit,
+    _share: Share,
+}
+
+/// Counts a connection in its role's share of the pool while it is open.
+struct Share(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for Share {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 impl std::ops::Deref for Pooled {
@@ -69,10 +111,13 @@ struct Idle {
 
 #[derive(Default)]
 struct Inner {
-    idle: HashMap<String, Vec<Idle>>,
-    /// The ParameterStatus set of the last connection opened per database: new clients are
+    /// Per target key.
+    idle: HashMap<Arc<str>, Vec<Idle>>,
+    /// The ParameterStatus set of the last connection opened per target key: new clients are
     /// answered from it without waiting for a server.
-    params: HashMap<String, Arc<[(String, String)]>>,
+    params: HashMap<Arc<str>, Arc<[(String, String)]>>,
+    /// Connections open per role.
+    open: HashMap<String, Arc<std::sync::atomic::AtomicUsize>>,
     /// Databases no connection may be opened to or kept idle on (see `Pool::fence`), with the
     /// number of fences on each.
     fenced: HashMap<String, usize>,
@@ -88,12 +133,15 @@ pub struct Pool {
     returned: Notify,
     metrics: Arc<crate::admin::metrics::Metrics>,
     shutdown: watch::Receiver<bool>,
+    /// The URL's role and database, kept warm (`min_idle`).
+    home: Target,
 }
 
 impl Pool {
     /// Creates the pool and starts its maintenance task (stops when `shutdown` turns true).
     pub fn spawn(
         upstream: Arc<Upstream>,
+        home: Arc<Login>,
         config: PoolConfig,
         metrics: Arc<crate::admin::metrics::Metrics>,
         shutdown: watch::Receiver<bool>,
@@ -102,6 +150,7 @@ impl Pool {
             super::conn::Role::Primary => config.primary_size,
             super::conn::Role::Replica => config.replica_size,
         };
+        let upstream_database = upstream.url.database.clone();
         let pool = Arc::new(Pool {
             size,
             upstream,
@@ -111,6 +160,7 @@ impl Pool {
             returned: Notify::new(),
             metrics,
             shutdown: shutdown.clone(),
+            home: Target::new(home, &upstream_database),
         });
         tokio::spawn(pool.clone().maintain(shutdown));
         pool
@@ -125,9 +175,9 @@ impl Pool {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The server parameters a client of `database` is told at startup, if known.
-    pub fn cached_params(&self, database: &str) -> Option<Arc<[(String, String)]>> {
-        self.inner().params.get(database).cloned()
+    /// The server parameters a client of `target` is told at startup, if known.
+    pub fn cached_params(&self, target: &Target) -> Option<Arc<[(String, String)]>> {
+        self.inner().params.get(target.key()).cloned()
     }
 
     /// Closes the idle connections to `database` and keeps the pool off it (no connection
@@ -137,7 +187,17 @@ impl Pool {
         let closed = {
             let mut inner = self.inner();
             *inner.fenced.entry(database.to_string()).or_default() += 1;
-            inner.idle.remove(database).unwrap_or_default()
+            let mut closed = Vec::new();
+            inner.idle.retain(|_, list| {
+                if list
+                    .first()
+                    .is_some_and(|i| &*i.pooled.target.database == database)
+                {
+                    closed.append(list);
+                }
+                !list.is_empty()
+            });
+            closed
         };
         if !closed.is_empty() {
             tracing::debug!(
@@ -169,9 +229,11 @@ impl Pool {
         self.returned.notify_one();
     }
 
-    /// A connection to `database`: an idle one if there is one, else a new one while the pool
-    /// has room, else the next one returned. 53300 after `acquire_timeout`.
-    pub async fn acquire(&self, database: &str) -> Result<Pooled, PgError> {
+    /// A connection for `target`: an idle one if there is one, else a new one while the pool
+    /// has room (and the role is within its share), else the next one returned. 53300 after
+    /// `acquire_timeout`.
+    pub async fn acquire(&self, target: &Target) -> Result<Pooled, PgError> {
+        let database = &*target.database;
         let started = Instant::now();
         let deadline = tokio::time::Instant::from_std(started + self.config.acquire_timeout.0);
         let got = loop {
@@ -185,19 +247,26 @@ impl Pool {
                     _ = tokio::time::sleep_until(deadline) => break Err(self.timed_out()),
                 }
             }
-            if let Some(p) = self.take_idle(database) {
+            if let Some(p) = self.take_idle(target) {
                 break Ok(p);
             }
-            if let Ok(permit) = self.permits.clone().try_acquire_owned() {
-                break self.open(database, permit).await;
+            if !self.within_share(target) {
+                // Its share is open: wait for one of its own (or for others to close).
+                tokio::select! {
+                    _ = returned => continue,
+                    _ = tokio::time::sleep_until(deadline) => break Err(self.timed_out()),
+                }
             }
-            if self.evict_other(database) {
+            if let Ok(permit) = self.permits.clone().try_acquire_owned() {
+                break self.open(target, permit).await;
+            }
+            if self.evict_other(target) {
                 continue;
             }
             tokio::select! {
                 permit = self.permits.clone().acquire_owned() => {
                     let permit = permit.expect("the pool's semaphore is never closed");
-                    break self.open(database, permit).await;
+                    break self.open(target, permit).await;
                 }
                 _ = returned => continue,
                 _ = tokio::time::sleep_until(deadline) => break Err(self.timed_out()),
@@ -224,25 +293,58 @@ impl Pool {
         .with_hint("Raise pool size or acquire_timeout, or use pool.mode = \"transaction\".")
     }
 
-    async fn open(&self, database: &str, permit: OwnedSemaphorePermit) -> Result<Pooled, PgError> {
-        let conn = self.upstream.connect(database, &[]).await?;
+    /// Whether `target`'s role may open another connection: it has fewer than its fair share,
+    /// the pool's size divided among the roles with connections open (itself included).
+    fn within_share(&self, target: &Target) -> bool {
+        use std::sync::atomic::Ordering;
+        let inner = self.inner();
+        let mine = inner
+            .open
+            .get(target.user())
+            .map_or(0, |n| n.load(Ordering::Relaxed));
+        let others = inner
+            .open
+            .iter()
+            .filter(|(user, n)| user.as_str() != target.user() && n.load(Ordering::Relaxed) > 0)
+            .count();
+        mine < self.size.div_ceil(others + 1)
+    }
+
+    async fn open(&self, target: &Target, permit: OwnedSemaphorePermit) -> Result<Pooled, PgError> {
+        let share = {
+            let mut inner = self.inner();
+            let n = inner
+                .open
+                .entry(target.user().to_string())
+                .or_default()
+                .clone();
+            n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Share(n)
+        };
+        let login = if target.login.url {
+            &self.upstream.login
+        } else {
+            &target.login
+        };
+        let conn = self.upstream.connect(login, &target.database, &[]).await?;
         self.m().connects.inc();
         self.inner()
             .params
-            .insert(database.to_string(), conn.params.clone().into());
+            .insert(target.key.clone(), conn.params.clone().into());
         Ok(Pooled {
             conn,
             carry: Carry::default(),
-            database: database.to_string(),
+            target: target.clone(),
             created: Instant::now(),
             _permit: permit,
+            _share: share,
         })
     }
 
-    /// The most recently returned live idle connection to `database`.
-    fn take_idle(&self, database: &str) -> Option<Pooled> {
+    /// The most recently returned live idle connection for `target`.
+    fn take_idle(&self, target: &Target) -> Option<Pooled> {
         let mut inner = self.inner();
-        let list = inner.idle.get_mut(database)?;
+        let list = inner.idle.get_mut(target.key())?;
         while let Some(idle) = list.pop() {
             if self.usable(&idle.pooled) {
                 return Some(idle.pooled);
@@ -251,13 +353,13 @@ impl Pool {
         None
     }
 
-    /// Closes one idle connection to another database to make room; false when there is none.
-    fn evict_other(&self, database: &str) -> bool {
+    /// Closes one idle connection of another target to make room; false when there is none.
+    fn evict_other(&self, target: &Target) -> bool {
         let mut inner = self.inner();
         let victim = inner
             .idle
             .iter_mut()
-            .filter(|(db, list)| db.as_str() != database && !list.is_empty())
+            .filter(|(key, list)| &***key != target.key() && !list.is_empty())
             .map(|(_, list)| list)
             .next()
             .and_then(|list| (!list.is_empty()).then(|| list.remove(0)));
@@ -315,13 +417,13 @@ impl Pool {
     }
 
     fn put(&self, p: Pooled) {
-        if *self.shutdown.borrow() || self.is_fenced(&p.database) {
+        if *self.shutdown.borrow() || self.is_fenced(&p.target.database) {
             self.terminate(p);
         } else if self.usable(&p) {
             let mut inner = self.inner();
             inner
                 .idle
-                .entry(p.database.clone())
+                .entry(p.target.key.clone())
                 .or_default()
                 .push(Idle {
                     pooled: p,
@@ -340,11 +442,12 @@ impl Pool {
     }
 
     /// Every second: retire idle connections that timed out, aged or died; open connections
-    /// for the URL's database up to `min_idle`. On shutdown, close the idle connections.
+    /// for the URL's role and database up to `min_idle`. On shutdown, close the idle
+    /// connections.
     async fn maintain(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
         let mut tick = tokio::time::interval(MAINTENANCE_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let home = self.upstream.url.database.clone();
+        let home = self.home.clone();
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
@@ -352,8 +455,12 @@ impl Pool {
             }
             let missing = {
                 let mut inner = self.inner();
-                for (db, list) in inner.idle.iter_mut() {
-                    let keep = if *db == home { self.config.min_idle } else { 0 };
+                for (key, list) in inner.idle.iter_mut() {
+                    let keep = if **key == *home.key() {
+                        self.config.min_idle
+                    } else {
+                        0
+                    };
                     let mut kept = 0;
                     // Newest last: keep the newest `keep` even when idle for long.
                     for i in (0..list.len()).rev() {
@@ -367,10 +474,15 @@ impl Pool {
                         }
                     }
                 }
-                let idle_home = inner.idle.get(&home).map_or(0, Vec::len);
+                inner.idle.retain(|_, list| !list.is_empty());
+                let idle_home = inner.idle.get(home.key()).map_or(0, Vec::len);
                 self.config.min_idle.saturating_sub(idle_home)
             };
-            let missing = if self.is_fenced(&home) { 0 } else { missing };
+            let missing = if self.is_fenced(&home.database) {
+                0
+            } else {
+                missing
+            };
             for _ in 0..missing {
                 let Ok(permit) = self.permits.clone().try_acquire_owned() else {
                     break;

@@ -297,6 +297,12 @@ fn quote_literal(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
 }
 
+/// The lab's extra login roles: name, password, how the password is stored.
+pub const LAB_ROLES: [(&str, &str, &str); 2] = [
+    ("reporter", "reporter-secret", "scram-sha-256"),
+    ("legacy", "legacy-secret", "md5"),
+];
+
 async fn create_app(primary: &PgNode, opts: &ClusterOptions) -> Result<(), LabError> {
     let client = primary.control_client().await?;
     let sql = |e| primary.sql_error(e);
@@ -317,6 +323,26 @@ async fn create_app(primary: &PgNode, opts: &ClusterOptions) -> Result<(), LabEr
         ))
         .await
         .map_err(sql)?;
+    // Roles of their own for trying `auth.users = "query"`: one with a SCRAM verifier, one
+    // with an md5 verifier (its pg_hba.conf line asks for md5). Neither may read the app's
+    // tables until granted.
+    for (role, password, encryption) in LAB_ROLES {
+        let exists = client
+            .query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&role])
+            .await
+            .map_err(sql)?
+            .is_some();
+        let verb = if exists { "ALTER" } else { "CREATE" };
+        client
+            .batch_execute(&format!(
+                "SET password_encryption = '{encryption}'; {verb} ROLE {} LOGIN PASSWORD {}; \
+                 RESET password_encryption",
+                quote_ident(role),
+                quote_literal(password)
+            ))
+            .await
+            .map_err(sql)?;
+    }
     let db_exists = client
         .query_opt(
             "SELECT 1 FROM pg_database WHERE datname = $1",
@@ -335,8 +361,28 @@ async fn create_app(primary: &PgNode, opts: &ClusterOptions) -> Result<(), LabEr
             .await
             .map_err(sql)?;
     }
+    // The app's role is no superuser: it reads verifiers through this function (see
+    // `VERIFIER_QUERY`).
+    let app = primary.superuser_client(&opts.database).await?;
+    app.batch_execute(&format!(
+        "CREATE SCHEMA IF NOT EXISTS pgnear_auth; \
+         CREATE OR REPLACE FUNCTION pgnear_auth.verifier(role text) RETURNS text \
+         LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog AS $$ \
+         SELECT rolpassword FROM pg_authid WHERE rolname = role AND rolcanlogin \
+         AND (rolvaliduntil IS NULL OR rolvaliduntil > now()) $$; \
+         REVOKE ALL ON FUNCTION pgnear_auth.verifier(text) FROM PUBLIC; \
+         GRANT USAGE ON SCHEMA pgnear_auth TO {app_user}; \
+         GRANT EXECUTE ON FUNCTION pgnear_auth.verifier(text) TO {app_user}",
+        app_user = quote_ident(&opts.app_user)
+    ))
+    .await
+    .map_err(sql)?;
     Ok(())
 }
+
+/// `auth.query` for the lab's app role, which is no superuser: a `SECURITY DEFINER` function
+/// owned by the superuser reads `pg_authid` for it.
+pub const VERIFIER_QUERY: &str = "SELECT pgnear_auth.verifier($1)";
 
 /// Polls `check` on a control connection to `node` every `every` until it returns true.
 async fn poll_node<F, Fut>(

@@ -66,7 +66,11 @@ pub async fn run_cli(
     .await?;
     let mut proxies = Vec::new();
     for region in &regions {
-        let proxy = Proxy::start(proxy_config(&cluster, region)).await?;
+        // Every role of the lab logs in as itself (see `cluster::LAB_ROLES`).
+        let mut config = proxy_config(&cluster, region);
+        config.auth.users = crate::config::AuthUsers::Query;
+        config.auth.query = cluster::VERIFIER_QUERY.to_string();
+        let proxy = Proxy::start(config).await?;
         proxies.push((region.clone(), proxy));
     }
     println!("\nlab ready (files in {}):", cluster.dir().display());
@@ -92,6 +96,16 @@ pub async fn run_cli(
         };
         println!("  {region} ({role}): psql '{}'", proxy_url(&cluster, proxy));
     }
+    let roles: Vec<String> = cluster::LAB_ROLES
+        .iter()
+        .map(|(role, password, encryption)| format!("{role}:{password} ({encryption})"))
+        .collect();
+    println!(
+        "  other roles log in as themselves: {} (replace {}:{} in the URL)",
+        roles.join(", "),
+        cluster.options().app_user,
+        cluster.options().app_password
+    );
     println!("\nTry: SELECT pg_is_in_recovery(); SHOW pgnear.region;  Ctrl-C stops everything.");
     stop.await;
     println!("stopping...");

@@ -511,6 +511,7 @@ const PG_HBA: &str = "\
 # pgnear lab
 local all         all                trust
 local replication all                trust
+host  all         legacy  127.0.0.1/32  md5
 host  all         all  127.0.0.1/32  scram-sha-256
 host  replication all  127.0.0.1/32  scram-sha-256
 ";
@@ -759,12 +760,20 @@ impl PgNode {
     /// A superuser control connection over the node's Unix socket (trust auth: no SCRAM cost),
     /// driven on a spawned task.
     pub(super) async fn control_client(&self) -> Result<tokio_postgres::Client, LabError> {
+        self.superuser_client("postgres").await
+    }
+
+    /// A superuser connection to `database`, over the Unix socket.
+    pub(super) async fn superuser_client(
+        &self,
+        database: &str,
+    ) -> Result<tokio_postgres::Client, LabError> {
         let mut config = tokio_postgres::Config::new();
         config
             .host_path(&self.dir)
             .port(self.port)
             .user("postgres")
-            .dbname("postgres")
+            .dbname(database)
             .application_name("pgnear-lab")
             .connect_timeout(Duration::from_secs(10));
         let (client, connection) = config

@@ -1,5 +1,5 @@
 //! Pipelined replica reads (`pool.pipeline`, transaction mode): the autocommit reads of many
-//! sessions share a few server connections per database, several in flight on each.
+//! sessions share a few server connections per role and database, several in flight on each.
 //!
 //! A relay costs each query two more socket writes and two more wakeups than talking to
 //! Postgres directly. Here the reads that arrive together go out in one write, and the server
@@ -24,7 +24,7 @@ use super::server::{Again, Request, Retry, Seen, Server};
 use super::state::{sync_sql, Applied};
 use crate::backend::conn::Role;
 use crate::backend::health::SILENT_CHECK;
-use crate::backend::pool::{Pool, Pooled};
+use crate::backend::pool::{Pool, Pooled, Target};
 use crate::cancel::CancelSlot;
 use crate::config::PoolConfig;
 use crate::consistency::watcher::{poll_deadline, Watcher};
@@ -67,7 +67,7 @@ pub enum Reply {
     Unsent,
 }
 
-/// The shared connections of one upstream (the replica), per database.
+/// The shared connections of one upstream (the replica), per role and database (`Target::key`).
 pub struct Lanes {
     pool: Arc<Pool>,
     config: PoolConfig,
@@ -76,7 +76,7 @@ pub struct Lanes {
     shutdown: watch::Receiver<bool>,
     spinner: Arc<crate::spin::Spinner>,
     lanes: Mutex<HashMap<String, Vec<Arc<Lane>>>>,
-    /// Connections being opened, per database.
+    /// Connections being opened, per target key.
     opening: Mutex<HashMap<String, usize>>,
     epoch: Instant,
 }
@@ -126,17 +126,18 @@ impl Lanes {
         self.epoch.elapsed().as_micros() as u64
     }
 
-    /// Queues `job` on the least busy shared connection of `database` that can take it; gives
+    /// Queues `job` on the least busy shared connection of `target` that can take it; gives
     /// it back when there is none (one is opened in the background while below
     /// `pool.pipeline`).
-    pub fn submit(self: &Arc<Self>, database: &str, job: Job) -> Result<(), Job> {
+    pub fn submit(self: &Arc<Self>, target: &Target, job: Job) -> Result<(), Job> {
+        let key = target.key();
         let size = job.frames.len();
         let now = self.micros();
         let stuck = STUCK.as_micros() as u64;
         let mut all = self.lanes.lock().unwrap_or_else(|p| p.into_inner());
-        let list = match all.get_mut(database) {
+        let list = match all.get_mut(key) {
             Some(list) => list,
-            None => all.entry(database.to_string()).or_default(),
+            None => all.entry(key.to_string()).or_default(),
         };
         list.retain(|l| !l.closed.load(Ordering::Relaxed));
         let takes = |l: &&Arc<Lane>| {
@@ -155,7 +156,7 @@ impl Lanes {
         let open = list.len();
         drop(all);
         if all_busy && open < self.config.pipeline {
-            self.open_more(database, open);
+            self.open_more(target, open);
         }
         let Some(lane) = best else {
             return Err(job);
@@ -172,38 +173,38 @@ impl Lanes {
         })
     }
 
-    /// Opens another shared connection for `database` unless `pool.pipeline` are open or
+    /// Opens another shared connection for `target` unless `pool.pipeline` are open or
     /// opening.
-    fn open_more(self: &Arc<Self>, database: &str, open: usize) {
+    fn open_more(self: &Arc<Self>, target: &Target, open: usize) {
         let mut opening = self.opening.lock().unwrap_or_else(|p| p.into_inner());
-        let n = opening.entry(database.to_string()).or_default();
+        let n = opening.entry(target.key().to_string()).or_default();
         if open + *n >= self.config.pipeline || *self.shutdown.borrow() {
             return;
         }
         *n += 1;
         drop(opening);
-        let (lanes, database) = (self.clone(), database.to_string());
+        let (lanes, target) = (self.clone(), target.clone());
         tokio::spawn(async move {
-            match lanes.pool.acquire(&database).await {
-                Ok(conn) => lanes.run(database, conn).await,
+            match lanes.pool.acquire(&target).await {
+                Ok(conn) => lanes.run(target.key().to_string(), conn).await,
                 Err(e) => {
                     tracing::debug!(error = %e, "no connection for pipelined reads");
-                    lanes.opened(&database);
+                    lanes.opened(target.key());
                 }
             }
         });
     }
 
     /// A connection `open_more` started opening is open (and listed) or failed.
-    fn opened(&self, database: &str) {
+    fn opened(&self, key: &str) {
         let mut opening = self.opening.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = opening.get_mut(database) {
+        if let Some(n) = opening.get_mut(key) {
             *n -= 1;
         }
     }
 
     /// Serves one shared connection until it fails, idles out or ages, or pgnear stops.
-    async fn run(self: Arc<Self>, database: String, conn: Pooled) {
+    async fn run(self: Arc<Self>, key: String, conn: Pooled) {
         let (tx, mut rx) = mpsc::unbounded_channel();
         let lane = Arc::new(Lane {
             tx,
@@ -215,10 +216,10 @@ impl Lanes {
         self.lanes
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .entry(database.clone())
+            .entry(key.clone())
             .or_default()
             .push(lane.clone());
-        self.opened(&database);
+        self.opened(&key);
         let opened = Instant::now();
         let mut server = Server::new(conn, Role::Replica);
         server.reader.one_request = true;

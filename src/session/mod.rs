@@ -17,9 +17,10 @@ use tokio::time::Instant;
 
 use self::server::{Seen, Server};
 use self::state::SessionState;
+use crate::auth::Login;
 use crate::backend::conn::{send_cancel, Role};
 use crate::backend::health::SILENT_CHECK;
-use crate::backend::pool::TERMINATE;
+use crate::backend::pool::{Target, TERMINATE};
 use crate::cancel::{CancelKey, CancelRegistry};
 use crate::config::PoolMode;
 use crate::consistency::{gate, Lsn};
@@ -40,7 +41,8 @@ pub struct Session {
     client: Stream,
     cbuf: BytesMut,
     cout: BytesMut,
-    database: String,
+    /// The client's role and database: whom its server connections are for.
+    target: Target,
     primary: Option<Server>,
     replica: Option<Server>,
     /// Extended-protocol messages waiting for their Sync or Flush.
@@ -92,12 +94,13 @@ impl Session {
         shared: Arc<Shared>,
         mut client: Stream,
         startup: Startup,
+        login: Arc<Login>,
     ) -> Result<Box<Session>, (Stream, PgError)> {
         let database = startup
             .get("database")
             .filter(|d| !d.is_empty())
-            .unwrap_or(&shared.primary.url.database)
-            .to_string();
+            .unwrap_or(&shared.primary.url.database);
+        let target = Target::new(login, database);
         let state = match SessionState::from_startup(&startup.params) {
             Ok(s) => s,
             Err(why) => {
@@ -118,16 +121,12 @@ impl Session {
             Role::Primary
         };
         let mut first = None;
-        let params = match shared.pool(home).cached_params(&database) {
+        let params = match shared.pool(home).cached_params(&target) {
             Some(p) => p,
             None => {
                 let mut got = Err(PgError::upstream("unreachable"));
                 for role in [home, Role::Primary] {
-                    got = shared
-                        .pool(role)
-                        .acquire(&database)
-                        .await
-                        .map(|c| (role, c));
+                    got = shared.pool(role).acquire(&target).await.map(|c| (role, c));
                     match &got {
                         Err(e) if role == Role::Replica => {
                             tracing::warn!(error = %e, "replica unavailable at startup; using the primary")
@@ -166,11 +165,11 @@ impl Session {
             let mut role = first.as_ref().map_or(home, |s| s.role);
             let mut conn = match first.take() {
                 Some(s) => Ok(s.conn),
-                None => shared.pool(role).acquire(&database).await,
+                None => shared.pool(role).acquire(&target).await,
             };
             if conn.is_err() && role == Role::Replica {
                 role = Role::Primary;
-                conn = shared.pool(role).acquire(&database).await;
+                conn = shared.pool(role).acquire(&target).await;
             }
             let mut conn = match conn {
                 Ok(c) => c,
@@ -216,7 +215,7 @@ impl Session {
             client,
             cbuf: BytesMut::new(),
             cout: BytesMut::new(),
-            database,
+            target,
             primary: None,
             replica: None,
             batch: BytesMut::new(),
@@ -645,7 +644,7 @@ impl Session {
         }
         if self.slot(role).is_none() {
             // Boxed: opening a connection is a large future, rarely needed.
-            let conn = Box::pin(self.shared.pool(role).acquire(&self.database)).await?;
+            let conn = Box::pin(self.shared.pool(role).acquire(&self.target)).await?;
             *self.slot(role) = Some(Server::new(conn, role));
         }
         self.last = role;

@@ -567,7 +567,7 @@ impl Session {
             cancel: self.cancel.slot.clone(),
             reply: answers.0.clone(),
         };
-        if lanes.submit(&self.database, job).is_err() {
+        if lanes.submit(&self.target, job).is_err() {
             return Ok(Piped::Unsent);
         }
         // The lane points the cancel slot at its connection while the read runs.

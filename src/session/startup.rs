@@ -13,8 +13,9 @@ use crate::Shared;
 
 /// What the handshake ended with.
 pub enum Handshake {
-    /// An authenticated client, ready for its server connection.
-    Ready(Startup),
+    /// An authenticated client, ready for its server connection, and how pgnear logs in
+    /// upstream as its role.
+    Ready(Startup, std::sync::Arc<crate::auth::Login>),
     /// A cancel request was handled, or the client left before finishing startup.
     Done,
 }
@@ -84,8 +85,8 @@ pub async fn handshake(
                         .map_err(|e| PgError::protocol(format!("client connection lost: {e}")))?;
                 }
                 let user = startup.get("user").unwrap_or_default().to_string();
-                crate::auth::authenticate(stream, shared.auth_method, &shared.creds, &user).await?;
-                return Ok(Handshake::Ready(startup));
+                let login = shared.auth.authenticate(stream, &user).await?;
+                return Ok(Handshake::Ready(startup, login));
             }
         }
     }
