@@ -115,6 +115,7 @@ async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
         startup.get("application_name").unwrap_or_default(),
     );
     let stream = slot.expect("stream present after a successful handshake");
+    let _role = metrics.role_client(&login.user);
     tracing::debug!(%peer, "client authenticated");
     match Box::pin(Session::establish(shared.clone(), stream, startup, login)).await {
         Ok(session) => session.run().await,

@@ -66,7 +66,8 @@ async fn as_superuser(sql: &str) {
 }
 
 fn message(e: &tokio_postgres::Error) -> String {
-    e.as_db_error().map_or(e.to_string(), |d| d.message().to_string())
+    e.as_db_error()
+        .map_or(e.to_string(), |d| d.message().to_string())
 }
 
 #[test]
@@ -202,9 +203,7 @@ fn many_roles_at_once_in_transaction_mode() {
                 // An autocommit read (replica), a transaction on the primary, a prepared read.
                 assert_eq!(whoami(c).await.0, *user);
                 let tx = c
-                    .simple_query(
-                        "BEGIN; SELECT current_user, txid_current() IS NOT NULL; COMMIT",
-                    )
+                    .simple_query("BEGIN; SELECT current_user, txid_current() IS NOT NULL; COMMIT")
                     .await
                     .unwrap();
                 assert_eq!(first_value(&tx).as_deref(), Some(*user));
@@ -216,8 +215,21 @@ fn many_roles_at_once_in_transaction_mode() {
         }))
         .await;
         assert_eq!(checked.iter().sum::<usize>(), 200 * 15);
+        // Per role in /status and the metrics: its clients, its server connections.
         let (_, body) = http_get(p.admin_addr(), "/status").await;
-        assert!(body.contains("\"reporter\""), "/status per role: {body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        for (user, _) in roles {
+            let r = &v["roles"][user];
+            assert_eq!(r["clients"], 50, "{user}: {body}");
+            assert!(
+                r["primary"]["connections"].as_u64().unwrap() > 0,
+                "{user}: {body}"
+            );
+            assert!(r["replica"]["connections"].is_u64(), "{user}: {body}");
+            let series = format!("pgnear_role_clients{{role=\"{user}\"}}");
+            assert_eq!(metric(&p, &series).await, 50.0);
+        }
+        assert!(!body.contains("secret"), "no password in /status: {body}");
         p.shutdown().await;
     });
 }
@@ -247,8 +259,14 @@ fn a_password_change_takes_effect_within_the_cache_bound() {
         .await;
         let took = started.elapsed();
         let c = try_connect(&new).await.unwrap();
-        assert_eq!(whoami(&c).await, ("reporter".into(), "reporter".into(), true));
-        let e = try_connect(&old).await.err().expect("the old password still works");
+        assert_eq!(
+            whoami(&c).await,
+            ("reporter".into(), "reporter".into(), true)
+        );
+        let e = try_connect(&old)
+            .await
+            .err()
+            .expect("the old password still works");
         assert_eq!(sqlstate(&e), "28P01", "{e}");
         admin
             .batch_execute("ALTER ROLE reporter PASSWORD 'reporter-secret'")
@@ -277,7 +295,10 @@ fn set_role_is_session_state() {
         a.batch_execute("SET ROLE reporter").await.unwrap();
         for _ in 0..3 {
             let (current, session, on_replica) = whoami(&a).await;
-            assert_eq!((current.as_str(), session.as_str(), on_replica), ("reporter", "app", true));
+            assert_eq!(
+                (current.as_str(), session.as_str(), on_replica),
+                ("reporter", "app", true)
+            );
             let on_primary = a
                 .simple_query("SELECT current_user, txid_current()")
                 .await

@@ -8,6 +8,7 @@ use http_body_util::Full;
 use hyper::{Method, Request, Response, StatusCode};
 use tokio::net::TcpListener;
 
+use crate::backend::conn::Role;
 use crate::Shared;
 
 /// Serves admin requests until shutdown.
@@ -57,11 +58,18 @@ fn handle(shared: &Shared, method: &Method, path: &str) -> Response<Full<Bytes>>
         );
     }
     match path {
-        "/metrics" => respond(
-            StatusCode::OK,
-            "text/plain; version=0.0.4",
-            shared.metrics.render(),
-        ),
+        "/metrics" => {
+            for role in [Role::Primary, Role::Replica] {
+                if role == Role::Primary || shared.replica_pool.is_some() {
+                    shared.metrics.pool_roles(role, &shared.pool(role).roles());
+                }
+            }
+            respond(
+                StatusCode::OK,
+                "text/plain; version=0.0.4",
+                shared.metrics.render(),
+            )
+        }
         "/healthz" => respond(StatusCode::OK, "text/plain", "ok\n".into()),
         "/readyz" => match readiness(shared) {
             Ok(what) => respond(StatusCode::OK, "text/plain", format!("ready: {what}\n")),
@@ -108,6 +116,23 @@ fn addresses(upstream: &crate::backend::conn::Upstream) -> Vec<String> {
         .collect()
 }
 
+/// Per role: clients connected, and its server connections and waits per upstream.
+fn roles(shared: &Shared) -> serde_json::Value {
+    let mut roles = serde_json::Map::new();
+    for role in [Role::Primary, Role::Replica] {
+        if role == Role::Replica && shared.replica_pool.is_none() {
+            continue;
+        }
+        for r in shared.pool(role).roles() {
+            let entry = roles.entry(r.role.clone()).or_insert_with(
+                || serde_json::json!({ "clients": shared.metrics.role_clients(&r.role) }),
+            );
+            entry[role.name()] = serde_json::json!({ "connections": r.open, "waits": r.waits });
+        }
+    }
+    serde_json::Value::Object(roles)
+}
+
 fn status(shared: &Shared) -> serde_json::Value {
     let c = &shared.config;
     let role = match (c.regions.current.as_str(), c.regions.primary.as_str()) {
@@ -146,5 +171,6 @@ fn status(shared: &Shared) -> serde_json::Value {
         "pool_mode": c.pool.mode,
         "clients": shared.metrics.clients.get(),
         "upstreams": upstreams,
+        "roles": roles(shared),
     })
 }

@@ -55,6 +55,28 @@ pub struct Metrics {
     dns_changes: [IntCounter; 2],
     dns_failures: [IntCounter; 2],
     pools: [PoolMetrics; 2],
+    role_clients: IntGaugeVec,
+    role_connections: IntGaugeVec,
+    role_waits: IntCounterVec,
+}
+
+/// Counts a client of a role while it is connected (`Metrics::role_client`).
+pub struct RoleClient(IntGauge);
+
+impl Drop for RoleClient {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// A role's use of one pool.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RoleFigures {
+    pub role: String,
+    /// Server connections open.
+    pub open: usize,
+    /// Times one of its sessions waited for a connection.
+    pub waits: u64,
 }
 
 /// One upstream's pool series (labelled `upstream="primary|replica"`).
@@ -259,9 +281,55 @@ impl Metrics {
             ),
             errors,
             pools,
+            role_clients: registered(
+                &registry,
+                IntGaugeVec::new(
+                    Opts::new("pgnear_role_clients", "Clients connected, by role"),
+                    &["role"],
+                ),
+            ),
+            role_connections: registered(
+                &registry,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "pgnear_pool_role_connections",
+                        "Server connections open, by upstream and role",
+                    ),
+                    &["upstream", "role"],
+                ),
+            ),
+            role_waits: counter_vec(
+                "pgnear_pool_role_waits_total",
+                "Times a session waited for a server connection, by upstream and role",
+                &["upstream", "role"],
+            ),
             dns_changes,
             dns_failures,
             registry,
+        }
+    }
+
+    /// Counts a client of `user` until the guard is dropped.
+    pub fn role_client(&self, user: &str) -> RoleClient {
+        let gauge = self.role_clients.with_label_values(&[user]);
+        gauge.inc();
+        RoleClient(gauge)
+    }
+
+    /// Clients of `user` connected now.
+    pub fn role_clients(&self, user: &str) -> i64 {
+        self.role_clients.with_label_values(&[user]).get()
+    }
+
+    /// Publishes a pool's per-role figures (connections open, waits so far).
+    pub fn pool_roles(&self, upstream: Role, roles: &[RoleFigures]) {
+        for r in roles {
+            let labels = [upstream.name(), r.role.as_str()];
+            self.role_connections
+                .with_label_values(&labels)
+                .set(r.open as i64);
+            let waits = self.role_waits.with_label_values(&labels);
+            waits.inc_by(r.waits.saturating_sub(waits.get()));
         }
     }
 

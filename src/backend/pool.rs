@@ -14,6 +14,7 @@
 
 use std::collections::HashMap;
 use std::mem::MaybeUninit;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -82,12 +83,19 @@ pub struct Pooled {
     _share: Share,
 }
 
+/// A role's use of the pool.
+#[derive(Default)]
+struct RoleUse {
+    open: AtomicUsize,
+    waits: AtomicU64,
+}
+
 /// Counts a connection in its role's share of the pool while it is open.
-struct Share(Arc<std::sync::atomic::AtomicUsize>);
+struct Share(Arc<RoleUse>);
 
 impl Drop for Share {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -116,8 +124,8 @@ struct Inner {
     /// The ParameterStatus set of the last connection opened per target key: new clients are
     /// answered from it without waiting for a server.
     params: HashMap<Arc<str>, Arc<[(String, String)]>>,
-    /// Connections open per role.
-    open: HashMap<String, Arc<std::sync::atomic::AtomicUsize>>,
+    /// Per role.
+    roles: HashMap<String, Arc<RoleUse>>,
     /// Databases no connection may be opened to or kept idle on (see `Pool::fence`), with the
     /// number of fences on each.
     fenced: HashMap<String, usize>,
@@ -236,12 +244,14 @@ impl Pool {
         let database = &*target.database;
         let started = Instant::now();
         let deadline = tokio::time::Instant::from_std(started + self.config.acquire_timeout.0);
+        let mut counted = false;
         let got = loop {
             let returned = self.returned.notified();
             tokio::pin!(returned);
             returned.as_mut().enable();
             if self.is_fenced(database) {
                 // A statement on this database is running: wait until it ends.
+                self.waiting(target, &mut counted);
                 tokio::select! {
                     _ = returned => continue,
                     _ = tokio::time::sleep_until(deadline) => break Err(self.timed_out()),
@@ -252,6 +262,7 @@ impl Pool {
             }
             if !self.within_share(target) {
                 // Its share is open: wait for one of its own (or for others to close).
+                self.waiting(target, &mut counted);
                 tokio::select! {
                     _ = returned => continue,
                     _ = tokio::time::sleep_until(deadline) => break Err(self.timed_out()),
@@ -263,6 +274,7 @@ impl Pool {
             if self.evict_other(target) {
                 continue;
             }
+            self.waiting(target, &mut counted);
             tokio::select! {
                 permit = self.permits.clone().acquire_owned() => {
                     let permit = permit.expect("the pool's semaphore is never closed");
@@ -277,6 +289,13 @@ impl Pool {
             .observe(started.elapsed().as_secs_f64());
         self.gauges();
         got
+    }
+
+    /// Counts a session's wait for a connection, once per `acquire`.
+    fn waiting(&self, target: &Target, counted: &mut bool) {
+        if !std::mem::replace(counted, true) {
+            self.role_use(target).waits.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     fn timed_out(&self) -> PgError {
@@ -296,31 +315,53 @@ impl Pool {
     /// Whether `target`'s role may open another connection: it has fewer than its fair share,
     /// the pool's size divided among the roles with connections open (itself included).
     fn within_share(&self, target: &Target) -> bool {
-        use std::sync::atomic::Ordering;
         let inner = self.inner();
         let mine = inner
-            .open
+            .roles
             .get(target.user())
-            .map_or(0, |n| n.load(Ordering::Relaxed));
+            .map_or(0, |r| r.open.load(Ordering::Relaxed));
         let others = inner
-            .open
+            .roles
             .iter()
-            .filter(|(user, n)| user.as_str() != target.user() && n.load(Ordering::Relaxed) > 0)
+            .filter(|(user, r)| {
+                user.as_str() != target.user() && r.open.load(Ordering::Relaxed) > 0
+            })
             .count();
         mine < self.size.div_ceil(others + 1)
     }
 
-    async fn open(&self, target: &Target, permit: OwnedSemaphorePermit) -> Result<Pooled, PgError> {
-        let share = {
-            let mut inner = self.inner();
-            let n = inner
-                .open
+    fn role_use(&self, target: &Target) -> Arc<RoleUse> {
+        let mut inner = self.inner();
+        match inner.roles.get(target.user()) {
+            Some(r) => r.clone(),
+            None => inner
+                .roles
                 .entry(target.user().to_string())
                 .or_default()
-                .clone();
-            n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            Share(n)
-        };
+                .clone(),
+        }
+    }
+
+    /// Each role's connections open and waits so far.
+    pub fn roles(&self) -> Vec<crate::admin::metrics::RoleFigures> {
+        let inner = self.inner();
+        let mut roles: Vec<_> = inner
+            .roles
+            .iter()
+            .map(|(role, r)| crate::admin::metrics::RoleFigures {
+                role: role.clone(),
+                open: r.open.load(Ordering::Relaxed),
+                waits: r.waits.load(Ordering::Relaxed),
+            })
+            .collect();
+        roles.sort_by(|a, b| a.role.cmp(&b.role));
+        roles
+    }
+
+    async fn open(&self, target: &Target, permit: OwnedSemaphorePermit) -> Result<Pooled, PgError> {
+        let share = self.role_use(target);
+        share.open.fetch_add(1, Ordering::Relaxed);
+        let share = Share(share);
         let login = if target.login.url {
             &self.upstream.login
         } else {
