@@ -234,6 +234,8 @@ impl Proxy {
         });
         tracing::info!(%addr, %admin_addr, auth = ?auth_method, "pgnear listening");
         let admin_task = tokio::spawn(admin::http::serve(admin, shared.clone()));
+        let ready = shared.clone();
+        tokio::spawn(async move { ready.auth.prepare().await });
         let task = tokio::spawn(async move {
             listener::accept_loop(shared, listener).await;
             let _ = admin_task.await;

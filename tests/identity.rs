@@ -156,8 +156,8 @@ fn each_role_logs_in_as_itself_in_both_regions() {
         let p = proxy(REPLICA, query_mode(AuthMethod::ScramSha256)).await;
         let e = try_connect(&url_with(&p, "legacy", "legacy-secret", ""))
             .await
-            .err()
-            .expect("legacy let in by SCRAM with an md5 verifier");
+            .map(drop)
+            .expect_err("legacy let in by SCRAM with an md5 verifier");
         assert_eq!(sqlstate(&e), "28P01", "{e}");
         let c = try_connect(&url_with(&p, "reporter", "reporter-secret", ""))
             .await
@@ -265,8 +265,8 @@ fn a_password_change_takes_effect_within_the_cache_bound() {
         );
         let e = try_connect(&old)
             .await
-            .err()
-            .expect("the old password still works");
+            .map(drop)
+            .expect_err("the old password still works");
         assert_eq!(sqlstate(&e), "28P01", "{e}");
         admin
             .batch_execute("ALTER ROLE reporter PASSWORD 'reporter-secret'")
@@ -313,6 +313,65 @@ fn set_role_is_session_state() {
         }
         a.batch_execute("RESET ROLE").await.unwrap();
         assert_eq!(whoami(&a).await.0, "app");
+        p.shutdown().await;
+    });
+}
+
+/// A busy role does not keep another out: in transaction mode with a small pool, 12 clients of
+/// the URL's role keep every connection busy, and a client of another role still gets its
+/// statements run (the busy role's idle connections give way, and it stays within its share).
+#[test]
+fn a_busy_role_leaves_room_for_another() {
+    let _serial = serial();
+    run(async {
+        let p = proxy(PRIMARY, |c| {
+            query_mode(AuthMethod::Md5)(c);
+            c.pool.mode = PoolMode::Transaction;
+            c.pool.primary_size = 4;
+            c.pool.acquire_timeout = HumanDuration(Duration::from_secs(30));
+        })
+        .await;
+        let busy = join_all((0..12).map(|_| {
+            let u = url(&p);
+            async move { connect(&u).await }
+        }))
+        .await;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let load: Vec<_> = busy
+            .into_iter()
+            .map(|c| {
+                let stop = stop.clone();
+                tokio::spawn(async move {
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        c.batch_execute("SELECT pg_sleep(0.02)").await.unwrap();
+                    }
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let reporter = try_connect(&url_with(&p, "reporter", "reporter-secret", ""))
+            .await
+            .unwrap();
+        for _ in 0..20 {
+            let rows = tokio::time::timeout(HANG, reporter.simple_query("SELECT current_user"))
+                .await
+                .expect("the other role's statement waited too long")
+                .unwrap();
+            assert_eq!(first_value(&rows).as_deref(), Some("reporter"));
+        }
+        let (_, body) = http_get(p.admin_addr(), "/status").await;
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let app = v["roles"]["app"]["primary"]["connections"]
+            .as_u64()
+            .unwrap();
+        let other = v["roles"]["reporter"]["primary"]["connections"]
+            .as_u64()
+            .unwrap();
+        assert!(other >= 1 && app + other <= 4, "{body}");
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for l in load {
+            l.await.unwrap();
+        }
         p.shutdown().await;
     });
 }

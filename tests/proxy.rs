@@ -132,9 +132,10 @@ fn scram_and_wrong_password() {
             tokio_postgres::NoTls,
         )
         .await;
+        // Another role is never served as the URL's (see tests/identity.rs).
         assert_eq!(
-            sqlstate(&other_user.err().expect("unknown user refused")),
-            "28P01"
+            sqlstate(&other_user.err().expect("another user refused")),
+            "28000"
         );
         // md5 as well, with psql (libpq).
         let p2 = proxy(PRIMARY, |c| {

@@ -101,8 +101,11 @@ impl Auth {
         }
     }
 
-    pub fn method(&self) -> AuthMethod {
-        self.method
+    /// Gets ready for logins (the verifier lookup connection, with `users = "query"`).
+    pub async fn prepare(&self) {
+        if let Some(v) = &self.verifiers {
+            v.connect().await;
+        }
     }
 
     /// How pgnear logs in as the URL's role (control connections, warm pool connections).

@@ -56,6 +56,18 @@ impl Verifiers {
         }
     }
 
+    /// Opens the lookup connection ahead of the first login (which then pays one round trip
+    /// to the primary, not a connection set-up); a failure is retried at that login.
+    pub async fn connect(&self) {
+        let mut conn = self.conn.lock().await;
+        if conn.is_none() {
+            match ControlConn::connect(&self.primary, self.primary.connect_timeout).await {
+                Ok(c) => *conn = Some(c),
+                Err(e) => tracing::debug!(error = %e, "verifier lookup connection not opened yet"),
+            }
+        }
+    }
+
     fn cache(&self) -> std::sync::MutexGuard<'_, Cache> {
         // Nothing under this lock can panic half-way through an update.
         self.cache.lock().unwrap_or_else(|p| p.into_inner())

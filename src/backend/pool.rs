@@ -90,12 +90,17 @@ struct RoleUse {
     waits: AtomicU64,
 }
 
-/// Counts a connection in its role's share of the pool while it is open.
-struct Share(Arc<RoleUse>);
+/// Counts a connection in its role's share of the pool while it is open. Closing it wakes the
+/// sessions waiting for their role's share to have room.
+struct Share {
+    role: Arc<RoleUse>,
+    returned: Arc<Notify>,
+}
 
 impl Drop for Share {
     fn drop(&mut self) {
-        self.0.open.fetch_sub(1, Ordering::Relaxed);
+        self.role.open.fetch_sub(1, Ordering::Relaxed);
+        self.returned.notify_waiters();
     }
 }
 
@@ -138,7 +143,7 @@ pub struct Pool {
     config: PoolConfig,
     permits: Arc<Semaphore>,
     inner: Mutex<Inner>,
-    returned: Notify,
+    returned: Arc<Notify>,
     metrics: Arc<crate::admin::metrics::Metrics>,
     shutdown: watch::Receiver<bool>,
     /// The URL's role and database, kept warm (`min_idle`).
@@ -165,7 +170,7 @@ impl Pool {
             config,
             permits: Arc::new(Semaphore::new(size)),
             inner: Mutex::default(),
-            returned: Notify::new(),
+            returned: Arc::default(),
             metrics,
             shutdown: shutdown.clone(),
             home: Target::new(home, &upstream_database),
@@ -313,7 +318,8 @@ impl Pool {
     }
 
     /// Whether `target`'s role may open another connection: it has fewer than its fair share,
-    /// the pool's size divided among the roles with connections open (itself included).
+    /// the pool's size divided among the roles with connections open (itself included). Alone,
+    /// its share is the whole pool.
     fn within_share(&self, target: &Target) -> bool {
         let inner = self.inner();
         let mine = inner
@@ -327,7 +333,7 @@ impl Pool {
                 user.as_str() != target.user() && r.open.load(Ordering::Relaxed) > 0
             })
             .count();
-        mine < self.size.div_ceil(others + 1)
+        others == 0 || mine < self.size.div_ceil(others + 1)
     }
 
     fn role_use(&self, target: &Target) -> Arc<RoleUse> {
@@ -359,9 +365,12 @@ impl Pool {
     }
 
     async fn open(&self, target: &Target, permit: OwnedSemaphorePermit) -> Result<Pooled, PgError> {
-        let share = self.role_use(target);
-        share.open.fetch_add(1, Ordering::Relaxed);
-        let share = Share(share);
+        let role = self.role_use(target);
+        role.open.fetch_add(1, Ordering::Relaxed);
+        let share = Share {
+            role,
+            returned: self.returned.clone(),
+        };
         let login = if target.login.url {
             &self.upstream.login
         } else {
