@@ -28,6 +28,11 @@ as_reporter() { sed 's|//app:secret@|//reporter:reporter-secret@|' <<< "$1"; }
 
 pgbench -i -q -s 1 "$near" > /dev/null 2>&1
 psql -q "$near" -c "GRANT SELECT ON ALL TABLES IN SCHEMA public TO reporter"
+# Until the far replica has replayed all that (the WAL shares the relay with pgnear's lookups).
+until [ "$(psql -qAt "$far" -c "SELECT has_table_privilege('reporter', 'pgbench_accounts', 'SELECT')")" = t ]; do
+    sleep 0.2
+done
+sleep 2
 
 # A new connection and its first query from the far region, in milliseconds (psql's own start-up,
 # a few ms, included).
@@ -43,6 +48,17 @@ cold=$(first_query_ms "$far_reporter")
 warm=$(for _ in 1 2 3 4 5; do first_query_ms "$far_reporter"; done | sort -n | sed -n 3p)
 app_warm=$(for _ in 1 2 3 4 5; do first_query_ms "$far"; done | sort -n | sed -n 3p)
 
+# A refused login, in milliseconds: a known role with a wrong password, and an unknown role.
+refused_ms() {
+    local url=$1 start end
+    start=$(date +%s%N)
+    psql -qAt "$url" -c "SELECT 1" > /dev/null 2>&1 && { echo "let in: $url" >&2; exit 1; }
+    end=$(date +%s%N)
+    echo $(( (end - start) / 1000000 ))
+}
+wrong=$(for _ in 1 2 3 4 5; do refused_ms "$(sed 's|//app:secret@|//reporter:wrong@|' <<< "$far")"; done | sort -n | sed -n 3p)
+unknown=$(for _ in 1 2 3 4 5; do refused_ms "$(sed 's|//app:secret@|//nosuchrole:wrong@|' <<< "$far")"; done | sort -n | sed -n 3p)
+
 logins() { # url
     pgbench -C -S -c 4 -j 2 -T "$secs" -n "$1" 2>/dev/null | sed -n 's/^tps = \([0-9.]*\).*/\1/p'
 }
@@ -52,5 +68,6 @@ through=$(logins "$(as_reporter "$near")")
 
 echo "RTT between regions: $rtt"
 echo "far region, new connection + first query as reporter: verifier not cached ${cold} ms, cached ${warm} ms (median of 5); the URL's role ${app_warm} ms"
+echo "far region, refused login (median of 5): known role, wrong password ${wrong} ms; unknown role ${unknown} ms"
 awk -v d="$direct" -v t="$through" 'BEGIN {
     printf "SCRAM logins + one read (pgbench -C -S, 4 clients): direct %.0f/s, through pgnear %.0f/s (%.2fx)\n", d, t, t / d }'

@@ -96,6 +96,13 @@ fn each_role_logs_in_as_itself_in_both_regions() {
     let _serial = serial();
     run(async {
         private_table().await;
+        // Right passwords, but one role may not log in and the other has expired.
+        as_superuser(
+            "DROP ROLE IF EXISTS identity_nologin; DROP ROLE IF EXISTS identity_expired; \
+             CREATE ROLE identity_nologin NOLOGIN PASSWORD 'nologin-secret'; \
+             CREATE ROLE identity_expired LOGIN PASSWORD 'expired-secret' VALID UNTIL '2001-01-01'",
+        )
+        .await;
         let direct = try_connect(&format!(
             "postgres://reporter:reporter-secret@{}/app?sslmode=disable",
             cluster().primary().addr()
@@ -139,6 +146,8 @@ fn each_role_logs_in_as_itself_in_both_regions() {
                 ("legacy", "wrong"),
                 ("nosuchuser", "x"),
                 ("app", "wrong"),
+                ("identity_nologin", "nologin-secret"),
+                ("identity_expired", "expired-secret"),
             ] {
                 let e = try_connect(&url_with(&p, user, password, ""))
                     .await
@@ -374,4 +383,17 @@ fn a_busy_role_leaves_room_for_another() {
         }
         p.shutdown().await;
     });
+}
+
+#[test]
+fn pgnear_check_shows_which_roles_are_served() {
+    let url_mode = pgnear::check_report(&config(PRIMARY, |_| {}));
+    assert!(
+        url_mode.contains("role \"app\" only (auth.users = \"url\")"),
+        "{url_mode}"
+    );
+    let query = pgnear::check_report(&config(PRIMARY, query_mode(AuthMethod::ScramSha256)));
+    assert!(query.contains("any role the primary knows"), "{query}");
+    assert!(query.contains("users = \"query\""), "{query}");
+    assert!(query.contains(VERIFIER_QUERY), "{query}");
 }
