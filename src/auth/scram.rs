@@ -71,6 +71,13 @@ pub fn hmac(key: &[u8], data: &[u8]) -> Vec<u8> {
     m.finalize().into_bytes().to_vec()
 }
 
+/// 18 random bytes, base64: a nonce's own part.
+fn fresh_nonce() -> String {
+    let mut raw = [0u8; 18];
+    rand::rng().fill_bytes(&mut raw);
+    B64.encode(raw)
+}
+
 fn xor(a: &[u8], b: &[u8]) -> Vec<u8> {
     a.iter().zip(b).map(|(x, y)| x ^ y).collect()
 }
@@ -96,9 +103,7 @@ pub async fn serve(
         nonce: client_nonce,
     } = parse_client_first(&body)?;
 
-    let mut raw = [0u8; 18];
-    rand::rng().fill_bytes(&mut raw);
-    let nonce = format!("{client_nonce}{}", B64.encode(raw));
+    let nonce = format!("{client_nonce}{}", fresh_nonce());
     let server_first = format!(
         "r={nonce},s={},i={}",
         B64.encode(&secret.salt),
@@ -151,9 +156,7 @@ pub struct KeyClient {
 
 impl KeyClient {
     pub fn new(client_key: &[u8], server_key: &[u8]) -> KeyClient {
-        let mut raw = [0u8; 18];
-        rand::rng().fill_bytes(&mut raw);
-        let nonce = B64.encode(raw);
+        let nonce = fresh_nonce();
         KeyClient {
             client_key: client_key.to_vec(),
             server_key: server_key.to_vec(),

@@ -306,27 +306,15 @@ pub const LAB_ROLES: [(&str, &str, &str); 2] = [
 async fn create_app(primary: &PgNode, opts: &ClusterOptions) -> Result<(), LabError> {
     let client = primary.control_client().await?;
     let sql = |e| primary.sql_error(e);
-    let role_exists = client
-        .query_opt(
-            "SELECT 1 FROM pg_roles WHERE rolname = $1",
-            &[&opts.app_user],
-        )
-        .await
-        .map_err(sql)?
-        .is_some();
-    let verb = if role_exists { "ALTER" } else { "CREATE" };
-    client
-        .batch_execute(&format!(
-            "{verb} ROLE {} LOGIN PASSWORD {}",
-            quote_ident(&opts.app_user),
-            quote_literal(&opts.app_password)
-        ))
-        .await
-        .map_err(sql)?;
-    // Roles of their own for trying `auth.users = "query"`: one with a SCRAM verifier, one
-    // with an md5 verifier (its pg_hba.conf line asks for md5). Neither may read the app's
-    // tables until granted.
-    for (role, password, encryption) in LAB_ROLES {
+    // The app's role, and roles of their own for trying `auth.users = "query"`: one with a
+    // SCRAM verifier, one with an md5 verifier (its pg_hba.conf line asks for md5). Neither may
+    // read the app's tables until granted.
+    let app = (
+        opts.app_user.as_str(),
+        opts.app_password.as_str(),
+        "scram-sha-256",
+    );
+    for (role, password, encryption) in std::iter::once(app).chain(LAB_ROLES) {
         let exists = client
             .query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&role])
             .await
