@@ -653,3 +653,70 @@ fn resets_return_to_the_startup_values() {
         }
     });
 }
+
+/// Found by SQLAlchemy's own suite in transaction mode: psycopg 3 sends `DEALLOCATE ALL` after
+/// any DROP or ALTER, which drops every statement of the server connection it runs on, other
+/// sessions' shared ones included. pgnear still believed they were there: the next session to
+/// use one on that connection got "prepared statement pgnear_… does not exist".
+#[test]
+fn deallocate_all_on_a_shared_connection_leaves_other_sessions_statements_working() {
+    let _serial = serial();
+    run(async {
+        for region in [PRIMARY, REPLICA] {
+            let p = proxy(region, |c| {
+                c.pool.mode = PoolMode::Transaction;
+                c.pool.primary_size = 1;
+                c.pool.replica_size = 1;
+            })
+            .await;
+            let a = connect(&url(&p)).await;
+            let b = connect(&url(&p)).await;
+            let stmt = a.prepare("SELECT 40 + $1::int").await.unwrap();
+            let first: i32 = a.query_one(&stmt, &[&2]).await.unwrap().get(0);
+            assert_eq!(first, 42);
+            // The other session, on the only connection of each pool, in both protocols.
+            b.batch_execute("DEALLOCATE ALL").await.unwrap();
+            b.execute("DEALLOCATE ALL", &[]).await.unwrap();
+            for _ in 0..3 {
+                let again: i32 = a.query_one(&stmt, &[&2]).await.unwrap().get(0);
+                assert_eq!(again, 42, "{region}");
+            }
+            // Its own statements are gone, as on a direct connection.
+            let own = b.prepare("SELECT 1").await.unwrap();
+            b.batch_execute("DEALLOCATE ALL").await.unwrap();
+            let e = b.query(&own, &[]).await.unwrap_err();
+            assert_eq!(sqlstate(&e), "26000", "{region}: {e}");
+            p.shutdown().await;
+        }
+    });
+}
+
+/// A Parse that fails leaves no statement behind: parsed again once it can succeed, the
+/// statement is really prepared (in transaction mode pgnear had recorded the failed one as
+/// present and answered the second Parse from a scratch statement).
+#[test]
+fn a_failed_parse_leaves_no_statement_behind() {
+    let _serial = serial();
+    run(async {
+        on_primary("DROP TABLE IF EXISTS later_table").await;
+        for pool in MODES {
+            let p = proxy(PRIMARY, |c| {
+                c.pool.mode = pool;
+                c.pool.primary_size = 1;
+            })
+            .await;
+            let c = connect(&url(&p)).await;
+            let sql = "SELECT count(*) FROM later_table";
+            let e = c.prepare(sql).await.unwrap_err();
+            assert_eq!(sqlstate(&e), "42P01", "{pool:?}: {e}");
+            c.batch_execute("CREATE TABLE later_table (a int)")
+                .await
+                .unwrap();
+            let stmt = c.prepare(sql).await.unwrap();
+            let n: i64 = c.query_one(&stmt, &[]).await.unwrap().get(0);
+            assert_eq!(n, 0, "{pool:?}");
+            c.batch_execute("DROP TABLE later_table").await.unwrap();
+            p.shutdown().await;
+        }
+    });
+}

@@ -128,9 +128,54 @@ pub struct Expectations {
     /// An extended-protocol error with no Sync sent yet: the server skips what comes until
     /// one arrives (see `Server::send_query`).
     pub skipping: bool,
+    /// The statement name of each Parse in the queue, in order (`None`: the unnamed one).
+    parses: VecDeque<Option<String>>,
+    /// Named statements whose Parse failed or was skipped: the server does not have them.
+    failed_parses: Vec<String>,
+    /// Whether the last unnamed Parse that was answered (or skipped) succeeded.
+    pub unnamed_parsed: Option<bool>,
 }
 
 impl Expectations {
+    /// Queues a Parse of statement `name` (empty: the unnamed one).
+    pub fn push_parse(&mut self, owner: Owner, name: &str) {
+        self.parses
+            .push_back((!name.is_empty()).then(|| name.to_string()));
+        self.push(Pending::Parse, owner);
+    }
+
+    /// The oldest Parse in the queue ended: with its ParseComplete (`ok`), or with an error or
+    /// skipped after one.
+    fn parse_ended(&mut self, ok: bool) {
+        match self.parses.pop_front() {
+            Some(Some(name)) if !ok => self.failed_parses.push(name),
+            Some(None) => self.unnamed_parsed = Some(ok),
+            _ => {}
+        }
+    }
+
+    /// A Parse that failed because its name exists already (42P05): the server still has the
+    /// statement.
+    pub fn parse_was_duplicate(&mut self, name_failed_at: usize) {
+        if name_failed_at < self.failed_parses.len() {
+            self.failed_parses.remove(name_failed_at);
+        }
+    }
+
+    pub fn failed_parse_count(&self) -> usize {
+        self.failed_parses.len()
+    }
+
+    /// Named statements the server turned out not to have (see `failed_parses`).
+    pub fn take_failed_parses(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.failed_parses)
+    }
+
+    /// An unnamed Parse is still waiting for its answer.
+    pub fn unnamed_parse_pending(&self) -> bool {
+        self.parses.iter().any(Option::is_none)
+    }
+
     pub fn push(&mut self, p: Pending, owner: Owner) {
         self.queue.push_back((p, owner));
         self.drop_markers();
@@ -217,6 +262,7 @@ impl Expectations {
 
     pub fn clear(&mut self) {
         self.queue.clear();
+        self.parses.clear();
     }
 
     /// Matches one server frame against the queue.
@@ -261,6 +307,9 @@ impl Expectations {
                         self.queue.front().filter(|(p, _)| *p != Pending::Sync)
                     {
                         self.queue.pop_front();
+                        if p == Pending::Parse {
+                            self.parse_ended(false);
+                        }
                         if p.is_sync_point() && o.is_client() {
                             self.skipped += 1;
                         }
@@ -280,6 +329,9 @@ impl Expectations {
                 self.skipping = false;
                 // Completes the oldest sync point; anything before it was skipped by the server.
                 while let Some((p, o)) = self.queue.pop_front() {
+                    if p == Pending::Parse {
+                        self.parse_ended(false);
+                    }
                     if p.is_sync_point() {
                         return Matched {
                             forward: o.ends_client_request(),
@@ -304,6 +356,9 @@ impl Expectations {
                 };
                 let completed = if front.ends_with(frame) {
                     self.queue.pop_front();
+                    if front == Pending::Parse {
+                        self.parse_ended(true);
+                    }
                     Some((front, owner))
                 } else {
                     None

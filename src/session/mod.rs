@@ -749,11 +749,28 @@ impl Session {
                     .duration(role, t.elapsed().as_secs_f64());
             }
             if let Some(change) = request.change.filter(|_| !request.failed) {
+                let dropped = SessionState::drops_statements(&change);
                 let seq = self.state.commit_change(change);
                 let applied = self.state.applied();
                 if let Some(s) = self.slot(role).as_mut() {
                     s.synced = seq;
                     s.conn.carry.applied = applied;
+                    if dropped {
+                        s.conn.carry.prepared.clear();
+                        s.unnamed_dropped = true;
+                    }
+                }
+                if dropped && !self.shares_statements() {
+                    // The client's statements are gone; the other server's copies go too.
+                    let other = match role {
+                        Role::Primary => self.replica.as_mut(),
+                        Role::Replica => self.primary.as_mut(),
+                    };
+                    if let Some(o) = other {
+                        let names: Vec<String> =
+                            o.conn.carry.prepared.drain().map(|(n, _)| n).collect();
+                        o.to_close.extend(names);
+                    }
                 }
             }
         }

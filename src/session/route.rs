@@ -1150,7 +1150,7 @@ impl Session {
 
     /// Transaction mode shares prepared statements between sessions, under names derived from
     /// their text (`pgnear_<hash>`).
-    fn shares_statements(&self) -> bool {
+    pub(super) fn shares_statements(&self) -> bool {
         self.shared.config.pool.mode == PoolMode::Transaction
     }
 

@@ -258,8 +258,15 @@ impl Server {
     /// Queues a whole client frame and what it will be answered with.
     pub fn send_client_frame(&mut self, tag: u8, frame: &[u8]) {
         self.out.extend_from_slice(frame);
-        if let Some(p) = Pending::for_tag(tag) {
-            self.expect.push(p, Owner::Client);
+        self.expect_answer(tag, frame, Owner::Client);
+    }
+
+    fn expect_answer(&mut self, tag: u8, frame: &[u8], owner: Owner) {
+        if tag == crate::protocol::tag::PARSE {
+            let name = crate::protocol::cstr(&frame[5..]).map_or("", |(n, _)| n);
+            self.expect.push_parse(owner, name);
+        } else if let Some(p) = Pending::for_tag(tag) {
+            self.expect.push(p, owner);
         }
     }
 
@@ -300,9 +307,7 @@ impl Server {
     pub fn send_internal_frame(&mut self, tag: u8, frame: &[u8]) {
         self.out.extend_from_slice(frame);
         self.unnamed_dropped |= tag == crate::protocol::tag::QUERY;
-        if let Some(p) = Pending::for_tag(tag) {
-            self.expect.push(p, Owner::Internal(Purpose::Sync));
-        }
+        self.expect_answer(tag, frame, Owner::Internal(Purpose::Sync));
     }
 
     /// Queues a simple query of pgnear's own; its answer is swallowed.
@@ -382,6 +387,10 @@ impl Server {
             cout,
             seen,
         );
+        // What the server turned out not to have prepared (a Parse failed or was skipped).
+        for name in self.expect.take_failed_parses() {
+            self.conn.carry.prepared.remove(&name);
+        }
         r.map_err(|e| match e {
             ScanError::Malformed => self.lost("malformed message from server"),
             ScanError::Fatal(e) => e,
@@ -511,7 +520,14 @@ impl Reader {
             let frame = &buf[pos..pos + total];
             let body = &frame[5..];
             let front = expect.front();
+            let failed_before = expect.failed_parse_count();
             let m = expect.on_frame(tag);
+            if tag == be::ERROR_RESPONSE
+                && front.is_some_and(|(p, _)| p == Pending::Parse)
+                && be::error_fields(body).code == "42P05"
+            {
+                expect.parse_was_duplicate(failed_before);
+            }
             for _ in 0..expect.take_skipped() {
                 // A skipped request ends unanswered: its ErrorResponse went to the batch before it.
                 requests.pop_front();

@@ -292,6 +292,17 @@ impl SessionState {
         }
     }
 
+    /// Whether `p` drops every prepared statement of the server that runs it (`DEALLOCATE ALL`,
+    /// `DISCARD ALL`): pgnear's own and other sessions' shared ones included.
+    pub fn drops_statements(p: &PendingState) -> bool {
+        p.effects.iter().any(|k| {
+            matches!(
+                k,
+                Kind::Deallocate { name: None } | Kind::Discard { all: true }
+            )
+        })
+    }
+
     /// Records a state change the server accepted; returns the new sequence number (the server
     /// that ran it is synced to it).
     pub fn commit_change(&mut self, p: PendingState) -> u64 {
@@ -299,7 +310,12 @@ impl SessionState {
             match k {
                 Kind::Unlisten { all: true } => self.pins.listen = false,
                 Kind::AdvisoryUnlockAll => self.pins.advisory = false,
-                Kind::Deallocate { name: None } => self.pins.sql_prepare = false,
+                Kind::Deallocate { name: None } => {
+                    // Protocol-level statements too: the client has none left.
+                    self.pins.sql_prepare = false;
+                    self.statements.clear();
+                    self.names.clear();
+                }
                 Kind::Discard { all } => {
                     self.pins.temp = false;
                     if *all {
