@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the driver compatibility suite (tests/drivers.rs) needs, when it is missing:
-#   - Python: psycopg 3 and asyncpg (tests/drivers/requirements.txt) in a venv, and asyncpg's
-#     own test suite from its PyPI sdist (tests/suites.rs),
+#   - Python: psycopg 3, asyncpg and pytest (tests/drivers/requirements.txt) in a venv, and
+#     asyncpg's and SQLAlchemy's own test suites from their PyPI sdists (tests/suites.rs),
 #   - Node.js: pg and pg-copy-streams (tests/drivers/package.json),
 #   - Java: a headless JDK and pgjdbc (Debian's default-jdk-headless, libpostgresql-jdbc-java).
 # Idempotent, and quick when everything is there: each step checks first. Everything but the
@@ -54,6 +54,22 @@ if [ ! -d "$suite/tests" ]; then
     rm -rf "$tmp"
     echo "install-test-deps: asyncpg $asyncpg_version test suite (sdist): $(took "$t") s"
 fi
+
+# The other suites of tests/suites.rs, from their sdists (tests/drivers/suites.txt).
+grep -v '^#' tests/drivers/suites.txt | while IFS='=' read -r name _ version; do
+    [ -n "$name" ] || continue
+    dir=$deps/$name-$version
+    [ -d "$dir/test" ] && continue
+    t=$(now)
+    tmp=$(mktemp -d)
+    "$venv/bin/pip" download -q --disable-pip-version-check --no-deps --no-binary :all: \
+        "$name==$version" -d "$tmp"
+    tar -xzf "$tmp"/*.tar.gz -C "$tmp"
+    rm -rf "$dir"
+    mv "$(find "$tmp" -mindepth 1 -maxdepth 1 -type d | head -1)" "$dir"
+    rm -rf "$tmp"
+    echo "install-test-deps: $name $version test suite (sdist): $(took "$t") s"
+done
 
 # Node.js: node_modules beside package.json, pinned by package-lock.json.
 node=tests/drivers

@@ -1,8 +1,13 @@
-//! Third-party drivers' own test suites through pgnear: asyncpg's unittest suite (from its
-//! PyPI sdist, the version the driver suite uses) runs directly against the lab's primary, then
-//! through pgnear in the primary region and in a replica region. Every test that passes
-//! directly must pass through pgnear, except the few listed in `MAY_DIFFER` with the reason no
-//! proxy that reads from a replica can hide.
+//! Third-party drivers' own test suites through pgnear:
+//! - asyncpg's unittest suite (from its PyPI sdist, the version the driver suite uses) runs
+//!   directly against the lab's primary, then through pgnear in the primary region and in a
+//!   replica region;
+//! - SQLAlchemy's PostgreSQL dialect tests (from its sdist, on psycopg 3) run directly, then
+//!   through pgnear in a replica region, in session mode and in transaction mode with pipelined
+//!   reads.
+//!
+//! Every test that passes directly must pass through pgnear, except the few listed in
+//! `MAY_DIFFER` with the reason no proxy that reads from a replica can hide.
 
 mod common;
 
@@ -137,8 +142,157 @@ fn run_suite(name: &str, addr: std::net::SocketAddr) -> BTreeMap<String, String>
     outcomes
 }
 
+/// Runs SQLAlchemy's PostgreSQL dialect tests against `addr` as the superuser, in database
+/// `database`; each test's outcome.
+fn run_sqlalchemy(
+    name: &str,
+    addr: std::net::SocketAddr,
+    database: &str,
+) -> BTreeMap<String, String> {
+    let version = std::fs::read_to_string(drivers_dir().join("suites.txt"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("SQLAlchemy==").map(str::to_string))
+        .expect("SQLAlchemy pinned in suites.txt");
+    let suite = drivers_dir().join(format!(".deps/SQLAlchemy-{version}"));
+    require(
+        || suite.join("test").is_dir(),
+        "SQLAlchemy's test suite (sdist)",
+    );
+    let out = tempfile::NamedTempFile::new().unwrap();
+    let started = std::time::Instant::now();
+    let dburi = format!(
+        "postgresql+psycopg://postgres:{}@{addr}/{database}",
+        cluster().superuser_password()
+    );
+    let status = Command::new(drivers_dir().join(".deps/venv/bin/python"))
+        .arg(drivers_dir().join("run_pytest_suite.py"))
+        .arg(&suite)
+        .arg(out.path())
+        .args(["test/dialect/postgresql", "--dburi", &dburi])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("running SQLAlchemy's suite");
+    let outcomes: BTreeMap<String, String> =
+        serde_json::from_str(&std::fs::read_to_string(out.path()).unwrap_or_default())
+            .unwrap_or_else(|e| panic!("{name}: no outcomes ({status}): {e}"));
+    let count = |o: &str| outcomes.values().filter(|v| *v == o).count();
+    eprintln!(
+        "SQLAlchemy {version} PostgreSQL dialect tests {name}: {} passed, {} failed, {} skipped in {:.0?}",
+        count("pass"),
+        count("fail"),
+        count("skip"),
+        started.elapsed()
+    );
+    outcomes
+}
+
+/// The tests that pass in `direct` but not in each of the other runs (and are not in
+/// `MAY_DIFFER`); the listed ones are printed with their reason.
+fn unexplained(runs: &[(&str, BTreeMap<String, String>)]) -> Vec<String> {
+    let (_, direct) = &runs[0];
+    let mut unexplained = Vec::new();
+    for (name, outcomes) in &runs[1..] {
+        for (test, outcome) in direct.iter().filter(|(_, o)| *o == "pass") {
+            let got = outcomes.get(test).map_or("missing", String::as_str);
+            if got == "pass" {
+                continue;
+            }
+            let why = MAY_DIFFER
+                .iter()
+                .find(|(t, _)| test.starts_with(t))
+                .map(|(_, why)| *why);
+            match why {
+                Some(why) => eprintln!("{name}: {test}: {got} ({why})"),
+                None => unexplained.push(format!("{name}: {test}: {outcome} directly, {got}")),
+            }
+        }
+    }
+    unexplained
+}
+
+#[test]
+fn sqlalchemy_suite_passes_through_pgnear_as_directly() {
+    let _serial = serial();
+    cluster();
+    let limit = std::time::Duration::from_secs(900);
+    rt().block_on(async {
+        tokio::time::timeout(limit, sqlalchemy())
+            .await
+            .expect("suite runs hung")
+    });
+}
+
+async fn sqlalchemy() {
+    const DATABASE: &str = "sqla_suite";
+    let admin = primary_admin().await;
+    admin
+        .batch_execute(&format!(
+            "DROP DATABASE IF EXISTS {DATABASE} WITH (FORCE); CREATE DATABASE {DATABASE}"
+        ))
+        .await
+        .unwrap();
+    let url = format!(
+        "postgres://postgres:{}@{}/{DATABASE}?sslmode=disable",
+        cluster().superuser_password(),
+        cluster().primary().addr()
+    );
+    // What the suite's README asks for: two schemas, the hstore extension.
+    connect(&url)
+        .await
+        .batch_execute(
+            "CREATE SCHEMA test_schema; CREATE SCHEMA test_schema_2; CREATE EXTENSION hstore",
+        )
+        .await
+        .unwrap();
+    cluster().wait_replicas_caught_up().await.unwrap();
+    let replica_region = |transaction: bool| {
+        move |c: &mut pgnear::config::Config| {
+            c.upstream.primary_url = superuser_url(cluster().primary_addr_from(REPLICA));
+            c.upstream.replica_url =
+                superuser_url(cluster().replica(REPLICA).expect("a replica").node.addr());
+            if transaction {
+                c.pool.mode = pgnear::config::PoolMode::Transaction;
+                c.pool.pipeline = 1;
+            }
+        }
+    };
+    let session = proxy(REPLICA, replica_region(false)).await;
+    let transaction = proxy(REPLICA, replica_region(true)).await;
+    let direct = cluster().primary().addr();
+    let (session_addr, transaction_addr) = (session.addr(), transaction.addr());
+    let runs = tokio::task::spawn_blocking(move || {
+        [
+            ("direct", direct),
+            ("through pgnear, replica region", session_addr),
+            (
+                "through pgnear, replica region, transaction mode",
+                transaction_addr,
+            ),
+        ]
+        .map(|(name, addr)| (name, run_sqlalchemy(name, addr, DATABASE)))
+    })
+    .await
+    .unwrap();
+    assert!(
+        runs[0].1.values().filter(|o| *o == "pass").count() > 9000,
+        "the suite ran directly"
+    );
+    let unexplained = unexplained(&runs);
+    assert!(
+        unexplained.is_empty(),
+        "tests that pass directly but not through pgnear:\n{}",
+        unexplained.join("\n")
+    );
+    session.shutdown().await;
+    transaction.shutdown().await;
+}
+
 #[test]
 fn asyncpg_suite_passes_through_pgnear_as_directly() {
+    let _serial = serial();
     cluster();
     // Three runs of the whole suite: longer than `run`'s bound for one test.
     let limit = std::time::Duration::from_secs(900);
@@ -171,24 +325,7 @@ async fn suites() {
         })
         .await
         .unwrap();
-        let (_, direct) = &runs[0];
-        let mut unexplained = Vec::new();
-        for (name, outcomes) in &runs[1..] {
-            for (test, outcome) in direct.iter().filter(|(_, o)| *o == "pass") {
-                let got = outcomes.get(test).map_or("missing", String::as_str);
-                if got == "pass" {
-                    continue;
-                }
-                let why = MAY_DIFFER
-                    .iter()
-                    .find(|(t, _)| test.starts_with(t))
-                    .map(|(_, why)| *why);
-                match why {
-                    Some(why) => eprintln!("{name}: {test}: {got} ({why})"),
-                    None => unexplained.push(format!("{name}: {test}: {outcome} directly, {got}")),
-                }
-            }
-        }
+        let unexplained = unexplained(&runs);
         assert!(
             unexplained.is_empty(),
             "tests that pass directly but not through pgnear:\n{}",

@@ -128,19 +128,22 @@ pub struct Expectations {
     /// An extended-protocol error with no Sync sent yet: the server skips what comes until
     /// one arrives (see `Server::send_query`).
     pub skipping: bool,
-    /// The statement name of each Parse in the queue, in order (`None`: the unnamed one).
-    parses: VecDeque<Option<String>>,
-    /// Named statements whose Parse failed or was skipped: the server does not have them.
+    /// Each Parse in the queue, in order: its statement name (`None`: the unnamed one), and
+    /// whether the server had a statement of that name when it was sent.
+    parses: VecDeque<(Option<String>, bool)>,
+    /// Named statements new to the server whose Parse failed or was skipped: the server does
+    /// not have them. (A failed Parse of a name the server had leaves that statement as it was.)
     failed_parses: Vec<String>,
     /// Whether the last unnamed Parse that was answered (or skipped) succeeded.
-    pub unnamed_parsed: Option<bool>,
+    unnamed_parsed: Option<bool>,
 }
 
 impl Expectations {
-    /// Queues a Parse of statement `name` (empty: the unnamed one).
-    pub fn push_parse(&mut self, owner: Owner, name: &str) {
+    /// Queues a Parse of statement `name` (empty: the unnamed one); `existed`: the server has
+    /// a statement of that name already.
+    pub fn push_parse(&mut self, owner: Owner, name: &str, existed: bool) {
         self.parses
-            .push_back((!name.is_empty()).then(|| name.to_string()));
+            .push_back(((!name.is_empty()).then(|| name.to_string()), existed));
         self.push(Pending::Parse, owner);
     }
 
@@ -148,22 +151,10 @@ impl Expectations {
     /// skipped after one.
     fn parse_ended(&mut self, ok: bool) {
         match self.parses.pop_front() {
-            Some(Some(name)) if !ok => self.failed_parses.push(name),
-            Some(None) => self.unnamed_parsed = Some(ok),
+            Some((Some(name), false)) if !ok => self.failed_parses.push(name),
+            Some((None, _)) => self.unnamed_parsed = Some(ok),
             _ => {}
         }
-    }
-
-    /// A Parse that failed because its name exists already (42P05): the server still has the
-    /// statement.
-    pub fn parse_was_duplicate(&mut self, name_failed_at: usize) {
-        if name_failed_at < self.failed_parses.len() {
-            self.failed_parses.remove(name_failed_at);
-        }
-    }
-
-    pub fn failed_parse_count(&self) -> usize {
-        self.failed_parses.len()
     }
 
     /// Named statements the server turned out not to have (see `failed_parses`).
@@ -171,9 +162,11 @@ impl Expectations {
         std::mem::take(&mut self.failed_parses)
     }
 
-    /// An unnamed Parse is still waiting for its answer.
-    pub fn unnamed_parse_pending(&self) -> bool {
-        self.parses.iter().any(Option::is_none)
+    /// Whether the server is now without an unnamed statement because the last unnamed Parse
+    /// sent failed (or was skipped): none is still waiting for its answer.
+    pub fn take_unnamed_failed(&mut self) -> bool {
+        let pending = self.parses.iter().any(|(name, _)| name.is_none());
+        !pending && self.unnamed_parsed.take() == Some(false)
     }
 
     pub fn push(&mut self, p: Pending, owner: Owner) {

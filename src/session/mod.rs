@@ -740,6 +740,14 @@ impl Session {
             map_notification_pid(&mut self.cout, at, server.conn.addr, &self.shared.cancels);
         }
         let (idle, tx) = (server.expect.is_empty(), server.tx);
+        for name in &seen.failed_parses {
+            // The client's Parse of a new statement failed: it does not exist, as in Postgres.
+            self.state.statements.remove(name);
+        }
+        if seen.unnamed_failed && self.unnamed_role == Some(role) {
+            // What a Bind of it gets now is the server's own answer, as from Postgres.
+            self.state.unnamed = None;
+        }
         let mut capture = false;
         for request in seen.done {
             capture |= (request.capture_after && !request.failed) || request.capture_owed;

@@ -724,6 +724,13 @@ impl Session {
             (role, Reason::Transaction)
         } else if plan.sticky {
             (self.last, Reason::Transaction)
+        } else if let Some(role) = self
+            .unnamed_role
+            .filter(|_| plan.needs_unnamed && self.state.unnamed.is_none())
+        {
+            // The unnamed statement's last Parse failed there: that server answers for it
+            // (as Postgres would: it does not exist), not one holding an older one.
+            (role, Reason::Transaction)
         } else if plan.state_only == Some(true) && self.open_tx.is_none() {
             // SET and RESET run where the session is; other servers get them replayed later.
             (self.last, Reason::Read)
@@ -1466,11 +1473,14 @@ fn send_batch(server: &mut Server, batch: &[u8], shared_names: bool, limit: usiz
                 server.send_internal_frame(tag::CLOSE, &close_frame(SCRATCH_STATEMENT));
                 continue;
             }
+            // Sent before it is recorded: the expectation notes whether the name existed.
+            server.send_client_frame(t, frame);
             if !name.is_empty() {
                 if let Some(old) = server.add_statement(name, limit) {
                     server.send_internal_frame(tag::CLOSE, &close_frame(&old));
                 }
             }
+            continue;
         }
         server.send_client_frame(t, frame);
     }

@@ -141,6 +141,11 @@ pub struct Seen {
     pub retry: Option<Retry>,
     /// Value captured from pgnear's own commit-position lookup.
     pub write_lsn: Option<String>,
+    /// Named statements whose Parse failed, new to the server: they do not exist.
+    pub failed_parses: Vec<String>,
+    /// The last unnamed Parse failed: the server has no unnamed statement, as after any
+    /// failed Parse of it in Postgres.
+    pub unnamed_failed: bool,
     /// Where in the client's output the notifications passed on lie (their sender pid may
     /// need mapping: see `Session::on_server`).
     pub notifications: Vec<usize>,
@@ -264,7 +269,8 @@ impl Server {
     fn expect_answer(&mut self, tag: u8, frame: &[u8], owner: Owner) {
         if tag == crate::protocol::tag::PARSE {
             let name = crate::protocol::cstr(&frame[5..]).map_or("", |(n, _)| n);
-            self.expect.push_parse(owner, name);
+            let existed = self.conn.carry.prepared.contains_key(name);
+            self.expect.push_parse(owner, name, existed);
         } else if let Some(p) = Pending::for_tag(tag) {
             self.expect.push(p, owner);
         }
@@ -390,7 +396,9 @@ impl Server {
         // What the server turned out not to have prepared (a Parse failed or was skipped).
         for name in self.expect.take_failed_parses() {
             self.conn.carry.prepared.remove(&name);
+            seen.failed_parses.push(name);
         }
+        seen.unnamed_failed |= self.expect.take_unnamed_failed();
         r.map_err(|e| match e {
             ScanError::Malformed => self.lost("malformed message from server"),
             ScanError::Fatal(e) => e,
@@ -520,14 +528,7 @@ impl Reader {
             let frame = &buf[pos..pos + total];
             let body = &frame[5..];
             let front = expect.front();
-            let failed_before = expect.failed_parse_count();
             let m = expect.on_frame(tag);
-            if tag == be::ERROR_RESPONSE
-                && front.is_some_and(|(p, _)| p == Pending::Parse)
-                && be::error_fields(body).code == "42P05"
-            {
-                expect.parse_was_duplicate(failed_before);
-            }
             for _ in 0..expect.take_skipped() {
                 // A skipped request ends unanswered: its ErrorResponse went to the batch before it.
                 requests.pop_front();
