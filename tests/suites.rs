@@ -228,12 +228,12 @@ fn sqlalchemy_suite_passes_through_pgnear_as_directly() {
 async fn sqlalchemy() {
     const DATABASE: &str = "sqla_suite";
     let admin = primary_admin().await;
-    admin
-        .batch_execute(&format!(
-            "DROP DATABASE IF EXISTS {DATABASE} WITH (FORCE); CREATE DATABASE {DATABASE}"
-        ))
-        .await
-        .unwrap();
+    for sql in [
+        format!("DROP DATABASE IF EXISTS {DATABASE} WITH (FORCE)"),
+        format!("CREATE DATABASE {DATABASE}"),
+    ] {
+        admin.batch_execute(&sql).await.unwrap();
+    }
     let url = format!(
         "postgres://postgres:{}@{}/{DATABASE}?sslmode=disable",
         cluster().superuser_password(),
