@@ -6,6 +6,10 @@
 //!   through pgnear in a replica region, in session mode and in transaction mode with pipelined
 //!   reads.
 //!
+//! - a Django project's own test run (`manage.py test`, tests/drivers/django): Django creates its
+//!   test database, migrates it, runs the app's tests and drops the database, directly and
+//!   through pgnear in a replica region, in session and in transaction mode.
+//!
 //! Every test that passes directly must pass through pgnear, except the few listed in
 //! `MAY_DIFFER` with the reason no proxy that reads from a replica can hide.
 
@@ -248,19 +252,8 @@ async fn sqlalchemy() {
         .await
         .unwrap();
     cluster().wait_replicas_caught_up().await.unwrap();
-    let replica_region = |transaction: bool| {
-        move |c: &mut pgnear::config::Config| {
-            c.upstream.primary_url = superuser_url(cluster().primary_addr_from(REPLICA));
-            c.upstream.replica_url =
-                superuser_url(cluster().replica(REPLICA).expect("a replica").node.addr());
-            if transaction {
-                c.pool.mode = pgnear::config::PoolMode::Transaction;
-                c.pool.pipeline = 1;
-            }
-        }
-    };
-    let session = proxy(REPLICA, replica_region(false)).await;
-    let transaction = proxy(REPLICA, replica_region(true)).await;
+    let session = proxy(REPLICA, replica_region_superuser(false)).await;
+    let transaction = proxy(REPLICA, replica_region_superuser(true)).await;
     let direct = cluster().primary().addr();
     let (session_addr, transaction_addr) = (session.addr(), transaction.addr());
     let runs = tokio::task::spawn_blocking(move || {
@@ -288,6 +281,84 @@ async fn sqlalchemy() {
     );
     session.shutdown().await;
     transaction.shutdown().await;
+}
+
+/// pgnear in the replica region as the superuser (the suites create databases, schemas and
+/// extensions), in transaction mode with pipelined reads when `transaction`.
+fn replica_region_superuser(transaction: bool) -> impl FnOnce(&mut pgnear::config::Config) {
+    move |c: &mut pgnear::config::Config| {
+        c.upstream.primary_url = superuser_url(cluster().primary_addr_from(REPLICA));
+        c.upstream.replica_url =
+            superuser_url(cluster().replica(REPLICA).expect("a replica").node.addr());
+        if transaction {
+            c.pool.mode = pgnear::config::PoolMode::Transaction;
+            c.pool.pipeline = 1;
+        }
+    }
+}
+
+/// `manage.py test` against `addr`: whether it passed, and its summary lines.
+fn django_test_run(name: &str, addr: std::net::SocketAddr) -> (bool, String) {
+    let project = drivers_dir().join("django");
+    let started = std::time::Instant::now();
+    let out = Command::new(drivers_dir().join(".deps/venv/bin/python"))
+        .arg(project.join("manage.py"))
+        .args(["test", "--noinput", "-v", "1"])
+        .current_dir(&project)
+        .env("PGHOST", addr.ip().to_string())
+        .env("PGPORT", addr.port().to_string())
+        .env("PGUSER", "postgres")
+        .env("PGPASSWORD", cluster().superuser_password())
+        .env("PGDATABASE", "postgres")
+        .stdin(Stdio::null())
+        .output()
+        .expect("running manage.py test");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let summary: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("Ran ") || l.starts_with("OK") || l.starts_with("FAILED"))
+        .collect();
+    eprintln!(
+        "Django manage.py test {name}: {} in {:.0?}",
+        summary.join(", "),
+        started.elapsed()
+    );
+    (out.status.success(), stderr)
+}
+
+#[test]
+fn django_test_run_passes_through_pgnear_as_directly() {
+    let _serial = serial();
+    cluster();
+    rt().block_on(async {
+        let session = proxy(REPLICA, replica_region_superuser(false)).await;
+        let transaction = proxy(REPLICA, replica_region_superuser(true)).await;
+        let direct = cluster().primary().addr();
+        let (session_addr, transaction_addr) = (session.addr(), transaction.addr());
+        let runs = tokio::task::spawn_blocking(move || {
+            [
+                ("direct", direct),
+                ("through pgnear, replica region", session_addr),
+                (
+                    "through pgnear, replica region, transaction mode",
+                    transaction_addr,
+                ),
+            ]
+            .map(|(name, addr)| (name, django_test_run(name, addr)))
+        })
+        .await
+        .unwrap();
+        for (name, (passed, output)) in &runs {
+            // Created, migrated, tested and dropped its test database.
+            assert!(passed, "{name}: manage.py test failed:\n{output}");
+            assert!(
+                output.contains("Destroying test database"),
+                "{name}:\n{output}"
+            );
+        }
+        session.shutdown().await;
+        transaction.shutdown().await;
+    });
 }
 
 #[test]
