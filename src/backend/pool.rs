@@ -2,9 +2,9 @@
 //! (`primary_size` / `replica_size`, all roles and databases together), keeps idle ones per
 //! role and database (`Target`) for the next session, keeps `min_idle` of them warm for the
 //! URL's role and database, and retires those idle past `idle_timeout`, older than
-//! `max_lifetime`, or closed by the server. While several roles use it, a role that has its
-//! fair share open (the size divided among them) waits for one of its own instead of opening
-//! another; idle connections of other targets are closed to make room.
+//! `max_lifetime`, or closed by the server. When the pool is full and several roles use it, a
+//! role that has its fair share open (the size divided among them) waits for one of its own;
+//! the others have idle connections of other targets closed to make room.
 //!
 //! Connections are opened without the client's startup parameters: sessions apply their own
 //! settings with SET (see `session::state`), so any client can use any connection of its
@@ -243,8 +243,8 @@ impl Pool {
     }
 
     /// A connection for `target`: an idle one if there is one, else a new one while the pool
-    /// has room (and the role is within its share), else the next one returned. 53300 after
-    /// `acquire_timeout`.
+    /// has room, else (within the role's share: see `within_share`) the next one returned or
+    /// made room for. 53300 after `acquire_timeout`.
     pub async fn acquire(&self, target: &Target) -> Result<Pooled, PgError> {
         let database = &*target.database;
         let started = Instant::now();
@@ -265,16 +265,17 @@ impl Pool {
             if let Some(p) = self.take_idle(target) {
                 break Ok(p);
             }
+            if let Ok(permit) = self.permits.clone().try_acquire_owned() {
+                break self.open(target, permit).await;
+            }
+            // The pool is full. A role with its share open waits for one of its own (or for
+            // room); the others may close another target's idle connection to make room.
             if !self.within_share(target) {
-                // Its share is open: wait for one of its own (or for others to close).
                 self.waiting(target, &mut counted);
                 tokio::select! {
                     _ = returned => continue,
                     _ = tokio::time::sleep_until(deadline) => break Err(self.timed_out()),
                 }
-            }
-            if let Ok(permit) = self.permits.clone().try_acquire_owned() {
-                break self.open(target, permit).await;
             }
             if self.evict_other(target) {
                 continue;
