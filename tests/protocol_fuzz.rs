@@ -808,11 +808,6 @@ impl Scratch {
 
     /// `batches` on a new direct connection to the primary (its Unix socket: trust auth).
     async fn direct(&self, batches: &[Vec<Msg>]) -> Answer {
-        // A failure here (lock timeout) means that a server connection of pgnear's still holds
-        // a lock from the previous sequence, whose client has gone.
-        self.reset()
-            .await
-            .expect("resetting the scratch table after the previous sequence");
         let primary = cluster().primary();
         let socket = primary
             .socket_dir()
@@ -949,6 +944,15 @@ async fn fuzz_target(
             break;
         }
         let batches = generate(seed, &table, scratch.lo);
+        if let Err(e) = scratch.reset().await {
+            // A lock timeout: a server connection of pgnear's still holds a lock from the
+            // previous sequence, whose client has gone.
+            panic!(
+                "{region}/{pool:?}: resetting the scratch table after seed {}: {e}\n{}",
+                seed - 1,
+                show(&generate(seed - 1, &table, scratch.lo))
+            );
+        }
         let direct = scratch.direct(&batches).await;
         let (via, problem) = scratch.via(&p, region, &batches, &direct).await;
         compared += 1;
@@ -1013,6 +1017,7 @@ fn assert_as_direct(table: &str, lo: u32, batches: &[Vec<Msg>]) {
         let scratch = Scratch::new(table, lo).await;
         for (region, pool) in TARGETS {
             let p = pgnear(region, pool).await;
+            scratch.reset().await.expect("resetting the scratch table");
             let direct = scratch.direct(batches).await;
             let (via, problem) = scratch.via(&p, region, batches, &direct).await;
             assert!(
