@@ -117,27 +117,45 @@ fn run_suite(name: &str, addr: std::net::SocketAddr) -> BTreeMap<String, String>
         "asyncpg's test suite (sdist)",
     );
     let out = tempfile::NamedTempFile::new().unwrap();
-    let started = std::time::Instant::now();
-    let status = Command::new(drivers_dir().join(".deps/venv/bin/python"))
+    let mut command = Command::new(drivers_dir().join(".deps/venv/bin/python"));
+    command
         .arg(drivers_dir().join("run_suite.py"))
         .arg(&suite)
-        .arg(out.path())
+        .arg(out.path());
+    as_superuser_at(&mut command, addr);
+    outcomes_of(&format!("asyncpg {version} suite {name}"), command, &out)
+}
+
+/// Points libpq-style environment variables at `addr`, as the superuser, database `postgres`.
+fn as_superuser_at(command: &mut Command, addr: std::net::SocketAddr) -> &mut Command {
+    command
         .env("PGHOST", addr.ip().to_string())
         .env("PGPORT", addr.port().to_string())
         .env("PGUSER", "postgres")
         .env("PGPASSWORD", cluster().superuser_password())
         .env("PGDATABASE", "postgres")
+}
+
+/// Runs a suite's runner (`command`, which writes each test's outcome to `out` as JSON) and
+/// returns the outcomes, printing their counts under `what`.
+fn outcomes_of(
+    what: &str,
+    mut command: Command,
+    out: &tempfile::NamedTempFile,
+) -> BTreeMap<String, String> {
+    let started = std::time::Instant::now();
+    let status = command
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()
-        .expect("running asyncpg's suite");
+        .unwrap_or_else(|e| panic!("{what}: cannot run: {e}"));
     let outcomes: BTreeMap<String, String> =
         serde_json::from_str(&std::fs::read_to_string(out.path()).unwrap_or_default())
-            .unwrap_or_else(|e| panic!("{name}: no outcomes ({status}): {e}"));
+            .unwrap_or_else(|e| panic!("{what}: no outcomes ({status}): {e}"));
     let count = |o: &str| outcomes.values().filter(|v| *v == o).count();
     eprintln!(
-        "asyncpg {version} suite {name}: {} passed, {} failed, {} skipped in {:.0?}",
+        "{what}: {} passed, {} failed, {} skipped in {:.0?}",
         count("pass"),
         count("fail"),
         count("skip"),
@@ -164,33 +182,21 @@ fn run_sqlalchemy(
         "SQLAlchemy's test suite (sdist)",
     );
     let out = tempfile::NamedTempFile::new().unwrap();
-    let started = std::time::Instant::now();
     let dburi = format!(
         "postgresql+psycopg://postgres:{}@{addr}/{database}",
         cluster().superuser_password()
     );
-    let status = Command::new(drivers_dir().join(".deps/venv/bin/python"))
+    let mut command = Command::new(drivers_dir().join(".deps/venv/bin/python"));
+    command
         .arg(drivers_dir().join("run_pytest_suite.py"))
         .arg(&suite)
         .arg(out.path())
-        .args(["test/dialect/postgresql", "--dburi", &dburi])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .expect("running SQLAlchemy's suite");
-    let outcomes: BTreeMap<String, String> =
-        serde_json::from_str(&std::fs::read_to_string(out.path()).unwrap_or_default())
-            .unwrap_or_else(|e| panic!("{name}: no outcomes ({status}): {e}"));
-    let count = |o: &str| outcomes.values().filter(|v| *v == o).count();
-    eprintln!(
-        "SQLAlchemy {version} PostgreSQL dialect tests {name}: {} passed, {} failed, {} skipped in {:.0?}",
-        count("pass"),
-        count("fail"),
-        count("skip"),
-        started.elapsed()
-    );
-    outcomes
+        .args(["test/dialect/postgresql", "--dburi", &dburi]);
+    outcomes_of(
+        &format!("SQLAlchemy {version} PostgreSQL dialect tests {name}"),
+        command,
+        &out,
+    )
 }
 
 /// The tests that pass in `direct` but not in each of the other runs (and are not in
@@ -301,15 +307,12 @@ fn replica_region_superuser(transaction: bool) -> impl FnOnce(&mut pgnear::confi
 fn django_test_run(name: &str, addr: std::net::SocketAddr) -> (bool, String) {
     let project = drivers_dir().join("django");
     let started = std::time::Instant::now();
-    let out = Command::new(drivers_dir().join(".deps/venv/bin/python"))
+    let mut command = Command::new(drivers_dir().join(".deps/venv/bin/python"));
+    command
         .arg(project.join("manage.py"))
         .args(["test", "--noinput", "-v", "1"])
-        .current_dir(&project)
-        .env("PGHOST", addr.ip().to_string())
-        .env("PGPORT", addr.port().to_string())
-        .env("PGUSER", "postgres")
-        .env("PGPASSWORD", cluster().superuser_password())
-        .env("PGDATABASE", "postgres")
+        .current_dir(&project);
+    let out = as_superuser_at(&mut command, addr)
         .stdin(Stdio::null())
         .output()
         .expect("running manage.py test");
