@@ -544,8 +544,29 @@ fn drop_database_is_not_blocked_by_the_pool() {
                     .unwrap();
                 x.simple_query("SELECT count(*) FROM t").await.unwrap();
             }
-            // Give the closed sessions' connections back to the pools.
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            // The closed sessions' connections are back in the pools: none of them still runs
+            // anything (their reset) on either server.
+            let replica = connect(&cluster().replica_url(REPLICA).unwrap()).await;
+            eventually(
+                "the sessions' connections idle",
+                Duration::from_secs(60),
+                || async {
+                    let mut busy = 0;
+                    for server in [&admin, &replica] {
+                        let row = server
+                            .query_one(
+                                "SELECT count(*) FROM pg_stat_activity \
+                             WHERE datname = 'conformance_drop' AND state <> 'idle'",
+                                &[],
+                            )
+                            .await
+                            .unwrap();
+                        busy += row.get::<_, i64>(0);
+                    }
+                    busy == 0
+                },
+            )
+            .await;
             c.batch_execute("ALTER DATABASE conformance_drop RENAME TO conformance_drop2")
                 .await
                 .unwrap_or_else(|e| panic!("{region}: rename: {e}"));

@@ -357,7 +357,13 @@ fn a_busy_role_leaves_room_for_another() {
                 })
             })
             .collect();
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // Every connection of the pool is open, for the busy role.
+        eventually("the busy role to fill the pool", HANG, || async {
+            let (_, body) = http_get(p.admin_addr(), "/status").await;
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+            v["roles"]["app"]["primary"]["connections"] == 4
+        })
+        .await;
         let reporter = try_connect(&url_with(&p, "reporter", "reporter-secret", ""))
             .await
             .unwrap();

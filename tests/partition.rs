@@ -116,11 +116,24 @@ fn primary_cut(how: Cut) {
         let reader = connect(&u).await;
         assert_eq!(answered_by(&reader).await.unwrap(), "replica");
 
-        // A write in flight: sent, then the path is cut while the primary works on it.
+        // A write in flight: sent, then the path is cut once the primary works on it (seen
+        // there directly, not over the path that is cut).
+        let admin = primary_admin().await;
         let in_flight =
-            writer.batch_execute("INSERT INTO partition_writes SELECT 2 FROM pg_sleep(0.3)");
+            writer.batch_execute("INSERT INTO partition_writes SELECT 2 FROM pg_sleep(2)");
         let cut = async {
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            eventually("the write running on the primary", HANG, || async {
+                let row = admin
+                    .query_one(
+                        "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' \
+                         AND query LIKE 'INSERT INTO partition_writes SELECT 2%'",
+                        &[],
+                    )
+                    .await
+                    .unwrap();
+                row.get::<_, i64>(0) > 0
+            })
+            .await;
             host.cut(how);
             Instant::now()
         };

@@ -223,16 +223,22 @@ fn unexplained(runs: &[(&str, BTreeMap<String, String>)]) -> Vec<String> {
     unexplained
 }
 
-#[test]
-fn sqlalchemy_suite_passes_through_pgnear_as_directly() {
+/// Runs `suite_runs` (three runs of a whole suite: longer than `run`'s bound for one test), one
+/// suite at a time.
+fn run_suites(suite_runs: impl std::future::Future<Output = ()>) {
     let _serial = serial();
     cluster();
     let limit = std::time::Duration::from_secs(900);
     rt().block_on(async {
-        tokio::time::timeout(limit, sqlalchemy())
+        tokio::time::timeout(limit, suite_runs)
             .await
             .expect("suite runs hung")
     });
+}
+
+#[test]
+fn sqlalchemy_suite_passes_through_pgnear_as_directly() {
+    run_suites(sqlalchemy());
 }
 
 async fn sqlalchemy() {
@@ -331,9 +337,7 @@ fn django_test_run(name: &str, addr: std::net::SocketAddr) -> (bool, String) {
 
 #[test]
 fn django_test_run_passes_through_pgnear_as_directly() {
-    let _serial = serial();
-    cluster();
-    rt().block_on(async {
+    run_suites(async {
         let session = proxy(REPLICA, replica_region_superuser(false)).await;
         let transaction = proxy(REPLICA, replica_region_superuser(true)).await;
         let direct = cluster().primary().addr();
@@ -366,18 +370,10 @@ fn django_test_run_passes_through_pgnear_as_directly() {
 
 #[test]
 fn asyncpg_suite_passes_through_pgnear_as_directly() {
-    let _serial = serial();
-    cluster();
-    // Three runs of the whole suite: longer than `run`'s bound for one test.
-    let limit = std::time::Duration::from_secs(900);
-    rt().block_on(async {
-        tokio::time::timeout(limit, suites())
-            .await
-            .expect("suite runs hung")
-    });
+    run_suites(asyncpg());
 }
 
-async fn suites() {
+async fn asyncpg() {
     {
         let direct = cluster().primary().addr();
         let primary_url = |region: &str| superuser_url(cluster().primary_addr_from(region));
