@@ -1013,9 +1013,13 @@ const TARGETS: [(&str, PoolMode); 4] = [
 
 /// Runs `batches` directly and through pgnear in every target; asserts the direct answer.
 fn assert_as_direct(table: &str, lo: u32, batches: &[Vec<Msg>]) {
+    assert_as_direct_in(&TARGETS, table, lo, batches);
+}
+
+fn assert_as_direct_in(targets: &[(&str, PoolMode)], table: &str, lo: u32, batches: &[Vec<Msg>]) {
     run(async {
         let scratch = Scratch::new(table, lo).await;
-        for (region, pool) in TARGETS {
+        for &(region, pool) in targets {
             let p = pgnear(region, pool).await;
             scratch.reset().await.expect("resetting the scratch table");
             let direct = scratch.direct(batches).await;
@@ -1153,7 +1157,6 @@ fn copy_in_after_unsynced_extended_statement() {
 
 /// A second Parse of a statement name that exists is 42P05 in Postgres.
 #[test]
-#[ignore = "pgnear bug: a second Parse of an existing statement name succeeds (and errors name pgnear_<hash> statements)"]
 fn parse_of_an_existing_name_fails() {
     assert_as_direct(
         "fz_dup",
@@ -1161,9 +1164,34 @@ fn parse_of_an_existing_name_fails() {
         &[
             vec![parse("s1", "SELECT 1"), Msg::Sync],
             vec![parse("s1", "SELECT 2"), Msg::Sync],
+            // Twice in one exchange: the second is refused, the first is not.
+            vec![parse("s3", "SELECT 3"), parse("s3", "SELECT 4"), Msg::Sync],
+            // The same text under a new name, after the first name was closed.
+            vec![Msg::Close('S', "s3"), parse("s4", "SELECT 3"), Msg::Sync],
             vec![
                 parse("s2", "SELECT $1::int"),
                 bind("", "s2", vec![]),
+                Msg::Sync,
+            ],
+        ],
+    );
+}
+
+/// A statement deallocated with SQL can be parsed again (session mode: transaction mode's
+/// statements have shared names that SQL does not know).
+#[test]
+fn parse_after_sql_deallocate() {
+    assert_as_direct_in(
+        &[(PRIMARY, PoolMode::Session), (REPLICA, PoolMode::Session)],
+        "fz_dealloc",
+        FIXED_LO + 190,
+        &[
+            vec![parse("s1", "SELECT 1"), Msg::Sync],
+            vec![query("DEALLOCATE s1")],
+            vec![
+                parse("s1", "SELECT 2"),
+                bind("", "s1", vec![]),
+                execute(""),
                 Msg::Sync,
             ],
         ],
@@ -1220,6 +1248,29 @@ fn copy_data_pipelined_behind_its_execute() {
             Msg::Sync,
             Msg::Sync,
             query("SELECT count(*) FROM fz_pipecopy"),
+        ]],
+    );
+}
+
+/// An extended-protocol COPY FROM STDIN with its CopyDone and a Flush pipelined behind it,
+/// after a lone Sync that went to the replica: the Flush waited for the COPY's end, which
+/// only the Sync behind the Flush brings (found by the fuzzer: a hang).
+#[test]
+fn flush_behind_an_extended_copy_after_a_lone_sync() {
+    assert_as_direct(
+        "fz_copyflush",
+        FIXED_LO + 180,
+        &[vec![
+            Msg::Sync,
+            parse("s2", "COPY fz_copyflush FROM STDIN"),
+            bind("p1", "s2", vec![]),
+            Msg::Describe('P', "p1"),
+            execute("p1"),
+            Msg::Sync,
+            Msg::CopyDone,
+            Msg::Flush,
+            Msg::Sync,
+            query("SELECT 3"),
         ]],
     );
 }

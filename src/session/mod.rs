@@ -604,6 +604,26 @@ impl Session {
         Ok(())
     }
 
+    /// The client deallocated `names` on `role` with SQL: the session forgets them, and the
+    /// other server's copies are closed before its next batch.
+    fn forget_statements(&mut self, role: Role, names: &[String]) {
+        for name in names {
+            self.state.statements.remove(name);
+            if let Some(s) = self.slot(role).as_mut() {
+                s.remove_statement(name);
+            }
+            let other = match role {
+                Role::Primary => self.replica.as_mut(),
+                Role::Replica => self.primary.as_mut(),
+            };
+            if let Some(o) = other {
+                if o.remove_statement(name) {
+                    o.to_close.push(name.clone());
+                }
+            }
+        }
+    }
+
     /// The server in COPY FROM STDIN whose data the client has not ended yet.
     fn copying(&self) -> Option<Role> {
         [Role::Primary, Role::Replica].into_iter().find(|&r| {
@@ -612,12 +632,14 @@ impl Session {
         })
     }
 
-    /// The server of a COPY FROM STDIN not yet finished: in copy-in mode, or owed the Sync of
-    /// an extended-protocol COPY (see `Reader::owed_sync`). What the client sends goes there.
+    /// The server of a COPY FROM STDIN not yet finished: in copy-in mode, owed the Sync of
+    /// an extended-protocol COPY (see `Reader::owed_sync`), or running a batch that may start
+    /// one (see `Request::may_copy_in`). What the client sends goes there.
     pub(super) fn copy_role(&self) -> Option<Role> {
         [Role::Primary, Role::Replica].into_iter().find(|&r| {
-            self.slot_ref(r)
-                .is_some_and(|s| s.reader.copy_in || s.reader.owed_sync)
+            self.slot_ref(r).is_some_and(|s| {
+                s.reader.copy_in || s.reader.owed_sync || s.requests.iter().any(|q| q.may_copy_in)
+            })
         })
     }
 
@@ -735,7 +757,9 @@ impl Session {
             Role::Replica => self.replica.as_mut(),
         };
         let server = server.expect("read from a connected server");
-        server.scan(&mut self.cout, &mut seen, Some(&mut self.told))?;
+        let names =
+            (self.shared.config.pool.mode == PoolMode::Transaction).then_some(&self.state.names);
+        server.scan(&mut self.cout, &mut seen, Some(&mut self.told), names)?;
         for &at in &seen.notifications {
             map_notification_pid(&mut self.cout, at, server.conn.addr, &self.shared.cancels);
         }
@@ -758,6 +782,7 @@ impl Session {
             }
             if let Some(change) = request.change.filter(|_| !request.failed) {
                 let dropped = SessionState::drops_statements(&change);
+                let deallocated = SessionState::deallocated(&change);
                 let seq = self.state.commit_change(change);
                 let applied = self.state.applied();
                 if let Some(s) = self.slot(role).as_mut() {
@@ -767,6 +792,9 @@ impl Session {
                         s.conn.carry.prepared.clear();
                         s.unnamed_dropped = true;
                     }
+                }
+                if !self.shares_statements() {
+                    self.forget_statements(role, &deallocated);
                 }
                 if dropped && !self.shares_statements() {
                     // The client's statements are gone; the other server's copies go too.

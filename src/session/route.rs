@@ -35,6 +35,9 @@ struct BatchPlan {
     /// The unnamed statement is used but not parsed in this batch.
     needs_unnamed: bool,
     parsed: Vec<String>,
+    /// Parses (their place among the batch's frames) of a name that already exists: sent as
+    /// they are, so that the server answers 42P05 as Postgres would (see `plan_batch`).
+    dups: Vec<usize>,
     closed: Vec<String>,
     parsed_unnamed: bool,
     /// May leave state on the server that pgnear does not track (see `Server::dirty`).
@@ -676,7 +679,7 @@ impl Session {
                     if let Some(parse) = &unnamed {
                         primary.send_internal_frame(tag::PARSE, parse);
                     }
-                    send_batch(primary, &frames, shared_names, limit);
+                    send_batch(primary, &frames, shared_names.then_some(&[]), limit);
                     request.started = Some(std::time::Instant::now());
                     primary.requests.push_back(request);
                 }
@@ -792,6 +795,7 @@ impl Session {
             && self.unsynced.is_none()
             && self.open_tx.is_none()
             && plan.syncs == 1
+            && plan.dups.is_empty()
             && self.batch_tags.last() == Some(&tag::SYNC);
         let mut executed_before = self.unsynced.is_some() && self.unsynced_executed;
         if let Some(prepared_on) = self.unsynced.filter(|_| movable) {
@@ -840,7 +844,12 @@ impl Session {
         if plan.parsed_unnamed || unnamed.is_some() {
             server.unnamed_dropped = false;
         }
-        send_batch(server, &batch, shared_names, limit);
+        send_batch(
+            server,
+            &batch,
+            shared_names.then_some(&plan.dups[..]),
+            limit,
+        );
         let mut change = plan.changes.into_iter().reduce(|mut all, c| {
             all.extend(c);
             all
@@ -862,6 +871,7 @@ impl Session {
                     Vec::new()
                 },
                 capture_after: last && capture_lsn && plan.copy,
+                may_copy_in: plan.copy && !plan.read,
                 again: if last { again.take() } else { None },
                 started: Some(std::time::Instant::now()),
                 ..Request::default()
@@ -947,12 +957,17 @@ impl Session {
         };
         let mut parsed_unnamed = false;
         let mut bound_portals: Vec<&str> = Vec::new();
-        if self.shares_statements() {
-            self.rename_statements()?;
-        }
+        // Statements parsed in the batch since its last Sync.
+        let mut exchange: Vec<String> = Vec::new();
+        // Transaction mode: the client's names are known only before they are renamed.
+        let renamed_dups = if self.shares_statements() {
+            Some(self.rename_statements()?)
+        } else {
+            None
+        };
         let batch = std::mem::take(&mut self.batch);
         let bad = |what: &str| PgError::protocol(format!("invalid {what} message"));
-        for (t, frame) in frames(&batch) {
+        for (i, (t, frame)) in frames(&batch).enumerate() {
             let body = &frame[5..];
             match t {
                 tag::PARSE => {
@@ -970,7 +985,18 @@ impl Session {
                     if name.is_empty() {
                         parsed_unnamed = true;
                         self.state.unnamed = Some(frame);
+                    } else if let Some(dup) = match &renamed_dups {
+                        Some(dups) => dups.iter().find(|&&(at, _)| at == i).map(|&(_, e)| e),
+                        None => self.duplicate(name, &plan, &exchange),
+                    } {
+                        // The name exists: the server is to refuse it (42P05), so it must have
+                        // the statement too, and the session keeps the statement it has.
+                        if dup && !plan.needs.iter().any(|n| n == name) {
+                            plan.needs.push(name.to_string());
+                        }
+                        plan.dups.push(i);
                     } else {
+                        exchange.push(name.to_string());
                         self.state.statements.insert(name.to_string(), frame);
                         plan.parsed.push(name.to_string());
                         // A session's own statement names leave state behind; transaction
@@ -1020,7 +1046,10 @@ impl Session {
                         plan.changes.push(plan.bound_changes.remove(i).1);
                     }
                 }
-                tag::SYNC => plan.syncs += 1,
+                tag::SYNC => {
+                    plan.syncs += 1;
+                    exchange.clear();
+                }
                 _ => {}
             }
         }
@@ -1038,6 +1067,21 @@ impl Session {
             plan.tx = None;
         }
         Ok(plan)
+    }
+
+    /// Whether a Parse of `name` at this point of the batch names a statement that exists, so
+    /// that Postgres refuses it: `Some(true)` for one from an earlier batch (to be prepared where
+    /// the batch runs first), `Some(false)` for one parsed earlier in the same exchange (if that
+    /// Parse failed, the server skips this one anyway). A name parsed before an earlier Sync of
+    /// the batch may or may not exist by now: the server alone tells.
+    fn duplicate(&self, name: &str, plan: &BatchPlan, exchange: &[String]) -> Option<bool> {
+        if exchange.iter().any(|n| n == name) {
+            return Some(false);
+        }
+        let earlier = self.state.statements.contains_key(name)
+            && !plan.parsed.iter().any(|n| n == name)
+            && !plan.closed.iter().any(|n| n == name);
+        earlier.then_some(true)
     }
 
     /// A statement used (Bind, Describe) in the batch: it must exist where the batch runs.
@@ -1163,12 +1207,16 @@ impl Session {
 
     /// Rewrites the batch's statement names (Parse, Bind, Describe, Close) to the shared
     /// server-side names. A Close only forgets the client's name: it is sent for a name that
-    /// never exists, which the server answers with CloseComplete.
-    fn rename_statements(&mut self) -> Result<(), PgError> {
+    /// never exists, which the server answers with CloseComplete. Returns the Parses of a name
+    /// the client has already, as `duplicate` does.
+    fn rename_statements(&mut self) -> Result<Vec<(usize, bool)>, PgError> {
         let batch = std::mem::take(&mut self.batch);
         let mut out = BytesMut::with_capacity(batch.len() + 64);
         let bad = |what: &str| PgError::protocol(format!("invalid {what} message"));
-        for (t, frame) in frames(&batch) {
+        // Client names parsed in the batch since its last Sync.
+        let mut exchange: Vec<&str> = Vec::new();
+        let mut dups = Vec::new();
+        for (i, (t, frame)) in frames(&batch).enumerate() {
             let body = &frame[5..];
             match t {
                 tag::PARSE => {
@@ -1177,9 +1225,28 @@ impl Session {
                         out.extend_from_slice(frame);
                         continue;
                     }
-                    let shared = self.shared_name(&body[used..]);
-                    self.state.names.insert(name.to_string(), shared.clone());
+                    // A name the client has already: the Parse goes out under the shared name it
+                    // has, which the server refuses (42P05), keeping the statement.
+                    let existing = self.state.names.get(name).filter(|shared| {
+                        exchange.contains(&name) || self.state.statements.contains_key(*shared)
+                    });
+                    let shared = match existing {
+                        Some(shared) => {
+                            dups.push((i, !exchange.contains(&name)));
+                            shared.clone()
+                        }
+                        None => {
+                            let shared = self.shared_name(&body[used..]);
+                            self.state.names.insert(name.to_string(), shared.clone());
+                            shared
+                        }
+                    };
+                    exchange.push(name);
                     out.extend_from_slice(&renamed_parse(frame, &shared));
+                }
+                tag::SYNC => {
+                    exchange.clear();
+                    out.extend_from_slice(frame);
                 }
                 tag::BIND => {
                     let (portal, used) = cstr(body).ok_or_else(|| bad("Bind"))?;
@@ -1218,7 +1285,7 @@ impl Session {
             }
         }
         self.batch = out;
-        Ok(())
+        Ok(dups)
     }
 
     /// `pgnear_` and a hash of the statement's text and parameter types (and the search_path
@@ -1462,11 +1529,18 @@ fn fences_on(shared: &crate::Shared, database: Option<&str>) -> Vec<Fence> {
 /// Queues a batch of client messages. With statement names shared between sessions
 /// (transaction mode), a Parse of a name the server already has gets its answer from a scratch
 /// statement; past `limit` statements the least recently used is closed.
-fn send_batch(server: &mut Server, batch: &[u8], shared_names: bool, limit: usize) {
-    for (t, frame) in frames(batch) {
+/// Sends a batch's frames. `dups`, in transaction mode (shared names): the Parses of a name the
+/// client already has, which the server is to refuse; a Parse of another shared name that the
+/// connection has already answers as a new statement would.
+fn send_batch(server: &mut Server, batch: &[u8], dups: Option<&[usize]>, limit: usize) {
+    for (i, (t, frame)) in frames(batch).enumerate() {
         if t == tag::PARSE {
             let name = cstr(&frame[5..]).map_or("", |(n, _)| n);
-            if shared_names && !name.is_empty() && server.has_statement(name) {
+            if dups.is_some_and(|d| d.contains(&i)) {
+                server.send_client_frame(t, frame);
+                continue;
+            }
+            if dups.is_some() && !name.is_empty() && server.has_statement(name) {
                 // Another session prepared it here already: the client still gets its
                 // ParseComplete (or its error), from a scratch statement dropped at once.
                 server.send_client_frame(t, &renamed_parse(frame, SCRATCH_STATEMENT));

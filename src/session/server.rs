@@ -2,7 +2,7 @@
 //! status, and the scan that turns its bytes into frames forwarded to the client (raw) or
 //! consumed by pgnear.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -40,6 +40,10 @@ pub struct Request {
     /// Learn the commit position once this completes, whatever its outcome: a write before it
     /// left that to it (see `Session::on_server`).
     pub capture_owed: bool,
+    /// An extended-protocol batch that may start a COPY FROM STDIN: until it ends, what the
+    /// client pipelines behind it goes to the same server (in copy-in mode the server ignores
+    /// the batch's Sync, and only the client's next one ends the request).
+    pub may_copy_in: bool,
     /// When it was sent (for the duration histogram).
     pub started: Option<std::time::Instant>,
     /// Keep the pools off a database the request drops, renames or copies, until it ends.
@@ -349,7 +353,7 @@ impl Server {
         let mut sink = BytesMut::new();
         while !self.expect.is_empty() {
             self.read().await?;
-            self.scan(&mut sink, &mut Seen::default(), None)?;
+            self.scan(&mut sink, &mut Seen::default(), None, None)?;
             sink.clear();
         }
         Ok(())
@@ -375,11 +379,13 @@ impl Server {
     /// frames for the client are appended to `cout` as raw bytes, pgnear's own answers consumed.
     /// `told`: the parameters the client was told (see `Reader::scan`); `None` when what is
     /// scanned cannot change one (pgnear's own queries, shared replica connections).
+    /// `names`: in transaction mode, the client's statement names and their shared ones.
     pub fn scan(
         &mut self,
         cout: &mut BytesMut,
         seen: &mut Seen,
         told: Option<&mut Params>,
+        names: Option<&HashMap<String, String>>,
     ) -> Result<(), PgError> {
         let r = self.reader.scan(
             self.role,
@@ -389,6 +395,7 @@ impl Server {
             Reported {
                 server: &mut self.conn.conn.params,
                 told,
+                names,
             },
             cout,
             seen,
@@ -432,6 +439,9 @@ fn standby_refusal(body: &[u8]) -> Option<bool> {
 pub struct Reported<'a> {
     pub server: &'a mut Params,
     pub told: Option<&'a mut Params>,
+    /// The client's statement names -> the shared names the server knows them by (transaction
+    /// mode): the server's errors name the client's.
+    pub names: Option<&'a HashMap<String, String>>,
 }
 
 /// A reported value as the client sees it: pgnear as a whole accepts writes, whichever server
@@ -442,6 +452,28 @@ pub fn as_primary<'a>(name: &str, value: &'a str) -> &'a str {
     } else {
         value
     }
+}
+
+/// An ErrorResponse that names shared statements (`"pgnear_<hash>"`, transaction mode) with
+/// the client's names for them instead; `None` when it names none.
+fn client_names(body: &[u8], names: &HashMap<String, String>) -> Option<BytesMut> {
+    const MARK: &[u8] = b"\"pgnear_";
+    body.windows(MARK.len()).any(|w| w == MARK).then_some(())?;
+    let mut fields = BytesMut::with_capacity(body.len());
+    let mut pos = 0;
+    while pos < body.len() && body[pos] != 0 {
+        let (value, used) = crate::protocol::cstr(&body[pos + 1..])?;
+        let mut value = value.to_string();
+        for (client, shared) in names {
+            value = value.replace(&format!("\"{shared}\""), &format!("\"{client}\""));
+        }
+        fields.extend_from_slice(&body[pos..=pos]);
+        fields.extend_from_slice(value.as_bytes());
+        fields.extend_from_slice(b"\0");
+        pos += 1 + used;
+    }
+    fields.extend_from_slice(b"\0");
+    Some(crate::protocol::build_frame(be::ERROR_RESPONSE, &[&fields]))
 }
 
 /// Writes a ParameterStatus for each of `server`'s values that `told` does not have yet.
@@ -481,7 +513,11 @@ impl Reader {
         cout: &mut BytesMut,
         seen: &mut Seen,
     ) -> Result<(), ScanError> {
-        let Reported { server, mut told } = reported;
+        let Reported {
+            server,
+            mut told,
+            names,
+        } = reported;
         let buf = &self.rbuf[..];
         let mut grow = 0;
         let mut pos = 0;
@@ -545,6 +581,7 @@ impl Reader {
             }
             tracing::trace!(role = role.name(), tag = %(tag as char), ?m, "frame");
             let mut forward = m.forward;
+            let mut renamed = None;
             if m.owner == Some(Owner::Tentative) {
                 forward = false;
                 if self.retrying {
@@ -656,6 +693,7 @@ impl Reader {
                     {
                         forward = false;
                     }
+                    renamed = names.and_then(|n| client_names(body, n));
                 }
                 be::NOTIFICATION if forward => {
                     seen.notifications.push(cout.len() + pos - run_start)
@@ -664,6 +702,11 @@ impl Reader {
                     seen.write_lsn = be::first_column(body).map(str::to_string);
                 }
                 _ => {}
+            }
+            if let Some(frame) = renamed.filter(|_| forward) {
+                cout.extend_from_slice(&buf[run_start..pos]);
+                cout.extend_from_slice(&frame);
+                run_start = pos + total;
             }
             if !forward {
                 cout.extend_from_slice(&buf[run_start..pos]);
@@ -701,6 +744,7 @@ mod tests {
             Reported {
                 server: &mut Vec::new(),
                 told: None,
+                names: None,
             },
             &mut cout,
             &mut Seen::default(),
@@ -770,6 +814,7 @@ mod tests {
         let reported = Reported {
             server: &mut server,
             told: Some(&mut told),
+            names: None,
         };
         reader
             .scan(

@@ -303,6 +303,18 @@ impl SessionState {
         })
     }
 
+    /// The protocol-level statements `p` deallocates by name (`DEALLOCATE name`, session mode:
+    /// in transaction mode the client's names are not the server's).
+    pub fn deallocated(p: &PendingState) -> Vec<String> {
+        p.effects
+            .iter()
+            .filter_map(|k| match k {
+                Kind::Deallocate { name: Some(n) } => Some(n.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// Records a state change the server accepted; returns the new sequence number (the server
     /// that ran it is synced to it).
     pub fn commit_change(&mut self, p: PendingState) -> u64 {
