@@ -1274,3 +1274,77 @@ fn flush_behind_an_extended_copy_after_a_lone_sync() {
         ]],
     );
 }
+
+/// A SET run by a Flush-driven exchange holds once its Sync succeeds: it follows the session
+/// to the other server (here a fast-path call on the primary after a SET on the replica).
+#[test]
+fn set_in_a_flush_exchange_follows_the_session() {
+    assert_as_direct(
+        "fz_flushset",
+        FIXED_LO + 200,
+        &[vec![
+            parse("s1", "SET TimeZone = 'Asia/Kolkata'"),
+            bind("", "s1", vec![]),
+            execute(""),
+            Msg::Flush,
+            Msg::Sync,
+            Msg::Call(Func::LoCreate, FIXED_LO + 200),
+            Msg::Sync,
+            Msg::Call(Func::LoUnlink, FIXED_LO + 200),
+            query("SELECT current_setting('TimeZone')"),
+        ]],
+    );
+}
+
+/// A BEGIN run by a Flush-driven exchange after a COPY: the transaction's next statement runs
+/// in it (found by the fuzzer: it ran outside, ReadyForQuery said idle).
+#[test]
+fn begin_in_a_flush_exchange_after_a_copy() {
+    assert_as_direct(
+        "fz_flushbegin",
+        FIXED_LO + 210,
+        &[vec![
+            query("COPY fz_flushbegin FROM STDIN"),
+            Msg::CopyDone,
+            Msg::Flush,
+            parse("s2", "BEGIN"),
+            bind("", "s2", vec![]),
+            execute(""),
+            Msg::Flush,
+            Msg::Sync,
+            query("SHOW transaction_isolation"),
+            query("ROLLBACK"),
+        ]],
+    );
+}
+
+/// A Query pipelined behind the CopyDone of an extended-protocol COPY: it ends the COPY's
+/// request (the server ignored the Sync behind the Execute), as a Sync would (a hang).
+#[test]
+fn query_behind_an_extended_copy() {
+    assert_as_direct(
+        "fz_copyquery",
+        FIXED_LO + 220,
+        &[
+            vec![
+                parse("s2", "COPY fz_copyquery FROM STDIN"),
+                bind("p1", "s2", vec![]),
+                execute("p1"),
+                Msg::Sync,
+                Msg::CopyData("40\tforty\n"),
+                Msg::CopyDone,
+                query("SELECT g FROM generate_series(1, 3) g"),
+            ],
+            vec![
+                parse("", "COPY fz_copyquery FROM STDIN"),
+                bind("", "", vec![]),
+                execute(""),
+                Msg::Sync,
+                Msg::CopyDone,
+                Msg::Call(Func::LoCreate, FIXED_LO + 220),
+                Msg::Call(Func::LoUnlink, FIXED_LO + 220),
+            ],
+            vec![query("SELECT count(*) FROM fz_copyquery")],
+        ],
+    );
+}

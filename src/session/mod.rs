@@ -67,6 +67,9 @@ pub struct Session {
     /// That exchange executed something (else it only prepared and described, and what follows
     /// may run elsewhere: see `dispatch_batch`).
     unsynced_executed: bool,
+    /// Session-state changes (SET, LISTEN, …) that exchange executed: recorded once the Sync
+    /// that ends it succeeds (an error before it rolls them back).
+    unsynced_changes: Vec<state::PendingState>,
     /// A `BEGIN` answered by pgnear and not yet sent (see `start_deferred`).
     deferred_begin: Option<bytes::Bytes>,
     /// `routing.write_mode`, or the session's `SET pgnear.write_mode`.
@@ -235,6 +238,7 @@ impl Session {
             deferred_begin: None,
             unsynced: None,
             unsynced_executed: false,
+            unsynced_changes: Vec::new(),
         };
         if let Some(server) = first {
             let role = server.role;
@@ -810,7 +814,9 @@ impl Session {
                 }
             }
         }
-        if idle {
+        // Only the server holding the transaction (or any, when none does) says whether it
+        // is still open: the other one going idle (pgnear's own Sync) says nothing of it.
+        if idle && self.open_tx.is_none_or(|r| r == role) {
             self.open_tx = (tx != b'I').then_some(role);
         }
         if let Some(lsn) = seen

@@ -219,8 +219,12 @@ impl Session {
         let starts_read_only_tx = c.statements.first().is_some_and(|s| {
             matches!(s.kind, Kind::Begin { read_only } if read_only || self.state.read_only_default)
         });
-        let (role, reason) = if let Some(role) = self.unsynced.take() {
+        let (role, reason) = if let Some(role) = self.copy_role() {
+            // What follows a COPY FROM STDIN belongs to the server running it.
+            (role, Reason::Transaction)
+        } else if let Some(role) = self.unsynced.take() {
             // A Query ends an exchange a Flush left open; it runs where that exchange is.
+            self.end_unsynced_changes();
             (role, Reason::Transaction)
         } else if self.open_tx.is_none() && is_state_only(&c) {
             // SET and RESET run where the session is; other servers get them replayed later.
@@ -313,11 +317,23 @@ impl Session {
         Ok(())
     }
 
+    /// The state changes of a Flush-driven exchange that a Query or FunctionCall ends (not a
+    /// Sync): whether they hold is not tracked, so the session stays on this server instead.
+    fn end_unsynced_changes(&mut self) {
+        if !self.unsynced_changes.is_empty() {
+            self.unsynced_changes.clear();
+            self.state.pins.extended_state = true;
+        }
+    }
+
     /// Routes and sends one FunctionCall (libpq's fast path: large objects). It may write, so it
     /// runs on the primary, or on the server holding the session's transaction.
     pub(super) async fn on_function_call(&mut self, frame: BytesMut) -> Result<(), PgError> {
         self.start_deferred(None).await?;
-        let (role, reason) = match self.open_tx.or(self.unsynced) {
+        if self.unsynced.is_some() {
+            self.end_unsynced_changes();
+        }
+        let (role, reason) = match self.copy_role().or(self.open_tx).or(self.unsynced) {
             Some(role) => (role, Reason::Transaction),
             None => (Role::Primary, Reason::Write),
         };
@@ -829,6 +845,16 @@ impl Session {
             statements: statements.clone(),
             unnamed: unnamed.clone(),
         });
+        // A Flush-driven exchange's changes wait for the Sync that ends it.
+        let mut changes = std::mem::take(&mut self.unsynced_changes);
+        changes.extend(plan.changes);
+        if plan.syncs == 0 {
+            self.unsynced_changes = std::mem::take(&mut changes);
+        }
+        let mut change = changes.into_iter().reduce(|mut all, c| {
+            all.extend(c);
+            all
+        });
         let server = self.server(role).await?;
         server.dirty |= plan.taints;
         for name in std::mem::take(&mut server.to_close) {
@@ -850,10 +876,6 @@ impl Session {
             shared_names.then_some(&plan.dups[..]),
             limit,
         );
-        let mut change = plan.changes.into_iter().reduce(|mut all, c| {
-            all.extend(c);
-            all
-        });
         // The first Sync after an extended-protocol COPY ends the request already in flight.
         let owed = usize::from(std::mem::take(&mut server.reader.owed_sync));
         let database = plan
@@ -1055,11 +1077,6 @@ impl Session {
         }
         self.batch = batch;
         plan.parsed_unnamed = parsed_unnamed;
-        if !plan.changes.is_empty() && plan.syncs == 0 {
-            // A Flush-driven exchange may still fail and roll its SET back: recording it at
-            // the Sync is not tracked, so the session stays on this server instead.
-            self.state.pins.extended_state = true;
-        }
         if !plan.executes && !self.state.pins.extended_state {
             // Preparing and describing any statement works on a standby and writes nothing: the
             // replica saves a round trip to a far primary, which re-prepares it when it runs.

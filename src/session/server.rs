@@ -310,7 +310,18 @@ impl Server {
             return;
         }
         self.expect.push(pending, owner);
-        self.requests.push_back(request);
+        match self.requests.back_mut().filter(|_| self.reader.owed_sync) {
+            // After an extended-protocol COPY the server is owed a Sync: this request's
+            // ReadyForQuery ends that request too, so the two are one.
+            Some(owed) => {
+                self.reader.owed_sync = false;
+                owed.change = request.change.or(owed.change.take());
+                owed.capture_after |= request.capture_after;
+                owed.capture_owed |= request.capture_owed;
+                owed.fences.extend(request.fences);
+            }
+            None => self.requests.push_back(request),
+        }
     }
 
     /// Queues frames of pgnear's own whose answers are swallowed (re-prepares, closes).
