@@ -944,6 +944,9 @@ async fn fuzz_target(
             break;
         }
         let batches = generate(seed, &table, scratch.lo);
+        if std::env::var_os("PGNEAR_FUZZ_SHOW").is_some() {
+            println!("SEED {seed}\n{}", show(&batches));
+        }
         if let Err(e) = scratch.reset().await {
             // A lock timeout: a server connection of pgnear's still holds a lock from the
             // previous sequence, whose client has gone.
@@ -1345,6 +1348,61 @@ fn query_behind_an_extended_copy() {
                 Msg::Call(Func::LoUnlink, FIXED_LO + 220),
             ],
             vec![query("SELECT count(*) FROM fz_copyquery")],
+        ],
+    );
+}
+
+/// A named statement parsed by a read that went to the replica, then parsed again (refused,
+/// 42P05) by a write: the first Parse is not refused.
+#[test]
+fn a_refused_reparse_after_a_replica_read() {
+    assert_as_direct(
+        "fz_reparse",
+        FIXED_LO + 230,
+        &[vec![
+            Msg::Sync,
+            parse("", "SELEC 1"),
+            Msg::Describe('S', ""),
+            bind("", "", vec![]),
+            Msg::Describe('P', ""),
+            execute(""),
+            Msg::Sync,
+            Msg::Flush,
+            parse(
+                "s2",
+                "SELECT $1::text AS t, current_setting('TimeZone') AS tz",
+            ),
+            Msg::Bind {
+                portal: "",
+                stmt: "s2",
+                params: vec![Some("abc")],
+                binary: true,
+            },
+            Msg::Describe('P', ""),
+            execute(""),
+            Msg::Sync,
+            parse("s2", "INSERT INTO fz_reparse VALUES ($1, 'ext')"),
+            bind("", "s2", vec![None]),
+            execute(""),
+            Msg::Sync,
+            query("SELECT 1"),
+        ]],
+    );
+}
+
+/// A Parse skipped after an error does not create its statement, also in transaction mode
+/// when the connection has that text prepared already (its Parse goes under a scratch name):
+/// parsing the name again then succeeds.
+#[test]
+fn a_skipped_parse_of_a_prepared_text_creates_nothing() {
+    assert_as_direct(
+        "fz_skipparse",
+        FIXED_LO + 240,
+        &[
+            vec![parse("s2", "SHOW TimeZone"), Msg::Sync],
+            vec![Msg::Close('S', "s2"), Msg::Sync],
+            vec![execute("p2"), parse("s2", "SHOW TimeZone"), Msg::Sync],
+            vec![parse("s2", "SELECT 1"), Msg::Sync],
         ],
     );
 }

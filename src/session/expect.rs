@@ -129,11 +129,12 @@ pub struct Expectations {
     /// one arrives (see `Server::send_query`).
     pub skipping: bool,
     /// Each Parse in the queue, in order: its statement name (`None`: the unnamed one), and
-    /// whether the server had a statement of that name when it was sent.
-    parses: VecDeque<(Option<String>, bool)>,
+    /// whether the server had a statement of that name when it was sent, and whether it was
+    /// sent under the scratch name (see `push_scratch_parse`).
+    parses: VecDeque<(Option<String>, bool, bool)>,
     /// Named statements new to the server whose Parse failed or was skipped: the server does
     /// not have them. (A failed Parse of a name the server had leaves that statement as it was.)
-    failed_parses: Vec<String>,
+    failed_parses: Vec<(String, bool)>,
     /// Whether the last unnamed Parse that was answered (or skipped) succeeded.
     unnamed_parsed: Option<bool>,
 }
@@ -143,29 +144,38 @@ impl Expectations {
     /// a statement of that name already.
     pub fn push_parse(&mut self, owner: Owner, name: &str, existed: bool) {
         self.parses
-            .push_back(((!name.is_empty()).then(|| name.to_string()), existed));
+            .push_back(((!name.is_empty()).then(|| name.to_string()), existed, false));
         self.push(Pending::Parse, owner);
+    }
+
+    /// Queues a client's Parse of shared statement `name` that the server has already, sent
+    /// under a scratch name (transaction mode): if it fails, the client does not have `name`,
+    /// though the server still does.
+    pub fn push_scratch_parse(&mut self, name: &str) {
+        self.parses.push_back((Some(name.to_string()), false, true));
+        self.push(Pending::Parse, Owner::Client);
     }
 
     /// The oldest Parse in the queue ended: with its ParseComplete (`ok`), or with an error or
     /// skipped after one.
     fn parse_ended(&mut self, ok: bool) {
         match self.parses.pop_front() {
-            Some((Some(name), false)) if !ok => self.failed_parses.push(name),
-            Some((None, _)) => self.unnamed_parsed = Some(ok),
+            Some((Some(name), false, scratch)) if !ok => self.failed_parses.push((name, scratch)),
+            Some((None, _, _)) => self.unnamed_parsed = Some(ok),
             _ => {}
         }
     }
 
-    /// Named statements the server turned out not to have (see `failed_parses`).
-    pub fn take_failed_parses(&mut self) -> Vec<String> {
+    /// Named statements the client's Parse did not create (see `failed_parses`); `true`: the
+    /// server has it all the same (a scratch Parse).
+    pub fn take_failed_parses(&mut self) -> Vec<(String, bool)> {
         std::mem::take(&mut self.failed_parses)
     }
 
     /// Whether the server is now without an unnamed statement because the last unnamed Parse
     /// sent failed (or was skipped): none is still waiting for its answer.
     pub fn take_unnamed_failed(&mut self) -> bool {
-        let pending = self.parses.iter().any(|(name, _)| name.is_none());
+        let pending = self.parses.iter().any(|(name, _, _)| name.is_none());
         !pending && self.unnamed_parsed.take() == Some(false)
     }
 

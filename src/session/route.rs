@@ -303,6 +303,8 @@ impl Session {
         let server = self.server(role).await?;
         server.dirty |= taints;
         if prepare_missing(server, statements, usize::MAX) {
+            // The session's own statement names: no later session may find them.
+            server.dirty = true;
             server.send_internal_frame(tag::SYNC, &build_frame(tag::SYNC, &[]));
         }
         server.send_query(&frame, request);
@@ -691,7 +693,7 @@ impl Session {
                     statements,
                     unnamed,
                 } => {
-                    prepare_missing(primary, statements, limit);
+                    primary.dirty |= prepare_missing(primary, statements, limit) && !shared_names;
                     if let Some(parse) = &unnamed {
                         primary.send_internal_frame(tag::PARSE, parse);
                     }
@@ -860,7 +862,8 @@ impl Session {
         for name in std::mem::take(&mut server.to_close) {
             server.send_internal_frame(tag::CLOSE, &close_frame(&name));
         }
-        prepare_missing(server, statements, limit);
+        // Session mode: the session's own statement names, which no later session may find.
+        server.dirty |= prepare_missing(server, statements, limit) && !shared_names;
         // A simple query of pgnear's own since (a commit-position lookup, a state replay)
         // dropped the server's unnamed statement: it is parsed again.
         let unnamed = unnamed.filter(|_| !unnamed_here || server.unnamed_dropped);
@@ -1560,7 +1563,7 @@ fn send_batch(server: &mut Server, batch: &[u8], dups: Option<&[usize]>, limit: 
             if dups.is_some() && !name.is_empty() && server.has_statement(name) {
                 // Another session prepared it here already: the client still gets its
                 // ParseComplete (or its error), from a scratch statement dropped at once.
-                server.send_client_frame(t, &renamed_parse(frame, SCRATCH_STATEMENT));
+                server.send_scratch_parse(&renamed_parse(frame, SCRATCH_STATEMENT), name);
                 server.send_internal_frame(tag::CLOSE, &close_frame(SCRATCH_STATEMENT));
                 continue;
             }

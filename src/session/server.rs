@@ -265,6 +265,13 @@ impl Server {
     }
 
     /// Queues a whole client frame and what it will be answered with.
+    /// Queues a client's Parse of shared statement `name`, which this connection has, under the
+    /// scratch name `parse` carries (see `Expectations::push_scratch_parse`).
+    pub fn send_scratch_parse(&mut self, parse: &[u8], name: &str) {
+        self.out.extend_from_slice(parse);
+        self.expect.push_scratch_parse(name);
+    }
+
     pub fn send_client_frame(&mut self, tag: u8, frame: &[u8]) {
         self.out.extend_from_slice(frame);
         self.expect_answer(tag, frame, Owner::Client);
@@ -412,8 +419,10 @@ impl Server {
             seen,
         );
         // What the server turned out not to have prepared (a Parse failed or was skipped).
-        for name in self.expect.take_failed_parses() {
-            self.conn.carry.prepared.remove(&name);
+        for (name, kept) in self.expect.take_failed_parses() {
+            if !kept {
+                self.conn.carry.prepared.remove(&name);
+            }
             seen.failed_parses.push(name);
         }
         seen.unnamed_failed |= self.expect.take_unnamed_failed();
