@@ -1406,3 +1406,47 @@ fn a_skipped_parse_of_a_prepared_text_creates_nothing() {
         ],
     );
 }
+
+/// A write sent into an exchange a Flush left open after a read on the replica: it runs on the
+/// primary, as Postgres runs both in one implicit transaction (it failed with 25006), whether it
+/// is an extended-protocol write, a fast-path call or a simple query.
+#[test]
+fn a_write_into_an_open_exchange_after_a_replica_read() {
+    assert_as_direct(
+        "fz_openex",
+        FIXED_LO + 250,
+        &[
+            vec![
+                parse("", "SELECT count(*) FROM fz_openex"),
+                bind("", "", vec![]),
+                execute(""),
+                Msg::Flush,
+            ],
+            vec![
+                parse("", "INSERT INTO fz_openex VALUES (50, 'fifty')"),
+                bind("", "", vec![]),
+                execute(""),
+                Msg::Sync,
+            ],
+            vec![
+                parse("s1", "SELECT 1"),
+                bind("", "s1", vec![]),
+                execute(""),
+                Msg::Flush,
+            ],
+            vec![Msg::Call(Func::LoCreate, FIXED_LO + 250), Msg::Sync],
+            vec![
+                parse("", "SELECT 2"),
+                bind("", "", vec![]),
+                execute(""),
+                Msg::Flush,
+            ],
+            vec![
+                query("INSERT INTO fz_openex VALUES (51, 'fifty-one')"),
+                Msg::Call(Func::LoUnlink, FIXED_LO + 250),
+                Msg::Sync,
+            ],
+            vec![query("SELECT count(*) FROM fz_openex")],
+        ],
+    );
+}

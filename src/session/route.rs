@@ -211,6 +211,9 @@ impl Session {
             };
             self.start_deferred(sets).await?;
         }
+        if !c.is_read() && self.copy_role().is_none() {
+            self.end_replica_exchange(false).await?;
+        }
         let restore = self.state.restore_after(&c);
         let change = self.state.prepare_change(sql, &c);
         if let Some(change) = &change {
@@ -332,6 +335,9 @@ impl Session {
     /// runs on the primary, or on the server holding the session's transaction.
     pub(super) async fn on_function_call(&mut self, frame: BytesMut) -> Result<(), PgError> {
         self.start_deferred(None).await?;
+        if self.copy_role().is_none() {
+            self.end_replica_exchange(false).await?;
+        }
         if self.unsynced.is_some() {
             self.end_unsynced_changes();
         }
@@ -727,6 +733,9 @@ impl Session {
         if plan.pgnear && !plan.other && !plan.sticky {
             return self.answer_pgnear_batch().await;
         }
+        if plan.executes && !plan.read && self.copy_role().is_none() {
+            self.end_replica_exchange(plan.sticky).await?;
+        }
         // An exchange a Flush left open after only Parse/Describe (asyncpg prepares every
         // statement that way) holds nothing the next statement depends on: when that statement
         // runs, it is routed on its own, and the server that prepared is sent a Sync.
@@ -952,6 +961,27 @@ impl Session {
                 || plan.taints
                 || plan.copy
                 || self.state.pins.extended_state)
+    }
+
+    /// A write comes into an exchange a Flush left open on the replica, which ran reads there:
+    /// unless the write runs a portal of that exchange, the exchange ends on the replica (its
+    /// reads' answers are in; a standby changed nothing) and the write is routed on its own,
+    /// as Postgres runs both in one implicit transaction. Not after an error there (the server
+    /// skips what follows up to the Sync), nor with state changes waiting for the Sync.
+    async fn end_replica_exchange(&mut self, sticky: bool) -> Result<(), PgError> {
+        if self.unsynced != Some(Role::Replica)
+            || !self.unsynced_executed
+            || sticky
+            || self.open_tx.is_some()
+            || !self.unsynced_changes.is_empty()
+            || !self.prepared_fine().await?
+        {
+            return Ok(());
+        }
+        self.sync_prepared_only(Role::Replica);
+        self.unsynced = None;
+        self.unsynced_executed = false;
+        Ok(())
     }
 
     /// Whether the prepare-only exchange a Flush left open succeeded, once its answers are in:
