@@ -3,7 +3,8 @@
 #   - Python: psycopg 3, asyncpg and pytest (tests/drivers/requirements.txt) in a venv, and
 #     asyncpg's and SQLAlchemy's own test suites from their PyPI sdists (tests/suites.rs),
 #   - Node.js: pg and pg-copy-streams (tests/drivers/package.json),
-#   - Java: a headless JDK and pgjdbc (Debian's default-jdk-headless, libpostgresql-jdbc-java).
+#   - Java: a headless JDK and pgjdbc (Debian's default-jdk-headless, libpostgresql-jdbc-java),
+#   - the partition and chaos tests' hosts (tests/common/netns.rs): iproute2 and iptables.
 # Idempotent, and quick when everything is there: each step checks first. Everything but the
 # Debian packages goes to tests/drivers/.deps (git-ignored). Prints how long each install took.
 set -euo pipefail
@@ -20,6 +21,10 @@ command -v javac >/dev/null || need_apt+=(default-jdk-headless)
 [ -f /usr/share/java/postgresql.jar ] || need_apt+=(libpostgresql-jdbc-java)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3 python3-venv)
 command -v npm >/dev/null || need_apt+=(nodejs npm)
+# `ip` and `iptables` live in sbin, which a non-login PATH may lack.
+export PATH="$PATH:/usr/sbin:/sbin"
+command -v ip >/dev/null || need_apt+=(iproute2)
+command -v iptables >/dev/null || need_apt+=(iptables)
 if ((${#need_apt[@]})); then
     t=$(now)
     export DEBIAN_FRONTEND=noninteractive

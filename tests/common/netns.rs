@@ -47,6 +47,15 @@ impl TestHost {
     /// Creates the namespace, the veth pair and the addresses. Panics, saying why, when the
     /// machine cannot (no `ip`, not root, no namespaces in this kernel or container).
     pub fn create() -> TestHost {
+        // Installed on first use, by the script .ci/run runs (as for the driver suites).
+        super::require(
+            || {
+                ["/usr/sbin/iptables", "/sbin/iptables", "/usr/bin/iptables"]
+                    .iter()
+                    .any(|p| std::path::Path::new(p).exists())
+            },
+            "iptables",
+        );
         remove_stale();
         let (tag, third, fourth) = loop {
             let r: u32 = rand::random();
