@@ -8,7 +8,8 @@
 //! and the replica region, session and transaction pool mode; each has its own scratch table.
 //!
 //! Default: 200 sequences per target. `PGNEAR_FUZZ_SECONDS=N` runs each target for N seconds
-//! instead; `PGNEAR_FUZZ_SEED=S` starts at sequence seed S (a divergence prints its seed).
+//! instead; `PGNEAR_FUZZ_SEED=S` starts at sequence seed S (a divergence prints its seed);
+//! `PGNEAR_FUZZ_SHOW=1` prints every sequence (a divergence may depend on the ones before it).
 //! `scripts/protocol-fuzz.sh [SECONDS]` runs all four targets at once (they are `#[ignore]`d while
 //! known pgnear bugs make them fail; `PGNEAR_FUZZ_KNOWN_BUGS=1` also generates the sequences that
 //! the generator avoids because of them).
@@ -1448,5 +1449,26 @@ fn a_write_into_an_open_exchange_after_a_replica_read() {
             ],
             vec![query("SELECT count(*) FROM fz_openex")],
         ],
+    );
+}
+
+/// An unnamed Parse that fails, then, pipelined behind its Sync, an Execute of the unnamed
+/// portal and a Bind of the unnamed statement: the server has neither (34000, then skipped),
+/// and pgnear must not parse the failed statement again for the Bind.
+#[test]
+fn bind_of_an_unnamed_statement_that_failed_in_the_same_pipeline() {
+    assert_as_direct(
+        "fz_unnamedfail",
+        FIXED_LO + 260,
+        &[vec![
+            parse("", "SELEC 1"),
+            bind("p1", "", vec![]),
+            execute("p1"),
+            Msg::Sync,
+            execute(""),
+            bind("p1", "", vec![]),
+            Msg::Sync,
+            query("SELECT 1"),
+        ]],
     );
 }

@@ -172,11 +172,15 @@ impl Expectations {
         std::mem::take(&mut self.failed_parses)
     }
 
+    /// An unnamed Parse sent is still waiting for its answer.
+    pub fn unnamed_pending(&self) -> bool {
+        self.parses.iter().any(|(name, _, _)| name.is_none())
+    }
+
     /// Whether the server is now without an unnamed statement because the last unnamed Parse
     /// sent failed (or was skipped): none is still waiting for its answer.
     pub fn take_unnamed_failed(&mut self) -> bool {
-        let pending = self.parses.iter().any(|(name, _, _)| name.is_none());
-        !pending && self.unnamed_parsed.take() == Some(false)
+        !self.unnamed_pending() && self.unnamed_parsed.take() == Some(false)
     }
 
     pub fn push(&mut self, p: Pending, owner: Owner) {

@@ -842,6 +842,20 @@ impl Session {
             && !self.state.pins.extended_state
             && self.captures_lsn();
         let batch = std::mem::take(&mut self.batch);
+        if plan.needs_unnamed
+            && !plan.parsed_unnamed
+            && self.unnamed_role == Some(role)
+            && self.copy_role().is_none()
+            && self
+                .slot_ref(role)
+                .is_some_and(|s| s.unnamed_dropped && s.expect.unnamed_pending())
+        {
+            // The unnamed statement is to be parsed again (pgnear's own query dropped it), but
+            // whether its Parse succeeded is in an answer still to come: a failed one must not
+            // be parsed again (Postgres would not have it). Pipelines rarely get here.
+            self.drain(role).await?;
+        }
+        // (After the drain: in transaction mode it may have given the connection back.)
         let unnamed_here = self.unnamed_role == Some(role);
         let unnamed = self.state.unnamed.clone().filter(|_| plan.needs_unnamed);
         let statements: Vec<(String, Bytes)> = plan
