@@ -223,7 +223,11 @@ impl Session {
             matches!(s.kind, Kind::Begin { read_only } if read_only || self.state.read_only_default)
         });
         let (role, reason) = if let Some(role) = self.copy_role() {
-            // What follows a COPY FROM STDIN belongs to the server running it.
+            // What follows a COPY FROM STDIN belongs to the server running it; a Query also
+            // ends an exchange a Flush left open there.
+            if self.unsynced.take().is_some() {
+                self.end_unsynced_changes();
+            }
             (role, Reason::Transaction)
         } else if let Some(role) = self.unsynced.take() {
             // A Query ends an exchange a Flush left open; it runs where that exchange is.

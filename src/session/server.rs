@@ -264,7 +264,6 @@ impl Server {
         self.conn.carry.tick
     }
 
-    /// Queues a whole client frame and what it will be answered with.
     /// Queues a client's Parse of shared statement `name`, which this connection has, under the
     /// scratch name `parse` carries (see `Expectations::push_scratch_parse`).
     pub fn send_scratch_parse(&mut self, parse: &[u8], name: &str) {
@@ -272,6 +271,7 @@ impl Server {
         self.expect.push_scratch_parse(name);
     }
 
+    /// Queues a whole client frame and what it will be answered with.
     pub fn send_client_frame(&mut self, tag: u8, frame: &[u8]) {
         self.out.extend_from_slice(frame);
         self.expect_answer(tag, frame, Owner::Client);
@@ -322,7 +322,13 @@ impl Server {
             // ReadyForQuery ends that request too, so the two are one.
             Some(owed) => {
                 self.reader.owed_sync = false;
-                owed.change = request.change.or(owed.change.take());
+                owed.change = match (owed.change.take(), request.change) {
+                    (Some(mut first), Some(then)) => {
+                        first.extend(then);
+                        Some(first)
+                    }
+                    (first, then) => first.or(then),
+                };
                 owed.capture_after |= request.capture_after;
                 owed.capture_owed |= request.capture_owed;
                 owed.fences.extend(request.fences);
