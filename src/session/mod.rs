@@ -608,8 +608,8 @@ impl Session {
         Ok(())
     }
 
-    /// The client deallocated `names` on `role` with SQL: the session forgets them, and the
-    /// other server's copies are closed before its next batch.
+    /// The client closed `names` on `role` (a Close, or SQL `DEALLOCATE`): the session forgets
+    /// them, and the other server's copies are closed before its next batch.
     fn forget_statements(&mut self, role: Role, names: &[String]) {
         for name in names {
             self.state.statements.remove(name);

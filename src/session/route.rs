@@ -932,23 +932,7 @@ impl Session {
         if capture_lsn && !plan.copy {
             server.send_internal_query(WRITE_LSN_QUERY, expect::Purpose::WriteLsn);
         }
-        for name in &plan.closed {
-            server.remove_statement(name);
-        }
-        let other = match role {
-            Role::Primary => self.replica.as_mut(),
-            Role::Replica => self.primary.as_mut(),
-        };
-        if let Some(other) = other {
-            for name in &plan.closed {
-                if other.remove_statement(name) {
-                    other.to_close.push(name.clone());
-                }
-            }
-        }
-        for name in &plan.closed {
-            self.state.statements.remove(name);
-        }
+        self.forget_statements(role, &plan.closed);
         if plan.parsed_unnamed || unnamed.is_some() {
             self.unnamed_role = Some(role);
         }
