@@ -8,7 +8,7 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use pgnear::config::ConsistencyMode;
 use pgnear::consistency::gate;
 use pgnear::consistency::watcher::ReplicaState;
-use pgnear::consistency::Lsn;
+use pgnear::lsn::Lsn;
 use pgnear::protocol::backend::header;
 use pgnear::router::cache::ClassifyCache;
 use pgnear::router::classify::classify;

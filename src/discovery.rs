@@ -27,10 +27,10 @@ use hickory_resolver::net::NetError;
 use hickory_resolver::proto::op::Query;
 use hickory_resolver::proto::rr::{Name, RecordType};
 use hickory_resolver::{Hosts, Resolver, TokioResolver};
-use tokio::sync::watch;
 
-use crate::admin::metrics::Metrics;
-use crate::backend::conn::Role;
+use crate::metrics::Metrics;
+use crate::role::Role;
+use crate::shutdown::Shutdown;
 
 /// The shortest time an answer is used before it is looked up again, and the least time between
 /// two lookups of one host (after a failed connect or a failed lookup): a TTL of 0 must not turn
@@ -238,7 +238,7 @@ impl Discovery {
         nameservers: &Nameservers,
         lookup_timeout: Duration,
         metrics: Arc<Metrics>,
-        shutdown: watch::Receiver<bool>,
+        shutdown: Shutdown,
     ) -> Result<Arc<Discovery>, NetError> {
         let now = Instant::now();
         let mut state = State::new(now);
@@ -314,12 +314,12 @@ impl Discovery {
     }
 
     /// The side task: looks the host up whenever the answer's TTL runs out.
-    async fn refresh(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+    async fn refresh(self: Arc<Self>, mut shutdown: Shutdown) {
         loop {
             let at = lock(&self.state).next_refresh();
             tokio::select! {
                 _ = tokio::time::sleep_until(at.into()) => {}
-                _ = crate::session::stopped(&mut shutdown) => return,
+                _ = shutdown.stopped() => return,
             }
             let _flight = self.flight.lock().await;
             // A connect may have looked up while this waited for the flight.
@@ -595,7 +595,7 @@ mod tests {
 
     #[tokio::test]
     async fn ip_literals_and_hosts_file_names_need_no_dns() {
-        let (_stop, shutdown) = watch::channel(false);
+        let (_stop, shutdown) = crate::shutdown::channel();
         let metrics = Arc::new(Metrics::default());
         // A nameserver nothing answers on: any DNS query would time out.
         let nowhere = Nameservers::Configured("127.0.0.1:9".parse().unwrap());

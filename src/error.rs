@@ -24,6 +24,32 @@ pub enum ErrorKind {
 }
 
 impl ErrorKind {
+    /// Every kind, in the order of `index`.
+    pub const ALL: [ErrorKind; 8] = [
+        ErrorKind::Protocol,
+        ErrorKind::Auth,
+        ErrorKind::Upstream,
+        ErrorKind::Capacity,
+        ErrorKind::Replay,
+        ErrorKind::Consistency,
+        ErrorKind::Shutdown,
+        ErrorKind::Internal,
+    ];
+
+    /// A dense index, for tables with one entry per kind.
+    pub fn index(self) -> usize {
+        match self {
+            ErrorKind::Protocol => 0,
+            ErrorKind::Auth => 1,
+            ErrorKind::Upstream => 2,
+            ErrorKind::Capacity => 3,
+            ErrorKind::Replay => 4,
+            ErrorKind::Consistency => 5,
+            ErrorKind::Shutdown => 6,
+            ErrorKind::Internal => 7,
+        }
+    }
+
     pub fn sqlstate(self) -> &'static str {
         match self {
             ErrorKind::Protocol => "08P01",

@@ -18,8 +18,8 @@ use crate::protocol::frontend::{read_startup_packet, StartupPacket};
 use crate::protocol::write;
 use crate::session::startup::{forward_cancel, handshake, Handshake};
 use crate::session::Session;
+use crate::session::Shared;
 use crate::tls::Stream;
-use crate::Shared;
 
 static SESSION_IDS: AtomicU64 = AtomicU64::new(1);
 
@@ -59,7 +59,7 @@ pub async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
                 }.instrument(span));
             }
             Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
-            _ = crate::session::stopped(&mut shutdown) => break,
+            _ = shutdown.stopped() => break,
         }
     }
     drop(listener);
@@ -89,7 +89,7 @@ async fn over_limit(shared: Arc<Shared>, tcp: TcpStream) {
 
 async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
     let metrics = shared.metrics.clone();
-    let _counted = crate::admin::metrics::ClientGuard::new(&metrics);
+    let _counted = crate::metrics::ClientGuard::new(&metrics);
     let mut slot = Some(Stream::Plain(tcp));
     let timeout = shared.config.proxy.startup_timeout.0;
     // Startup and the session's first steps are boxed: they run once, and unboxed their

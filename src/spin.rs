@@ -11,7 +11,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{watch, Notify};
+use crate::shutdown::Shutdown;
+use tokio::sync::Notify;
 
 pub struct Spinner {
     epoch: Instant,
@@ -51,11 +52,11 @@ impl Spinner {
 
     /// The spinner task: sleeps until poked, then yields until the window has passed without
     /// activity. Ends when pgnear stops.
-    pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+    pub async fn run(self: Arc<Self>, mut shutdown: Shutdown) {
         loop {
             tokio::select! {
                 _ = self.wake.notified() => {}
-                _ = crate::session::stopped(&mut shutdown) => return,
+                _ = shutdown.stopped() => return,
             }
             self.spinning.store(true, Ordering::Relaxed);
             while self.now().saturating_sub(self.last.load(Ordering::Relaxed)) < self.window {
@@ -85,7 +86,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn spins_after_activity_and_stops_when_idle() {
         let spinner = Arc::new(Spinner::new(Duration::from_millis(2)));
-        let (stop, rx) = watch::channel(false);
+        let (stop, rx) = crate::shutdown::channel();
         let task = tokio::spawn(spinner.clone().run(rx));
         let spinning = || spinner.spinning.load(Ordering::Relaxed);
         for _ in 0..2 {
@@ -98,7 +99,7 @@ mod tests {
             .await;
             until("it stops once idle", || !spinning()).await;
         }
-        stop.send(true).unwrap();
+        stop.stop();
         task.await.unwrap();
     }
 

@@ -11,16 +11,6 @@ use pgnear::config::{ConsistencyMode, HumanDuration, OnTimeout, PoolMode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_postgres::Client;
 
-async fn replica_admin() -> Client {
-    let c = cluster();
-    let addr = c.replica(REPLICA).unwrap().node.addr();
-    connect(&format!(
-        "postgres://postgres:{}@{addr}/postgres?sslmode=disable",
-        c.superuser_password()
-    ))
-    .await
-}
-
 async fn setup_table(name: &str) {
     on_primary(&format!(
         "DROP TABLE IF EXISTS {name}; CREATE TABLE {name} (id int PRIMARY KEY, v int)"
@@ -271,8 +261,7 @@ fn write_lsn_is_reported_as_parameter_status() {
         .expect("ParameterStatus pgnear.write_lsn");
         let at = buf.windows(needle.len()).position(|w| w == needle).unwrap() + needle.len();
         let end = at + buf[at..].iter().position(|&b| b == 0).unwrap();
-        let lsn: pgnear::consistency::Lsn =
-            std::str::from_utf8(&buf[at..end]).unwrap().parse().unwrap();
+        let lsn: pgnear::lsn::Lsn = std::str::from_utf8(&buf[at..end]).unwrap().parse().unwrap();
         assert!(lsn.0 > 0);
         p.shutdown().await;
     });

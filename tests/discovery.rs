@@ -15,11 +15,11 @@ use common::*;
 use hickory_resolver::proto::op::{Message, ResponseCode};
 use hickory_resolver::proto::rr::rdata::{A, AAAA};
 use hickory_resolver::proto::rr::{RData, Record, RecordType};
-use pgnear::admin::metrics::Metrics;
-use pgnear::backend::conn::Role;
 use pgnear::config::HumanDuration;
 use pgnear::discovery::{Discovery, Nameservers};
 use pgnear::lab::relay::Relay;
+use pgnear::metrics::Metrics;
+use pgnear::role::Role;
 use pgnear::upstream_url::UpstreamUrl;
 use tokio::net::UdpSocket;
 use tokio_postgres::NoTls;
@@ -318,7 +318,7 @@ fn a_failing_dns_leaves_the_last_good_answer_in_use() {
         let dns = Dns::start().await;
         dns.set(HOST, &["127.0.0.2"]);
         let metrics = Arc::new(Metrics::default());
-        let (_stop, shutdown) = tokio::sync::watch::channel(false);
+        let (_stop, shutdown) = pgnear::shutdown::channel();
         let d = Discovery::start(
             Role::Replica,
             HOST,

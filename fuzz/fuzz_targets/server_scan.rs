@@ -9,7 +9,7 @@ use std::collections::VecDeque;
 
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
-use pgnear::backend::conn::Role;
+use pgnear::role::Role;
 use pgnear::protocol::backend::{error_fields, first_column, header, parameter_status};
 use pgnear::protocol::{cstr, frames};
 use pgnear::session::expect::{Expectations, Owner, Pending, Purpose};

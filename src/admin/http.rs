@@ -8,8 +8,8 @@ use http_body_util::Full;
 use hyper::{Method, Request, Response, StatusCode};
 use tokio::net::TcpListener;
 
-use crate::backend::conn::Role;
-use crate::Shared;
+use crate::role::Role;
+use crate::session::Shared;
 
 /// Serves admin requests until shutdown.
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
@@ -36,7 +36,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
                     let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await;
                 });
             }
-            _ = crate::session::stopped(&mut shutdown) => return,
+            _ = shutdown.stopped() => return,
         }
     }
 }
@@ -61,7 +61,7 @@ fn handle(shared: &Shared, method: &Method, path: &str) -> Response<Full<Bytes>>
         "/metrics" => {
             for role in [Role::Primary, Role::Replica] {
                 if role == Role::Primary || shared.replica_pool.is_some() {
-                    shared.metrics.pool_roles(role, &shared.pool(role).roles());
+                    shared.metrics.pool(role).roles(&shared.pool(role).roles());
                 }
             }
             respond(
@@ -135,11 +135,7 @@ fn roles(shared: &Shared) -> serde_json::Value {
 
 fn status(shared: &Shared) -> serde_json::Value {
     let c = &shared.config;
-    let role = match (c.regions.current.as_str(), c.regions.primary.as_str()) {
-        ("", _) => "single-region",
-        (a, b) if a == b => "primary-region",
-        _ => "replica-region",
-    };
+    let role = shared.region.label();
     let primary = shared.probe.current();
     let mut upstreams = vec![serde_json::json!({
         "role": "primary",

@@ -1,4 +1,3 @@
-//! Operators' view: the metrics registry and the admin HTTP endpoints.
+//! Operators' view: the admin HTTP endpoints (health, status, metrics).
 
 pub mod http;
-pub mod metrics;

@@ -17,52 +17,11 @@ use tokio::io::AsyncWriteExt;
 use self::scram::ScramSecret;
 use self::verifiers::{Verifier, Verifiers};
 use crate::backend::conn::Upstream;
+use crate::backend::login::{hex, md5_answer, Login, Secret};
 use crate::config::{AuthMethod, AuthUsers, Config};
 use crate::error::{ErrorKind, PgError};
 use crate::protocol::{cstr, tag, write};
 use crate::tls::Stream;
-
-/// How pgnear logs in upstream as a role.
-pub struct Login {
-    pub user: String,
-    pub secret: Secret,
-    /// The URL's role: each upstream logs in with its own URL's credentials instead.
-    pub url: bool,
-}
-
-impl Login {
-    /// The login of an upstream URL's role.
-    pub fn of_url(url: &crate::upstream_url::UpstreamUrl) -> Login {
-        Login {
-            user: url.user.clone(),
-            secret: url.password.clone().map_or(Secret::None, Secret::Password),
-            url: true,
-        }
-    }
-}
-
-/// What proves a role to the servers.
-pub enum Secret {
-    /// Nothing: the servers must trust the role.
-    None,
-    /// The URL's password.
-    Password(String),
-    /// The keys of the role's SCRAM verifier: ClientKey (from the client's proof) proves the
-    /// role, ServerKey checks the server.
-    Scram {
-        client_key: Vec<u8>,
-        server_key: Vec<u8>,
-    },
-    /// The role's md5 verifier (`md5` + hex), which is all an md5 exchange needs.
-    Md5(String),
-}
-
-impl std::fmt::Debug for Login {
-    /// The role only: never a secret in a log.
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Login({})", self.user)
-    }
-}
 
 /// Client authentication as configured.
 pub struct Auth {
@@ -243,19 +202,6 @@ fn md5_verifier(user: &str, password: &str) -> String {
     format!("md5{}", hex(&h.finalize()))
 }
 
-/// The answer to an md5 challenge with `salt`, from the role's md5 verifier.
-pub fn md5_answer(verifier: &str, salt: [u8; 4]) -> String {
-    use md5::Digest;
-    let mut h = md5::Md5::new();
-    h.update(verifier.strip_prefix("md5").unwrap_or(verifier).as_bytes());
-    h.update(salt);
-    format!("md5{}", hex(&h.finalize()))
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// Challenges the client with a fresh salt and checks its answer against an md5 verifier.
 async fn md5_exchange(
     stream: &mut Stream,
@@ -319,12 +265,14 @@ pub(super) async fn read_password_frame(
 
 #[cfg(test)]
 mod tests {
+    use crate::backend::login::md5_answer;
+
     #[test]
     fn md5_answers_match_postgres_protocol() {
         let salt = [1, 2, 3, 4];
         let verifier = super::md5_verifier("bob", "secret");
         assert_eq!(
-            super::md5_answer(&verifier, salt),
+            md5_answer(&verifier, salt),
             postgres_protocol::authentication::md5_hash(b"bob", b"secret", salt)
         );
     }

@@ -5,12 +5,13 @@
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use bytes::{Buf, BytesMut};
-use hmac::{Hmac, Mac};
+
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use super::{failed, read_password_frame, send};
+use crate::backend::login::{fresh_nonce, hmac, xor};
 use crate::error::PgError;
 use crate::protocol::{cstr, write};
 use crate::tls::Stream;
@@ -63,23 +64,6 @@ impl ScramSecret {
             server_key: vec![0u8; 32],
         }
     }
-}
-
-pub fn hmac(key: &[u8], data: &[u8]) -> Vec<u8> {
-    let mut m = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes any key length");
-    m.update(data);
-    m.finalize().into_bytes().to_vec()
-}
-
-/// 18 random bytes, base64: a nonce's own part.
-fn fresh_nonce() -> String {
-    let mut raw = [0u8; 18];
-    rand::rng().fill_bytes(&mut raw);
-    B64.encode(raw)
-}
-
-fn xor(a: &[u8], b: &[u8]) -> Vec<u8> {
-    a.iter().zip(b).map(|(x, y)| x ^ y).collect()
 }
 
 /// Runs the server side of the exchange for `user` against `secret`. On success the
@@ -139,70 +123,6 @@ pub async fn serve(
         format!("v={}", B64.encode(server_signature)).as_bytes(),
     );
     Ok(client_key)
-}
-
-/// The client side of an exchange with the keys of a verifier: ClientKey proves the role,
-/// ServerKey checks the server. (With a cleartext password, postgres-protocol's `ScramSha256`
-/// is used instead.)
-pub struct KeyClient {
-    client_key: Vec<u8>,
-    server_key: Vec<u8>,
-    nonce: String,
-    /// The client-first-message-bare.
-    bare: String,
-    /// The AuthMessage, once the server answered.
-    auth_message: String,
-}
-
-impl KeyClient {
-    pub fn new(client_key: &[u8], server_key: &[u8]) -> KeyClient {
-        let nonce = fresh_nonce();
-        KeyClient {
-            client_key: client_key.to_vec(),
-            server_key: server_key.to_vec(),
-            bare: format!("n=,r={nonce}"),
-            auth_message: String::new(),
-            nonce,
-        }
-    }
-
-    /// The client-first-message.
-    pub fn first(&self) -> String {
-        format!("n,,{}", self.bare)
-    }
-
-    /// Answers the server-first-message with the client-final-message.
-    pub fn answer(&mut self, server_first: &[u8]) -> Result<String, String> {
-        let server_first = std::str::from_utf8(server_first).map_err(|_| "not UTF-8")?;
-        let nonce = server_first
-            .split(',')
-            .find_map(|a| a.strip_prefix("r="))
-            .ok_or("no nonce")?;
-        if !nonce.starts_with(&self.nonce) || nonce.len() == self.nonce.len() {
-            return Err("the server's nonce does not extend pgnear's".into());
-        }
-        let without_proof = format!("c=biws,r={nonce}");
-        self.auth_message = format!("{},{server_first},{without_proof}", self.bare);
-        let stored_key = Sha256::digest(&self.client_key);
-        let signature = hmac(&stored_key, self.auth_message.as_bytes());
-        let proof = xor(&self.client_key, &signature);
-        Ok(format!("{without_proof},p={}", B64.encode(proof)))
-    }
-
-    /// Checks the server-final-message's signature.
-    pub fn finish(&self, server_final: &[u8]) -> Result<(), String> {
-        let text = std::str::from_utf8(server_final).map_err(|_| "not UTF-8")?;
-        let given = text
-            .strip_prefix("v=")
-            .and_then(|v| B64.decode(v).ok())
-            .ok_or("no server signature")?;
-        let expected = hmac(&self.server_key, self.auth_message.as_bytes());
-        if bool::from(given.ct_eq(&expected)) {
-            Ok(())
-        } else {
-            Err("the server's signature does not match the role's verifier".into())
-        }
-    }
 }
 
 fn malformed() -> PgError {
@@ -294,6 +214,7 @@ pub fn parse_client_final(body: &[u8]) -> Result<ClientFinal<'_>, PgError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::login::KeyClient;
 
     fn initial(message: &str) -> Vec<u8> {
         let mut body = b"SCRAM-SHA-256\0".to_vec();

@@ -12,29 +12,14 @@ use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::auth::scram::KeyClient;
-use crate::auth::{Login, Secret};
+use super::login::KeyClient;
+use super::login::{Login, Secret};
 use crate::discovery::Discovery;
 use crate::error::{ErrorKind, PgError};
 use crate::protocol::backend::{self as be, error_fields};
+use crate::role::Role;
 use crate::tls::Stream;
 use crate::upstream_url::{SslMode, UpstreamUrl};
-
-/// Which upstream a connection goes to (used in messages and metric labels).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Role {
-    Primary,
-    Replica,
-}
-
-impl Role {
-    pub fn name(self) -> &'static str {
-        match self {
-            Role::Primary => "primary",
-            Role::Replica => "replica",
-        }
-    }
-}
 
 /// Everything needed to open server connections to one upstream.
 pub struct Upstream {
@@ -219,7 +204,7 @@ impl Upstream {
                                 .and_then(|s| s.try_into().ok())
                                 .ok_or_else(|| self.fail("malformed md5 request"))?;
                             let hash = match &login.secret {
-                                Secret::Md5(verifier) => crate::auth::md5_answer(verifier, salt),
+                                Secret::Md5(verifier) => super::login::md5_answer(verifier, salt),
                                 _ => postgres_protocol::authentication::md5_hash(
                                     login.user.as_bytes(),
                                     self.password(login)?.as_bytes(),

@@ -9,10 +9,12 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use super::conn::{Role, Upstream};
+use super::conn::Upstream;
 use super::control::ControlConn;
-use crate::admin::metrics::Metrics;
-use crate::consistency::Lsn;
+use crate::lsn::Lsn;
+use crate::metrics::Metrics;
+use crate::role::Role;
+use crate::shutdown::Shutdown;
 
 pub const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 /// Consecutive failures (other than a missed deadline) before the primary counts as down.
@@ -40,7 +42,7 @@ impl PrimaryProbe {
     pub fn spawn(
         primary: Arc<Upstream>,
         metrics: Arc<Metrics>,
-        shutdown: watch::Receiver<bool>,
+        shutdown: Shutdown,
     ) -> Arc<PrimaryProbe> {
         let probe = Arc::new(PrimaryProbe {
             state: watch::channel(PrimaryState::default()).0,
@@ -63,7 +65,7 @@ impl PrimaryProbe {
         self: Arc<Self>,
         primary: Arc<Upstream>,
         metrics: Arc<Metrics>,
-        mut shutdown: watch::Receiver<bool>,
+        mut shutdown: Shutdown,
     ) {
         let mut conn: Option<ControlConn> = None;
         let mut failures = 0u32;
@@ -116,7 +118,7 @@ impl PrimaryProbe {
             metrics.upstream_up(Role::Primary, self.state.borrow().up);
             tokio::select! {
                 _ = tokio::time::sleep(PROBE_INTERVAL) => {}
-                _ = crate::session::stopped(&mut shutdown) => return,
+                _ = shutdown.stopped() => return,
             }
         }
     }

@@ -4,4 +4,5 @@
 pub mod conn;
 pub mod control;
 pub mod health;
+pub mod login;
 pub mod pool;

@@ -20,14 +20,15 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
-use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 use super::conn::{ServerConn, Upstream};
-use crate::admin::metrics::PoolMetrics;
-use crate::auth::Login;
+use super::login::Login;
 use crate::config::PoolConfig;
 use crate::error::{ErrorKind, PgError};
+use crate::metrics::PoolMetrics;
 use crate::protocol::backend as be;
+use crate::shutdown::Shutdown;
 use crate::tls::Stream;
 
 /// How often the maintenance task looks at idle connections.
@@ -144,8 +145,8 @@ pub struct Pool {
     permits: Arc<Semaphore>,
     inner: Mutex<Inner>,
     returned: Arc<Notify>,
-    metrics: Arc<crate::admin::metrics::Metrics>,
-    shutdown: watch::Receiver<bool>,
+    metrics: PoolMetrics,
+    shutdown: Shutdown,
     /// The URL's role and database, kept warm (`min_idle`).
     home: Target,
 }
@@ -156,12 +157,12 @@ impl Pool {
         upstream: Arc<Upstream>,
         home: Arc<Login>,
         config: PoolConfig,
-        metrics: Arc<crate::admin::metrics::Metrics>,
-        shutdown: watch::Receiver<bool>,
+        metrics: PoolMetrics,
+        shutdown: Shutdown,
     ) -> Arc<Pool> {
         let size = match upstream.role {
-            super::conn::Role::Primary => config.primary_size,
-            super::conn::Role::Replica => config.replica_size,
+            crate::role::Role::Primary => config.primary_size,
+            crate::role::Role::Replica => config.replica_size,
         };
         let upstream_database = upstream.url.database.clone();
         let pool = Arc::new(Pool {
@@ -180,7 +181,7 @@ impl Pool {
     }
 
     fn m(&self) -> &PoolMetrics {
-        self.metrics.pool(self.upstream.role)
+        &self.metrics
     }
 
     fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -350,12 +351,12 @@ impl Pool {
     }
 
     /// Each role's connections open and waits so far.
-    pub fn roles(&self) -> Vec<crate::admin::metrics::RoleFigures> {
+    pub fn roles(&self) -> Vec<crate::metrics::RoleFigures> {
         let inner = self.inner();
         let mut roles: Vec<_> = inner
             .roles
             .iter()
-            .map(|(role, r)| crate::admin::metrics::RoleFigures {
+            .map(|(role, r)| crate::metrics::RoleFigures {
                 role: role.clone(),
                 open: r.open.load(Ordering::Relaxed),
                 waits: r.waits.load(Ordering::Relaxed),
@@ -468,7 +469,7 @@ impl Pool {
     }
 
     fn put(&self, p: Pooled) {
-        if *self.shutdown.borrow() || self.is_fenced(&p.target.database) {
+        if self.shutdown.is_stopped() || self.is_fenced(&p.target.database) {
             self.terminate(p);
         } else if self.usable(&p) {
             let mut inner = self.inner();
@@ -495,14 +496,14 @@ impl Pool {
     /// Every second: retire idle connections that timed out, aged or died; open connections
     /// for the URL's role and database up to `min_idle`. On shutdown, close the idle
     /// connections.
-    async fn maintain(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+    async fn maintain(self: Arc<Self>, mut shutdown: Shutdown) {
         let mut tick = tokio::time::interval(MAINTENANCE_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let home = self.home.clone();
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
-                _ = crate::session::stopped(&mut shutdown) => break,
+                _ = shutdown.stopped() => break,
             }
             let missing = {
                 let mut inner = self.inner();

@@ -3,8 +3,8 @@
 use std::time::Duration;
 
 use super::watcher::ReplicaState;
-use super::Lsn;
 use crate::config::ConsistencyMode;
+use crate::lsn::Lsn;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Gate {

@@ -1,8 +1,5 @@
-//! Read-your-writes: WAL positions, the shared replica watcher, and the gate that decides
-//! whether a read may use the replica now.
+//! Read-your-writes: the shared replica watcher, and the gate that decides whether a read may
+//! use the replica now. (WAL positions themselves are the leaf `crate::lsn`.)
 
 pub mod gate;
-pub mod lsn;
 pub mod watcher;
-
-pub use lsn::Lsn;

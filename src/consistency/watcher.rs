@@ -12,11 +12,13 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{watch, Notify};
 
-use super::Lsn;
-use crate::admin::metrics::Metrics;
-use crate::backend::conn::{Role, Upstream};
+use crate::backend::conn::Upstream;
 use crate::backend::control::ControlConn;
 use crate::backend::health::PrimaryProbe;
+use crate::lsn::Lsn;
+use crate::metrics::Metrics;
+use crate::role::Role;
+use crate::shutdown::Shutdown;
 
 const FAST_POLL: Duration = Duration::from_millis(1);
 const SLOW_POLL: Duration = Duration::from_millis(100);
@@ -78,7 +80,7 @@ impl Watcher {
         replica: Arc<Upstream>,
         primary: Arc<PrimaryProbe>,
         metrics: Arc<Metrics>,
-        shutdown: watch::Receiver<bool>,
+        shutdown: Shutdown,
     ) -> Arc<Watcher> {
         let watcher = Arc::new(Watcher {
             state: watch::channel(ReplicaState::default()).0,
@@ -138,14 +140,14 @@ impl Watcher {
         replica: Arc<Upstream>,
         primary: Arc<PrimaryProbe>,
         metrics: Arc<Metrics>,
-        mut shutdown: watch::Receiver<bool>,
+        mut shutdown: Shutdown,
     ) {
         let mut conn: Option<ControlConn> = None;
         let mut was_in_recovery = true;
         let mut caught_up_at = Instant::now();
         let poll_deadline = poll_deadline(replica.connect_timeout);
         loop {
-            if *shutdown.borrow() {
+            if shutdown.is_stopped() {
                 return;
             }
             // The host now names other servers (e.g. another nearest replica): watch those,
@@ -170,7 +172,7 @@ impl Watcher {
                         self.publish_down(&metrics);
                         tokio::select! {
                             _ = tokio::time::sleep(RECONNECT) => continue,
-                            _ = crate::session::stopped(&mut shutdown) => return,
+                            _ = shutdown.stopped() => return,
                         }
                     }
                 }
@@ -238,7 +240,7 @@ impl Watcher {
             tokio::select! {
                 _ = tokio::time::sleep(interval) => {}
                 _ = self.wake.notified() => {}
-                _ = crate::session::stopped(&mut shutdown) => return,
+                _ = shutdown.stopped() => return,
             }
         }
     }

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use self::cluster::{Cluster, ClusterOptions};
 use crate::config::Config;
-use crate::Proxy;
+use crate::proxy::Proxy;
 
 /// The config of a pgnear running in `region` of `cluster`: the primary through the region's
 /// relay, the region's replica directly, ephemeral listen ports.

@@ -2,7 +2,7 @@
 //! to the server that runs it and why.
 
 use super::classify::Hint;
-use crate::backend::conn::Role;
+use crate::role::Role;
 
 /// Why a request went where it went (a bounded metric label).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -18,6 +18,31 @@ pub enum Reason {
 }
 
 impl Reason {
+    /// Every reason, in the order of `index`.
+    pub const ALL: [Reason; 7] = [
+        Reason::Read,
+        Reason::Write,
+        Reason::Transaction,
+        Reason::Pin,
+        Reason::Hint,
+        Reason::Retry,
+        Reason::Fallback,
+    ];
+
+    /// A dense index, for tables with one entry per reason (a new variant fails to compile
+    /// here until it has one).
+    pub fn index(self) -> usize {
+        match self {
+            Reason::Read => 0,
+            Reason::Write => 1,
+            Reason::Transaction => 2,
+            Reason::Pin => 3,
+            Reason::Hint => 4,
+            Reason::Retry => 5,
+            Reason::Fallback => 6,
+        }
+    }
+
     pub fn label(self) -> &'static str {
         match self {
             Reason::Read => "read",

@@ -16,13 +16,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 
 use super::expect::Purpose;
 use super::route::{close_frame, STATEMENTS_PER_CONNECTION};
 use super::server::{Again, Request, Retry, Seen, Server};
 use super::state::{sync_sql, Applied};
-use crate::backend::conn::Role;
 use crate::backend::health::SILENT_CHECK;
 use crate::backend::pool::{Pool, Pooled, Target};
 use crate::cancel::CancelSlot;
@@ -30,6 +29,8 @@ use crate::config::PoolConfig;
 use crate::consistency::watcher::{poll_deadline, Watcher};
 use crate::error::PgError;
 use crate::protocol::{frames, tag};
+use crate::role::Role;
+use crate::shutdown::Shutdown;
 
 /// A shared connection whose current read has run this long takes no more reads.
 const STUCK: Duration = Duration::from_millis(2);
@@ -73,7 +74,7 @@ pub struct Lanes {
     config: PoolConfig,
     connect_timeout: Duration,
     watcher: Option<Arc<Watcher>>,
-    shutdown: watch::Receiver<bool>,
+    shutdown: Shutdown,
     spinner: Arc<crate::spin::Spinner>,
     lanes: Mutex<HashMap<String, Vec<Arc<Lane>>>>,
     /// Connections being opened, per target key.
@@ -106,7 +107,7 @@ impl Lanes {
         config: PoolConfig,
         connect_timeout: Duration,
         watcher: Option<Arc<Watcher>>,
-        shutdown: watch::Receiver<bool>,
+        shutdown: Shutdown,
         spinner: Arc<crate::spin::Spinner>,
     ) -> Lanes {
         Lanes {
@@ -178,7 +179,7 @@ impl Lanes {
     fn open_more(self: &Arc<Self>, target: &Target, open: usize) {
         let mut opening = self.opening.lock().unwrap_or_else(|p| p.into_inner());
         let n = opening.entry(target.key().to_string()).or_default();
-        if open + *n >= self.config.pipeline || *self.shutdown.borrow() {
+        if open + *n >= self.config.pipeline || self.shutdown.is_stopped() {
             return;
         }
         *n += 1;
@@ -270,7 +271,7 @@ impl Lanes {
                         break Ok(());
                     }
                 }
-                _ = super::stopped(&mut shutdown), if waiting.is_empty() => break Ok(()),
+                _ = shutdown.stopped(), if waiting.is_empty() => break Ok(()),
             }
         };
         lane.closed.store(true, Ordering::Relaxed);

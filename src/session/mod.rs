@@ -6,8 +6,11 @@ pub mod lane;
 pub mod reported;
 mod route;
 pub mod server;
+mod shared;
 pub mod startup;
 pub mod state;
+
+pub use shared::Shared;
 
 use std::sync::Arc;
 
@@ -17,18 +20,19 @@ use tokio::time::Instant;
 
 use self::server::{Seen, Server};
 use self::state::SessionState;
-use crate::auth::Login;
-use crate::backend::conn::{send_cancel, Role};
+use crate::backend::conn::send_cancel;
 use crate::backend::health::SILENT_CHECK;
+use crate::backend::login::Login;
 use crate::backend::pool::{Target, TERMINATE};
 use crate::cancel::{CancelKey, CancelRegistry};
 use crate::config::PoolMode;
-use crate::consistency::{gate, Lsn};
+use crate::consistency::gate;
 use crate::error::{ErrorKind, PgError};
+use crate::lsn::Lsn;
 use crate::protocol::frontend::{next_frame, Startup};
 use crate::protocol::{tag, write};
+use crate::role::Role;
 use crate::tls::Stream;
-use crate::Shared;
 
 /// Client read-buffer growth step.
 const CLIENT_CHUNK: usize = 8 * 1024;
@@ -328,7 +332,7 @@ impl Session {
     async fn relay(&mut self) -> Result<(), PgError> {
         let mut shutdown = self.shared.shutdown.clone();
         // Made once, not per loop turn: each turn would register and unregister a waiter.
-        let stop = stopped(&mut shutdown);
+        let stop = shutdown.stopped();
         tokio::pin!(stop);
         let mut deadline: Option<Instant> = None;
         let mut health = tokio::time::interval(SILENT_CHECK);
@@ -616,11 +620,7 @@ impl Session {
             if let Some(s) = self.slot(role).as_mut() {
                 s.remove_statement(name);
             }
-            let other = match role {
-                Role::Primary => self.replica.as_mut(),
-                Role::Replica => self.primary.as_mut(),
-            };
-            if let Some(o) = other {
+            if let Some(o) = self.slot(role.other()).as_mut() {
                 if o.remove_statement(name) {
                     o.to_close.push(name.clone());
                 }
@@ -656,11 +656,7 @@ impl Session {
     /// The server for `role`, connected on first use. Before switching away from a server that
     /// still owes answers, those answers are relayed first, so the client sees them in order.
     async fn server(&mut self, role: Role) -> Result<&mut Server, PgError> {
-        let other = match role {
-            Role::Primary => Role::Replica,
-            Role::Replica => Role::Primary,
-        };
-        self.drain(other).await?;
+        self.drain(role.other()).await?;
         if self.slot(role).is_none() && role == Role::Primary && self.shared.probe.current().down {
             // Connecting would wait out connect_timeout on a path that swallows packets.
             return Err(
@@ -802,11 +798,7 @@ impl Session {
                 }
                 if dropped && !self.shares_statements() {
                     // The client's statements are gone; the other server's copies go too.
-                    let other = match role {
-                        Role::Primary => self.replica.as_mut(),
-                        Role::Replica => self.primary.as_mut(),
-                    };
-                    if let Some(o) = other {
+                    if let Some(o) = self.slot(role.other()).as_mut() {
                         let names: Vec<String> =
                             o.conn.carry.prepared.drain().map(|(n, _)| n).collect();
                         o.to_close.extend(names);
@@ -892,12 +884,6 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
         Some(d) => tokio::time::sleep_until(d).await,
         None => std::future::pending().await,
     }
-}
-
-/// Resolves once shutdown has been requested.
-pub async fn stopped(rx: &mut tokio::sync::watch::Receiver<bool>) {
-    // An error means the sender is gone: treat it as a stop as well.
-    let _ = rx.wait_for(|stop| *stop).await;
 }
 
 fn shutting_down() -> PgError {

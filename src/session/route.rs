@@ -11,14 +11,15 @@ use super::lane::{Job, Reply};
 use super::server::{Again, Request, Retry, Server};
 use super::state::{self, PendingState};
 use super::Session;
-use crate::backend::conn::Role;
 use crate::backend::pool::Fence;
 use crate::config::{OnTimeout, PoolMode, WriteMode};
 use crate::consistency::gate::{self, Gate};
-use crate::consistency::Lsn;
 use crate::error::{ErrorKind, PgError};
+use crate::lsn::Lsn;
 use crate::protocol::frontend::query_text;
 use crate::protocol::{build_frame, cstr, frames, sql_text, tag, write};
+use crate::region::RegionRole;
+use crate::role::Role;
 use crate::router::classify::{database_lifecycle, Classified, Hint, Kind};
 use crate::router::route::{decide, Context, Reason, Request as RouteRequest, RouteSetting};
 
@@ -389,8 +390,7 @@ impl Session {
 
     /// Replay mode outside the primary region: writes are refused with a replay signal.
     fn replays_writes(&self) -> bool {
-        let r = &self.shared.config.regions;
-        self.write_mode == WriteMode::Replay && !r.primary.is_empty() && r.current != r.primary
+        self.write_mode == WriteMode::Replay && self.shared.region == RegionRole::Replica
     }
 
     fn replay_error(&self) -> PgError {
@@ -1567,7 +1567,7 @@ fn note_read_text(sql: &str, plan: &mut BatchPlan) {
 
 /// Keeps the pools off `database` while a statement on it runs (see `Pool::fence`); nothing
 /// for a statement on no database as a whole.
-fn fences_on(shared: &crate::Shared, database: Option<&str>) -> Vec<Fence> {
+fn fences_on(shared: &super::Shared, database: Option<&str>) -> Vec<Fence> {
     let Some(database) = database else {
         return Vec::new();
     };

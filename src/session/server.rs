@@ -9,11 +9,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::expect::{Expectations, Owner, Pending, Purpose};
 use super::state::PendingState;
-use crate::backend::conn::Role;
 use crate::backend::pool::Pooled;
 use crate::cancel::CancelTarget;
 use crate::error::PgError;
 use crate::protocol::backend::{self as be, header, set_param, Params};
+use crate::role::Role;
 
 /// Frames longer than this are streamed to the client in pieces instead of buffered whole.
 const STREAM_THRESHOLD: usize = 64 * 1024;

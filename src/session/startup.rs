@@ -8,14 +8,14 @@ use crate::backend::conn::send_cancel;
 use crate::error::PgError;
 use crate::protocol::frontend::{read_startup_packet, Startup, StartupPacket};
 use crate::protocol::write;
+use crate::session::Shared;
 use crate::tls::Stream;
-use crate::Shared;
 
 /// What the handshake ended with.
 pub enum Handshake {
     /// An authenticated client, ready for its server connection, and how pgnear logs in
     /// upstream as its role.
-    Ready(Startup, std::sync::Arc<crate::auth::Login>),
+    Ready(Startup, std::sync::Arc<crate::backend::login::Login>),
     /// A cancel request was handled, or the client left before finishing startup.
     Done,
 }

@@ -6,29 +6,9 @@ use prometheus::{
     Opts, Registry, TextEncoder,
 };
 
-use crate::backend::conn::Role;
 use crate::error::ErrorKind;
+use crate::role::Role;
 use crate::router::route::Reason;
-
-const REASONS: [Reason; 7] = [
-    Reason::Read,
-    Reason::Write,
-    Reason::Transaction,
-    Reason::Pin,
-    Reason::Hint,
-    Reason::Retry,
-    Reason::Fallback,
-];
-const KINDS: [ErrorKind; 8] = [
-    ErrorKind::Protocol,
-    ErrorKind::Auth,
-    ErrorKind::Upstream,
-    ErrorKind::Capacity,
-    ErrorKind::Replay,
-    ErrorKind::Consistency,
-    ErrorKind::Shutdown,
-    ErrorKind::Internal,
-];
 
 pub struct Metrics {
     pub registry: Registry,
@@ -38,7 +18,7 @@ pub struct Metrics {
     pub clients: IntGauge,
     pub clients_accepted: IntCounter,
     rejected: IntCounterVec,
-    statements: [[IntCounter; 7]; 2],
+    statements: [[IntCounter; Reason::ALL.len()]; 2],
     durations: [Histogram; 2],
     bytes_in: IntCounter,
     bytes_out: IntCounter,
@@ -51,13 +31,11 @@ pub struct Metrics {
     pub replica_lag_seconds: Gauge,
     pub replica_replay_lsn: IntGauge,
     upstream_up: IntGaugeVec,
-    errors: [IntCounter; 8],
+    errors: [IntCounter; ErrorKind::ALL.len()],
     dns_changes: [IntCounter; 2],
     dns_failures: [IntCounter; 2],
     pools: [PoolMetrics; 2],
     role_clients: IntGaugeVec,
-    role_connections: IntGaugeVec,
-    role_waits: IntCounterVec,
 }
 
 /// Counts a client of a role while it is connected (`Metrics::role_client`).
@@ -79,8 +57,10 @@ pub struct RoleFigures {
     pub waits: u64,
 }
 
-/// One upstream's pool series (labelled `upstream="primary|replica"`).
+/// One upstream's pool series (labelled `upstream="primary|replica"`): all a pool records.
+#[derive(Clone)]
 pub struct PoolMetrics {
+    upstream: &'static str,
     /// Server connections open (idle or in use).
     pub open: IntGauge,
     pub idle: IntGauge,
@@ -93,12 +73,21 @@ pub struct PoolMetrics {
     pub resets: IntCounter,
     /// Reads run on a shared (pipelined) connection.
     pub pipelined: IntCounter,
+    role_connections: IntGaugeVec,
+    role_waits: IntCounterVec,
 }
 
-fn role_index(r: Role) -> usize {
-    match r {
-        Role::Primary => 0,
-        Role::Replica => 1,
+impl PoolMetrics {
+    /// Publishes the pool's per-role figures (connections open, waits so far).
+    pub fn roles(&self, roles: &[RoleFigures]) {
+        for r in roles {
+            let labels = [self.upstream, r.role.as_str()];
+            self.role_connections
+                .with_label_values(&labels)
+                .set(r.open as i64);
+            let waits = self.role_waits.with_label_values(&labels);
+            waits.inc_by(r.waits.saturating_sub(waits.get()));
+        }
     }
 }
 
@@ -124,22 +113,22 @@ impl Metrics {
             "Client requests (queries and batches that execute) by route and reason",
             &["route", "reason"],
         );
-        let statements = [Role::Primary, Role::Replica].map(|role| {
-            REASONS.map(|reason| statements_vec.with_label_values(&[role.name(), reason.label()]))
+        let statements = Role::ALL.map(|role| {
+            Reason::ALL
+                .map(|reason| statements_vec.with_label_values(&[role.name(), reason.label()]))
         });
         let durations_vec = histogram_vec(
             "pgnear_statement_duration_seconds",
             "Time from sending a request to its ReadyForQuery, by route",
             &["route"],
         );
-        let durations =
-            [Role::Primary, Role::Replica].map(|r| durations_vec.with_label_values(&[r.name()]));
+        let durations = Role::ALL.map(|r| durations_vec.with_label_values(&[r.name()]));
         let errors_vec = counter_vec(
             "pgnear_errors_total",
             "Errors pgnear reported to clients, by kind",
             &["kind"],
         );
-        let errors = KINDS.map(|k| errors_vec.with_label_values(&[k.label()]));
+        let errors = ErrorKind::ALL.map(|k| errors_vec.with_label_values(&[k.label()]));
         let lsn_wait_seconds = registered(
             &registry,
             Histogram::with_opts(
@@ -189,9 +178,27 @@ impl Metrics {
             "Reads run on a server connection shared by sessions (pool.pipeline), by upstream",
             &["upstream"],
         );
-        let pools = [Role::Primary, Role::Replica].map(|r| {
+        let role_connections = registered(
+            &registry,
+            IntGaugeVec::new(
+                Opts::new(
+                    "pgnear_pool_role_connections",
+                    "Server connections open, by upstream and role",
+                ),
+                &["upstream", "role"],
+            ),
+        );
+        let role_waits = counter_vec(
+            "pgnear_pool_role_waits_total",
+            "Times a session waited for a server connection, by upstream and role",
+            &["upstream", "role"],
+        );
+        let pools = Role::ALL.map(|r| {
             let l = [r.name()];
             PoolMetrics {
+                upstream: r.name(),
+                role_connections: role_connections.clone(),
+                role_waits: role_waits.clone(),
                 open: pool_open.with_label_values(&l),
                 idle: pool_idle.with_label_values(&l),
                 acquire_seconds: pool_acquire.with_label_values(&l),
@@ -203,7 +210,7 @@ impl Metrics {
         });
         let by_upstream = |name: &str, help: &str| {
             let vec = counter_vec(name, help, &["upstream"]);
-            [Role::Primary, Role::Replica].map(|r| vec.with_label_values(&[r.name()]))
+            Role::ALL.map(|r| vec.with_label_values(&[r.name()]))
         };
         let dns_changes = by_upstream(
             "pgnear_dns_changes_total",
@@ -288,21 +295,6 @@ impl Metrics {
                     &["role"],
                 ),
             ),
-            role_connections: registered(
-                &registry,
-                IntGaugeVec::new(
-                    Opts::new(
-                        "pgnear_pool_role_connections",
-                        "Server connections open, by upstream and role",
-                    ),
-                    &["upstream", "role"],
-                ),
-            ),
-            role_waits: counter_vec(
-                "pgnear_pool_role_waits_total",
-                "Times a session waited for a server connection, by upstream and role",
-                &["upstream", "role"],
-            ),
             dns_changes,
             dns_failures,
             registry,
@@ -321,38 +313,22 @@ impl Metrics {
         self.role_clients.with_label_values(&[user]).get()
     }
 
-    /// Publishes a pool's per-role figures (connections open, waits so far).
-    pub fn pool_roles(&self, upstream: Role, roles: &[RoleFigures]) {
-        for r in roles {
-            let labels = [upstream.name(), r.role.as_str()];
-            self.role_connections
-                .with_label_values(&labels)
-                .set(r.open as i64);
-            let waits = self.role_waits.with_label_values(&labels);
-            waits.inc_by(r.waits.saturating_sub(waits.get()));
-        }
-    }
-
     pub fn pool(&self, role: Role) -> &PoolMetrics {
-        &self.pools[role_index(role)]
+        &self.pools[role.index()]
     }
 
     pub fn statement(&self, role: Role, reason: Reason) {
         if !self.per_statement {
             return;
         }
-        let i = REASONS
-            .iter()
-            .position(|r| *r == reason)
-            .expect("every reason is listed");
-        self.statements[role_index(role)][i].inc();
+        self.statements[role.index()][reason.index()].inc();
     }
 
     pub fn duration(&self, role: Role, seconds: f64) {
         if !self.per_statement {
             return;
         }
-        self.durations[role_index(role)].observe(seconds);
+        self.durations[role.index()].observe(seconds);
     }
 
     pub fn bytes_in(&self, n: usize) {
@@ -368,11 +344,7 @@ impl Metrics {
     }
 
     pub fn error(&self, kind: ErrorKind) {
-        let i = KINDS
-            .iter()
-            .position(|k| *k == kind)
-            .expect("every kind is listed");
-        self.errors[i].inc();
+        self.errors[kind.index()].inc();
     }
 
     pub fn rejected(&self, reason: &str) {
@@ -386,11 +358,11 @@ impl Metrics {
     }
 
     pub fn dns_change(&self, role: Role) {
-        self.dns_changes[role_index(role)].inc();
+        self.dns_changes[role.index()].inc();
     }
 
     pub fn dns_failure(&self, role: Role) {
-        self.dns_failures[role_index(role)].inc();
+        self.dns_failures[role.index()].inc();
     }
 
     /// The Prometheus text exposition.
@@ -440,6 +412,19 @@ impl Drop for ClientGuard<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_label_has_its_own_slot() {
+        for (i, r) in Reason::ALL.iter().enumerate() {
+            assert_eq!(r.index(), i, "{r:?}");
+        }
+        for (i, k) in ErrorKind::ALL.iter().enumerate() {
+            assert_eq!(k.index(), i, "{k:?}");
+        }
+        for (i, r) in Role::ALL.iter().enumerate() {
+            assert_eq!(r.index(), i, "{r:?}");
+        }
+    }
 
     #[test]
     fn renders_every_family_with_the_prefix() {
