@@ -22,12 +22,6 @@ fn mode(pool: PoolMode) -> impl Fn(&mut Config) {
 
 const MODES: [PoolMode; 2] = [PoolMode::Session, PoolMode::Transaction];
 
-fn query(sql: &str) -> Vec<u8> {
-    let mut body = sql.as_bytes().to_vec();
-    body.push(0);
-    frame(b'Q', &body)
-}
-
 /// A FunctionCall of the function `oid` with int4/bytea arguments in binary, a binary result.
 fn function_call(oid: u32, args: &[&[u8]]) -> Vec<u8> {
     let mut body = oid.to_be_bytes().to_vec();
@@ -40,13 +34,6 @@ fn function_call(oid: u32, args: &[&[u8]]) -> Vec<u8> {
     }
     body.extend_from_slice(&1u16.to_be_bytes());
     frame(b'F', &body)
-}
-
-fn error_code(frames: &[(u8, Vec<u8>)]) -> Option<String> {
-    let (_, body) = frames.iter().find(|(t, _)| *t == b'E')?;
-    body.split(|b| *b == 0)
-        .find(|f| f.first() == Some(&b'C'))
-        .map(|f| String::from_utf8_lossy(&f[1..]).into_owned())
 }
 
 /// ParameterStatus frames among `frames`, as (name, value), but pgnear's own (`pgnear.*`).
@@ -64,7 +51,7 @@ fn statuses(frames: &[(u8, Vec<u8>)]) -> Vec<(String, String)> {
 }
 
 async fn simple(s: &mut tokio::net::TcpStream, sql: &str) -> Vec<(u8, Vec<u8>)> {
-    s.write_all(&query(sql)).await.unwrap();
+    s.write_all(&query_msg(sql)).await.unwrap();
     frames_until(s, b'Z').await
 }
 
@@ -133,7 +120,11 @@ fn function_calls_are_answered() {
                 .await
                 .unwrap();
             let got = frames_until(&mut s, b'Z').await;
-            assert_eq!(error_code(&got).as_deref(), Some("42704"), "{got:?}");
+            assert_eq!(
+                error_codes(&got).first().map(String::as_str),
+                Some("42704"),
+                "{got:?}"
+            );
             let again = simple(&mut s, "SELECT 1").await;
             assert!(again.iter().any(|(t, _)| *t == b'D'));
         }
@@ -253,7 +244,7 @@ fn copy_fail_through_the_extended_protocol() {
             s.write_all(&rest).await.unwrap();
             let got = frames_until(&mut s, b'Z').await;
             assert_eq!(
-                error_code(&got).as_deref(),
+                error_codes(&got).first().map(String::as_str),
                 Some("57014"),
                 "{pool:?}: {got:?}"
             );

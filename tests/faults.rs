@@ -383,12 +383,21 @@ fn the_replica_killed_under_read_load_is_noticed_within_probe_intervals() {
                 .find(|p| p.at > after && pred(p))
                 .map(|p| p.at - after)
         };
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        assert!(
-            first_probe(Instant::now() - Duration::from_millis(400), &|p| p
-                .replica_up())
-            .is_some()
-        );
+        // Before the kill, pgnear reports the replica up (so that the kill is what turns it
+        // down) and reads reach it: wait for both, from now on.
+        let watching = Instant::now();
+        eventually(
+            "a /metrics probe to report the replica up before the kill",
+            Duration::from_secs(30),
+            || async { first_probe(watching, &|p| p.replica_up()).is_some() },
+        )
+        .await;
+        eventually(
+            "a read served by the replica before the kill",
+            Duration::from_secs(30),
+            || async { !reads.lock().unwrap().on_replica.is_empty() },
+        )
+        .await;
         let replica = &cluster().replica(REPLICA).unwrap().node;
         let killed = Instant::now();
         replica.kill().await.unwrap();

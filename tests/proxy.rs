@@ -270,18 +270,7 @@ async fn raw_exchange(p: &pgnear::Proxy, bytes: &[u8]) -> Vec<u8> {
 
 /// The SQLSTATE of the first ErrorResponse in `bytes` (after an optional 'N' byte).
 fn first_error_code(bytes: &[u8]) -> Option<String> {
-    let pos = bytes.iter().position(|&b| b == b'E')?;
-    let body = bytes.get(pos + 5..)?;
-    let mut i = 0;
-    while i < body.len() && body[i] != 0 {
-        let field = body[i];
-        let end = i + 1 + body[i + 1..].iter().position(|&b| b == 0)?;
-        if field == b'C' {
-            return Some(String::from_utf8_lossy(&body[i + 1..end]).into_owned());
-        }
-        i = end + 1;
-    }
-    None
+    error_codes(&backend_frames(bytes)).into_iter().next()
 }
 
 #[test]

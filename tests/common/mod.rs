@@ -5,6 +5,9 @@
 
 pub mod frozen;
 pub mod netns;
+pub mod wire;
+
+pub use wire::*;
 
 use std::future::Future;
 use std::sync::OnceLock;
@@ -108,13 +111,23 @@ pub async fn connect(url: &str) -> Client {
 
 /// A superuser connection straight to the primary (no pgnear).
 pub async fn primary_admin() -> Client {
-    let c = cluster();
-    let url = format!(
-        "postgres://postgres:{}@{}/postgres?sslmode=disable",
-        c.superuser_password(),
-        c.primary().addr()
-    );
-    connect(&url).await
+    connect(&superuser_url(cluster().primary().addr())).await
+}
+
+/// A superuser connection straight to the replica (no pgnear).
+pub async fn replica_admin() -> Client {
+    connect(&superuser_url(
+        cluster().replica(REPLICA).unwrap().node.addr(),
+    ))
+    .await
+}
+
+/// The superuser's URL for the lab node at `addr`.
+fn superuser_url(addr: std::net::SocketAddr) -> String {
+    format!(
+        "postgres://postgres:{}@{addr}/postgres?sslmode=disable",
+        cluster().superuser_password()
+    )
 }
 
 /// Runs psql with `url` and the given extra arguments; returns (success, stdout, stderr).
@@ -199,64 +212,37 @@ pub async fn join_all<F: std::future::Future>(futs: impl IntoIterator<Item = F>)
     out
 }
 
-/// One frontend message: tag, length, body.
-pub fn frame(tag: u8, body: &[u8]) -> Vec<u8> {
-    let mut f = vec![tag];
-    f.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
-    f.extend_from_slice(body);
-    f
-}
-
-/// A startup packet (length, protocol version, NUL-separated parameters).
-pub fn startup_packet(params: &[(&str, &str)], version: u32) -> Vec<u8> {
-    let mut body = version.to_be_bytes().to_vec();
-    for (k, v) in params {
-        body.extend_from_slice(k.as_bytes());
-        body.push(0);
-        body.extend_from_slice(v.as_bytes());
-        body.push(0);
+/// A raw protocol startup through pgnear at `addr` (user and database of the lab, trust auth)
+/// with `extra` parameters: the stream and the BackendKeyData (pid, secret) once ReadyForQuery
+/// arrived. Panics on an ErrorResponse.
+pub async fn startup(
+    addr: std::net::SocketAddr,
+    extra: &[(&str, &str)],
+) -> (tokio::net::TcpStream, [u8; 8]) {
+    use tokio::io::AsyncWriteExt;
+    let o = cluster().options();
+    let mut params = vec![
+        ("user", o.app_user.as_str()),
+        ("database", o.database.as_str()),
+    ];
+    params.extend_from_slice(extra);
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(&startup_packet(&params, 196608)).await.unwrap();
+    let mut key = [0u8; 8];
+    loop {
+        let (tag, body) = read_frame(&mut s).await;
+        match tag {
+            b'K' => key.copy_from_slice(&body[..8]),
+            b'E' => panic!("startup refused: {:?}", error_field(&body, b'M')),
+            b'Z' => return (s, key),
+            _ => {}
+        }
     }
-    body.push(0);
-    let mut p = ((body.len() + 4) as u32).to_be_bytes().to_vec();
-    p.extend(body);
-    p
 }
 
 /// A raw protocol connection through `proxy` (which must use trust auth), after its startup.
 pub async fn raw_session(proxy: &Proxy) -> tokio::net::TcpStream {
-    use tokio::io::AsyncWriteExt;
-    let o = cluster().options();
-    let packet = startup_packet(&[("user", &o.app_user), ("database", &o.database)], 196608);
-    let mut s = tokio::net::TcpStream::connect(proxy.addr()).await.unwrap();
-    s.write_all(&packet).await.unwrap();
-    read_until(&mut s, b'Z').await;
-    s
-}
-
-/// Reads backend frames until one with `tag`; returns the tags seen (that one included).
-pub async fn read_until(s: &mut tokio::net::TcpStream, tag: u8) -> Vec<u8> {
-    frames_until(s, tag)
-        .await
-        .into_iter()
-        .map(|(t, _)| t)
-        .collect()
-}
-
-/// Reads backend frames until one with `tag`: every (tag, body) seen, that one included.
-pub async fn frames_until(s: &mut tokio::net::TcpStream, tag: u8) -> Vec<(u8, Vec<u8>)> {
-    use tokio::io::AsyncReadExt;
-    let mut out = Vec::new();
-    loop {
-        let mut head = [0u8; 5];
-        s.read_exact(&mut head).await.expect("a backend frame");
-        let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
-        let mut body = vec![0u8; len - 4];
-        s.read_exact(&mut body).await.unwrap();
-        out.push((head[0], body));
-        if head[0] == tag {
-            return out;
-        }
-    }
+    startup(proxy.addr(), &[]).await.0
 }
 
 /// The first column of the first row of a simple-query answer.
@@ -296,14 +282,58 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
     (status, body.to_string())
 }
 
-/// Runs `pg_sleep(60)` on `c`, cancels it through pgnear, asserts 57014, and hands `c` back.
+/// Runs `pg_sleep(60)` on `c`, cancels it through pgnear once it runs on a server, asserts
+/// 57014, and hands `c` back.
 pub async fn assert_cancel_stops_a_sleep(c: tokio_postgres::Client) -> tokio_postgres::Client {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    // A name of its own, so that another test's sleep is not taken for this one.
+    static SLEEPS: AtomicU64 = AtomicU64::new(0);
+    let name = format!(
+        "cancelled_sleep_{}_{}",
+        std::process::id(),
+        SLEEPS.fetch_add(1, Ordering::Relaxed)
+    );
     let token = c.cancel_token();
+    let sql = format!("SELECT pg_sleep(60) AS {name}");
     let sleeper = tokio::spawn(async move {
-        let r = c.simple_query("SELECT pg_sleep(60)").await;
+        let r = c.simple_query(&sql).await;
         (r.map(|_| ()), c)
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // A cancel that reaches the server before the query does cancels nothing: wait until the
+    // sleep runs. pgnear may have sent it to the primary or to the replica, so ask both. (A
+    // server that cannot be reached is just not the one running it.)
+    let mut servers = Vec::new();
+    let replica = cluster().replica(REPLICA).map(|r| r.node.addr());
+    for addr in std::iter::once(cluster().primary().addr()).chain(replica) {
+        if let Ok((client, conn)) = tokio_postgres::connect(&superuser_url(addr), NoTls).await {
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            servers.push(client);
+        }
+    }
+    let running = format!(
+        "SELECT 1 FROM pg_stat_activity WHERE state = 'active' \
+         AND query LIKE '%pg_sleep(60) AS {name}%' AND pid <> pg_backend_pid()"
+    );
+    eventually(
+        "the pg_sleep(60) to be active on the primary or the replica",
+        Duration::from_secs(60),
+        || async {
+            assert!(
+                !sleeper.is_finished(),
+                "pg_sleep(60) ended before it was seen running"
+            );
+            for s in &servers {
+                if let Ok(Some(_)) = s.query_opt(&running, &[]).await {
+                    return true;
+                }
+            }
+            false
+        },
+    )
+    .await;
+    drop(servers);
     token.cancel_query(NoTls).await.unwrap();
     let (r, c) = sleeper.await.unwrap();
     let e = r.expect_err("pg_sleep was cancelled");
