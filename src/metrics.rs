@@ -18,8 +18,8 @@ pub struct Metrics {
     pub clients: IntGauge,
     pub clients_accepted: IntCounter,
     rejected: IntCounterVec,
-    statements: [[IntCounter; Reason::ALL.len()]; 2],
-    durations: [Histogram; 2],
+    statements: [[IntCounter; Reason::ALL.len()]; Role::ALL.len()],
+    durations: [Histogram; Role::ALL.len()],
     bytes_in: IntCounter,
     bytes_out: IntCounter,
     pub lsn_waits: IntCounter,
@@ -32,9 +32,9 @@ pub struct Metrics {
     pub replica_replay_lsn: IntGauge,
     upstream_up: IntGaugeVec,
     errors: [IntCounter; ErrorKind::ALL.len()],
-    dns_changes: [IntCounter; 2],
-    dns_failures: [IntCounter; 2],
-    pools: [PoolMetrics; 2],
+    dns_changes: [IntCounter; Role::ALL.len()],
+    dns_failures: [IntCounter; Role::ALL.len()],
+    pools: [PoolMetrics; Role::ALL.len()],
     role_clients: IntGaugeVec,
 }
 

@@ -11,8 +11,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::shutdown::Shutdown;
 use tokio::sync::Notify;
+
+use crate::shutdown::Shutdown;
 
 pub struct Spinner {
     epoch: Instant,

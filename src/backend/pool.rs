@@ -28,6 +28,7 @@ use crate::config::PoolConfig;
 use crate::error::{ErrorKind, PgError};
 use crate::metrics::PoolMetrics;
 use crate::protocol::backend as be;
+use crate::role::Role;
 use crate::shutdown::Shutdown;
 use crate::tls::Stream;
 
@@ -161,8 +162,8 @@ impl Pool {
         shutdown: Shutdown,
     ) -> Arc<Pool> {
         let size = match upstream.role {
-            crate::role::Role::Primary => config.primary_size,
-            crate::role::Role::Replica => config.replica_size,
+            Role::Primary => config.primary_size,
+            Role::Replica => config.replica_size,
         };
         let upstream_database = upstream.url.database.clone();
         let pool = Arc::new(Pool {
