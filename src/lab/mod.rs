@@ -1,7 +1,9 @@
 //! The local multi-region lab: a real Postgres primary, a streaming replica per other region,
 //! latency relays between regions (see `cluster`), and one pgnear per region wired to them.
 
+mod cleanup;
 pub mod cluster;
+mod pgbin;
 pub mod postgres;
 pub mod process;
 pub mod relay;

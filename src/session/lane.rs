@@ -19,7 +19,7 @@ use bytes::{Bytes, BytesMut};
 use tokio::sync::mpsc;
 
 use super::expect::Purpose;
-use super::route::{close_frame, STATEMENTS_PER_CONNECTION};
+use super::rename::{close_frame, STATEMENTS_PER_CONNECTION};
 use super::server::{Again, Request, Retry, Seen, Server};
 use super::state::{sync_sql, Applied};
 use crate::backend::health::SILENT_CHECK;

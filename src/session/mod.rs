@@ -1,12 +1,22 @@
 //! One task per client: owns the client socket, its server connections and its session state,
 //! decides where each request goes and relays the answers back as raw frames.
 
+mod answers;
+mod batch;
+mod consistent;
+mod establish;
 pub mod expect;
+mod inband;
 pub mod lane;
+pub mod plan;
+mod reader;
+mod rename;
 pub mod reported;
+mod retry;
 mod route;
 pub mod server;
 mod shared;
+mod shared_read;
 pub mod startup;
 pub mod state;
 
@@ -18,18 +28,16 @@ use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 
-use self::server::{Seen, Server};
+use self::server::Server;
 use self::state::SessionState;
 use crate::backend::conn::send_cancel;
 use crate::backend::health::SILENT_CHECK;
-use crate::backend::login::Login;
 use crate::backend::pool::{Target, TERMINATE};
-use crate::cancel::{CancelKey, CancelRegistry};
+use crate::cancel::CancelKey;
 use crate::config::PoolMode;
-use crate::consistency::gate;
 use crate::error::{ErrorKind, PgError};
 use crate::lsn::Lsn;
-use crate::protocol::frontend::{next_frame, Startup};
+use crate::protocol::frontend::next_frame;
 use crate::protocol::{tag, write};
 use crate::role::Role;
 use crate::tls::Stream;
@@ -57,29 +65,18 @@ pub struct Session {
     cancel: CancelKey,
     cancel_role: Option<Role>,
     state: SessionState,
-    /// The server holding the client's open transaction, as predicted from what was sent and
-    /// corrected by each ReadyForQuery.
-    open_tx: Option<Role>,
+    /// The client's transaction: none, a BEGIN pgnear deferred, or open on a server.
+    tx: plan::Tx,
     /// Where the last unnamed statement was parsed.
     unnamed_role: Option<Role>,
     /// Commit position of the session's last write.
     write_lsn: Option<Lsn>,
     /// `SET pgnear.min_lsn`: a position reads must see (a causal token from elsewhere).
     min_lsn: Option<Lsn>,
-    /// The server of an extended-protocol exchange that ended in Flush, not yet Sync.
-    unsynced: Option<Role>,
-    /// That exchange executed something (else it only prepared and described, and what follows
-    /// may run elsewhere: see `dispatch_batch`).
-    unsynced_executed: bool,
-    /// Session-state changes (SET, LISTEN, …) that exchange executed: recorded once the Sync
-    /// that ends it succeeds (an error before it rolls them back).
-    unsynced_changes: Vec<state::PendingState>,
-    /// A `BEGIN` answered by pgnear and not yet sent (see `start_deferred`).
-    deferred_begin: Option<bytes::Bytes>,
+    /// An extended-protocol exchange that ended in Flush, not yet Sync.
+    exchange: Option<plan::Exchange>,
     /// `routing.write_mode`, or the session's `SET pgnear.write_mode`.
     write_mode: crate::config::WriteMode,
-    /// A read the consistency gate refused (`on_timeout = "error"`), answered instead of run.
-    refused: Option<PgError>,
     /// Where shared (pipelined) replica connections send the answers to this session's reads.
     answers: Option<Box<lane::Answers>>,
     /// The parameters the client was told (ParameterStatus), to tell it every change.
@@ -92,168 +89,6 @@ enum Flow {
 }
 
 impl Session {
-    /// Completes the client's startup and returns the session. The client is told the server
-    /// parameters pgnear has cached for its database, so it waits for no upstream; without
-    /// them (the first client of a database) a server connection is taken first: from the
-    /// local replica when it can serve reads (a far region then pays no cross-region
-    /// handshake), else the primary.
-    pub async fn establish(
-        shared: Arc<Shared>,
-        mut client: Stream,
-        startup: Startup,
-        login: Arc<Login>,
-    ) -> Result<Box<Session>, (Stream, PgError)> {
-        let database = startup
-            .get("database")
-            .filter(|d| !d.is_empty())
-            .unwrap_or(&shared.primary.url.database);
-        let target = Target::new(login, database);
-        let state = match SessionState::from_startup(&startup.params) {
-            Ok(s) => s,
-            Err(why) => {
-                let e = PgError::new(
-                    ErrorKind::Protocol,
-                    format!("invalid startup parameter \"options\": {why}"),
-                );
-                return Err((client, e));
-            }
-        };
-        let replica_ready = shared.watcher.as_ref().is_some_and(|w| {
-            let c = &shared.config.consistency;
-            gate::decide(c.mode, None, &w.current(), c.max_replica_lag.0) == gate::Gate::Go
-        });
-        let home = if replica_ready && shared.replica_pool.is_some() {
-            Role::Replica
-        } else {
-            Role::Primary
-        };
-        let mut first = None;
-        let params = match shared.pool(home).cached_params(&target) {
-            Some(p) => p,
-            None => {
-                let mut got = Err(PgError::upstream("unreachable"));
-                for role in [home, Role::Primary] {
-                    got = shared.pool(role).acquire(&target).await.map(|c| (role, c));
-                    match &got {
-                        Err(e) if role == Role::Replica => {
-                            tracing::warn!(error = %e, "replica unavailable at startup; using the primary")
-                        }
-                        _ => break,
-                    }
-                }
-                match got {
-                    Ok((role, conn)) => {
-                        let params = conn.params.clone().into();
-                        first = Some(Server::new(conn, role));
-                        params
-                    }
-                    Err(e) => return Err((client, e)),
-                }
-            }
-        };
-        // The client's own settings are what its session will have, as the server reports
-        // them (learned once per value: see `reported`).
-        let given: Vec<(String, String)> = params
-            .iter()
-            .filter_map(|(k, v)| {
-                let (_, mine) = startup
-                    .params
-                    .iter()
-                    .find(|(name, _)| name.eq_ignore_ascii_case(k))?;
-                (mine != v).then(|| (k.clone(), mine.clone()))
-            })
-            .collect();
-        let unknown: Vec<(String, String)> = given
-            .iter()
-            .filter(|(k, v)| shared.reported.get(k, v).is_none())
-            .cloned()
-            .collect();
-        if !unknown.is_empty() {
-            let mut role = first.as_ref().map_or(home, |s| s.role);
-            let mut conn = match first.take() {
-                Some(s) => Ok(s.conn),
-                None => shared.pool(role).acquire(&target).await,
-            };
-            if conn.is_err() && role == Role::Replica {
-                role = Role::Primary;
-                conn = shared.pool(role).acquire(&target).await;
-            }
-            let mut conn = match conn {
-                Ok(c) => c,
-                Err(e) => return Err((client, e)),
-            };
-            let learned = shared.reported.learn(&mut conn, &unknown).await;
-            // Set and reset: what it carried from earlier sessions is no longer known.
-            shared.pool(role).release(conn, true);
-            if let Err(e) = learned {
-                return Err((client, e));
-            }
-        }
-        let cancel = shared.cancels.register();
-        let mut out = BytesMut::new();
-        let mut told = Vec::with_capacity(params.len());
-        for (k, v) in params.iter() {
-            // pgnear as a whole accepts writes, whichever server answered the startup.
-            let v = match given.iter().find(|(name, _)| name == k) {
-                Some((name, mine)) => shared.reported.get(name, mine).unwrap_or(mine.clone()),
-                None => server::as_primary(k, v).to_string(),
-            };
-            write::parameter_status(&mut out, k, &v);
-            told.push((k.clone(), v));
-        }
-        if !shared.config.regions.primary.is_empty() {
-            write::parameter_status(
-                &mut out,
-                "pgnear.primary_region",
-                &shared.config.regions.primary,
-            );
-        }
-        write::backend_key_data(&mut out, cancel.pid, cancel.secret);
-        write::ready_for_query(&mut out, b'I');
-        if let Err(e) = client.write_all(&out).await {
-            return Err((
-                client,
-                PgError::protocol(format!("client connection lost: {e}")),
-            ));
-        }
-        let write_mode = shared.config.routing.write_mode;
-        let mut session = Session {
-            shared,
-            client,
-            cbuf: BytesMut::new(),
-            cout: BytesMut::new(),
-            target,
-            primary: None,
-            replica: None,
-            batch: BytesMut::new(),
-            batch_tags: Vec::new(),
-            last: home,
-            cancel,
-            cancel_role: None,
-            state,
-            open_tx: None,
-            unnamed_role: None,
-            write_lsn: None,
-            min_lsn: None,
-            refused: None,
-            answers: None,
-            told,
-            write_mode,
-            deferred_begin: None,
-            unsynced: None,
-            unsynced_executed: false,
-            unsynced_changes: Vec::new(),
-        };
-        if let Some(server) = first {
-            let role = server.role;
-            session.last = role;
-            *session.slot(role) = Some(server);
-            session.release_if_done(role);
-        }
-        // Boxed: the session lives as long as the client, and its future is kept small.
-        Ok(Box::new(session))
-    }
-
     /// Relays until the client leaves or pgnear shuts down. On an error the client is told
     /// (ErrorResponse) before the connection closes.
     pub async fn run(mut self: Box<Self>) {
@@ -271,12 +106,12 @@ impl Session {
                 continue;
             };
             let timeout = self.shared.config.upstream.connect_timeout.0;
-            if s.requests.is_empty() && self.unsynced != Some(role) && !s.expect.is_empty() {
+            if s.requests.is_empty() && !self.exchange_on(role) && !s.expect.is_empty() {
                 // Only pgnear's own queries are in flight (a commit-position lookup): let them
                 // finish so the connection can be pooled.
                 let _ = tokio::time::timeout(timeout, s.finish_internal()).await;
             }
-            if s.is_reusable() && self.unsynced != Some(role) {
+            if s.is_reusable() && !self.exchange_on(role) {
                 let reset = self.needs_reset(&s);
                 self.shared.pool(role).release(s.conn, reset);
                 continue;
@@ -296,6 +131,11 @@ impl Session {
         }
     }
 
+    /// Whether an exchange a Flush left open is on `role`.
+    fn exchange_on(&self, role: Role) -> bool {
+        self.exchange.as_ref().is_some_and(|e| e.role == role)
+    }
+
     /// Whether a server connection needs `DISCARD ALL` before another session gets it.
     fn needs_reset(&self, s: &Server) -> bool {
         s.dirty || self.state.pins.any()
@@ -307,8 +147,8 @@ impl Session {
     fn release_if_done(&mut self, role: Role) {
         if self.shared.config.pool.mode != PoolMode::Transaction
             || self.state.pins.any()
-            || self.unsynced == Some(role)
-            || self.open_tx == Some(role)
+            || self.exchange_on(role)
+            || self.tx.open() == Some(role)
             || !self.slot_ref(role).is_some_and(Server::is_reusable)
         {
             return;
@@ -390,35 +230,9 @@ impl Session {
             .any(|s| !s.expect.is_empty())
     }
 
-    /// A server that owes answers, has sent nothing for `connect_timeout` (the replica: for
-    /// its watcher's poll deadline), and whose upstream the health checks report down is taken
-    /// as lost (a silent partition or a frozen server: TCP alone would wait for many minutes).
-    /// Losing the primary ends the session with 08006; the replica's statements fail with 08006
-    /// (or run again on the primary, see `replica_lost`) and the session goes on.
-    async fn check_silent_servers(&mut self) -> Result<(), PgError> {
-        let connect_timeout = self.shared.config.upstream.connect_timeout.0;
-        for role in [Role::Primary, Role::Replica] {
-            let (up, limit) = match role {
-                Role::Primary => (self.shared.probe.current().up, connect_timeout),
-                Role::Replica => (
-                    self.shared.watcher.as_ref().is_some_and(|w| w.current().up),
-                    crate::consistency::watcher::poll_deadline(connect_timeout),
-                ),
-            };
-            let lost = self
-                .slot_ref(role)
-                .and_then(|s| s.stopped_answering(limit, up));
-            if let Some(e) = lost {
-                let e = e.with_detail("The statement may or may not have completed.");
-                self.server_failed(role, e).await?;
-            }
-        }
-        Ok(())
-    }
-
     fn is_idle(&self) -> bool {
         self.batch.is_empty()
-            && self.deferred_begin.is_none()
+            && !matches!(self.tx, plan::Tx::Deferred(_))
             && [&self.primary, &self.replica]
                 .into_iter()
                 .flatten()
@@ -529,8 +343,7 @@ impl Session {
                 self.shared.metrics.error(e.kind);
                 self.batch.clear();
                 self.batch_tags.clear();
-                self.deferred_begin = None;
-                self.open_tx = None;
+                self.tx = plan::Tx::Idle;
                 self.refuse_request(e.non_fatal(), syncs).await
             }
             other => other,
@@ -544,70 +357,6 @@ impl Session {
                     self.server_failed(role, e).await?;
                 }
             }
-        }
-        Ok(())
-    }
-
-    /// A server connection failed: losing the primary ends the session, losing the replica
-    /// does not (see `replica_lost`).
-    async fn server_failed(&mut self, role: Role, e: PgError) -> Result<(), PgError> {
-        match role {
-            Role::Primary => Err(e),
-            Role::Replica => self.replica_lost(e).await,
-        }
-    }
-
-    /// The replica connection failed. The session goes on: requests in flight there get an
-    /// 08006 error (they may not have completed), later reads go to the primary until the
-    /// replica is back. Only losing the primary ends the session (its state lives there).
-    /// Autocommit reads none of whose answer has reached the client run again on the primary
-    /// instead (a standby changed nothing), in order, so the client just sees a slower answer.
-    async fn replica_lost(&mut self, e: PgError) -> Result<(), PgError> {
-        let Some(mut server) = self.replica.take() else {
-            return Ok(());
-        };
-        tracing::warn!(error = %e, "lost the replica connection; reads go to the primary");
-        self.shared.metrics.error(e.kind);
-        let again: Vec<_> =
-            if !server.reader.begun && server.requests.iter().all(|r| r.again.is_some()) {
-                let reads = server.requests.drain(..);
-                reads
-                    .filter_map(|mut r| r.again.take().map(|a| (r, a)))
-                    .collect()
-            } else {
-                Vec::new()
-            };
-        let e = PgError { fatal: false, ..e }.with_detail("The statement may not have completed.");
-        let mut out = BytesMut::new();
-        if again.is_empty() && server.requests.is_empty() && !server.expect.is_empty() {
-            write::error_response(&mut out, &e);
-        }
-        if self.open_tx == Some(Role::Replica) {
-            self.open_tx = None;
-        }
-        for _ in 0..server.requests.len() {
-            write::error_response(&mut out, &e);
-            write::ready_for_query(&mut out, b'I');
-        }
-        if self.last == Role::Replica {
-            self.last = Role::Primary;
-        }
-        if self.unnamed_role == Some(Role::Replica) {
-            self.unnamed_role = None;
-        }
-        if self.cancel_role == Some(Role::Replica) {
-            self.cancel_role = None;
-        }
-        if !out.is_empty() {
-            self.write_client(&out).await?;
-        }
-        if !again.is_empty() {
-            tracing::info!(
-                reads = again.len(),
-                "no answer had begun; running the reads on the primary"
-            );
-            // Boxed: it goes through server(), which may relay, and so re-enter this function.
-            Box::pin(self.run_again_on_primary(again)).await?;
         }
         Ok(())
     }
@@ -747,128 +496,6 @@ impl Session {
             Role::Primary => &mut self.primary,
             Role::Replica => &mut self.replica,
         }
-    }
-
-    /// Relays what a server sent.
-    async fn on_server(&mut self, role: Role) -> Result<(), PgError> {
-        let mut seen = Seen::default();
-        let server = match role {
-            Role::Primary => self.primary.as_mut(),
-            Role::Replica => self.replica.as_mut(),
-        };
-        let server = server.expect("read from a connected server");
-        let names =
-            (self.shared.config.pool.mode == PoolMode::Transaction).then_some(&self.state.names);
-        server.scan(&mut self.cout, &mut seen, Some(&mut self.told), names)?;
-        for &at in &seen.notifications {
-            map_notification_pid(&mut self.cout, at, server.conn.addr, &self.shared.cancels);
-        }
-        let (idle, tx) = (server.expect.is_empty(), server.tx);
-        for name in &seen.failed_parses {
-            // The client's Parse of a new statement failed: it does not exist, as in Postgres.
-            self.state.statements.remove(name);
-        }
-        if seen.unnamed_failed && self.unnamed_role == Some(role) {
-            // What a Bind of it gets now is the server's own answer, as from Postgres.
-            self.state.unnamed = None;
-        }
-        let mut capture = false;
-        for request in seen.done {
-            capture |= (request.capture_after && !request.failed) || request.capture_owed;
-            if let Some(t) = request.started {
-                self.shared
-                    .metrics
-                    .duration(role, t.elapsed().as_secs_f64());
-            }
-            if let Some(change) = request.change.filter(|_| !request.failed) {
-                let dropped = SessionState::drops_statements(&change);
-                let deallocated = SessionState::deallocated(&change);
-                let seq = self.state.commit_change(change);
-                let applied = self.state.applied();
-                if let Some(s) = self.slot(role).as_mut() {
-                    s.synced = seq;
-                    s.conn.carry.applied = applied;
-                    if dropped {
-                        s.conn.carry.prepared.clear();
-                        s.unnamed_dropped = true;
-                    }
-                }
-                if !self.shares_statements() {
-                    self.forget_statements(role, &deallocated);
-                }
-                if dropped && !self.shares_statements() {
-                    // The client's statements are gone; the other server's copies go too.
-                    if let Some(o) = self.slot(role.other()).as_mut() {
-                        let names: Vec<String> =
-                            o.conn.carry.prepared.drain().map(|(n, _)| n).collect();
-                        o.to_close.extend(names);
-                    }
-                }
-            }
-        }
-        // Only the server holding the transaction (or any, when none does) says whether it
-        // is still open: the other one going idle (pgnear's own Sync) says nothing of it.
-        if idle && self.open_tx.is_none_or(|r| r == role) {
-            self.open_tx = (tx != b'I').then_some(role);
-        }
-        if let Some(lsn) = seen
-            .write_lsn
-            .as_deref()
-            .and_then(|v| v.parse::<Lsn>().ok())
-        {
-            if self.write_lsn.is_none_or(|w| lsn > w) {
-                self.write_lsn = Some(lsn);
-                if self.shared.config.consistency.report_write_lsn {
-                    write::parameter_status(&mut self.cout, "pgnear.write_lsn", &lsn.to_string());
-                }
-            }
-        }
-        if !self.cout.is_empty() {
-            self.shared.metrics.bytes_out(self.cout.len());
-            let r = self.client.write_all(&self.cout).await;
-            self.cout.clear();
-            if r.is_err() {
-                // The client is gone; the caller's next client read sees it.
-                return Err(PgError::protocol("client connection lost"));
-            }
-        }
-        if capture {
-            let open = self.unsynced == Some(role);
-            if let Some(s) = self.slot(role).as_mut() {
-                if let Some(last) = s.requests.back_mut() {
-                    // The client sent more behind it (another COPY, say): the lookup waits for
-                    // the last, so that nothing of pgnear's reaches a server in copy-in mode.
-                    last.capture_owed = true;
-                } else if !(open || s.reader.copy_in || s.expect.skipping) {
-                    s.send_internal_query(route::WRITE_LSN_QUERY, expect::Purpose::WriteLsn);
-                    s.flush().await?;
-                }
-            }
-        }
-        if let Some(retry) = seen.retry {
-            // Boxed: retrying goes through server(), which may relay (and so re-enter this function).
-            Box::pin(self.retry_on_primary(retry)).await?;
-        }
-        self.release_if_done(role);
-        Ok(())
-    }
-}
-
-/// Rewrites the sender pid of the notification at `at` in `out` (from a server at `addr`) when
-/// another pgnear session's server connection sent it: the client knows that session by the
-/// pid pgnear gave it, not by the server's.
-fn map_notification_pid(
-    out: &mut BytesMut,
-    at: usize,
-    addr: std::net::SocketAddr,
-    cancels: &CancelRegistry,
-) {
-    let Some(field) = out.get_mut(at + 5..at + 9) else {
-        return;
-    };
-    let pid = i32::from_be_bytes([field[0], field[1], field[2], field[3]]);
-    if let Some(client) = cancels.client_pid(addr, pid) {
-        field.copy_from_slice(&client.to_be_bytes());
     }
 }
 

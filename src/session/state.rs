@@ -100,6 +100,16 @@ pub const FROM_POOL: u64 = u64::MAX;
 const NOT_SETTINGS: [&str; 4] = ["user", "database", "replication", "options"];
 
 impl PendingState {
+    /// Whether it pins the session to its server (see `SessionState::apply_pins`).
+    pub fn pins(&self) -> bool {
+        self.effects.iter().any(|k| {
+            matches!(
+                k,
+                Kind::Listen | Kind::CreateTemp | Kind::AdvisoryLock | Kind::Prepare { .. }
+            )
+        })
+    }
+
     /// Adds the change of a later statement (one Sync of the extended protocol ends both).
     pub fn extend(&mut self, later: PendingState) {
         self.settings.extend(later.settings);
