@@ -361,6 +361,49 @@ fn pgbench_tpcb_through_pgnear_adds_up() {
     });
 }
 
+/// A batch pgnear refuses (replay mode) leaves nothing behind: the client got no
+/// ParseComplete, so the statement it named does not exist for it, and parsing that name
+/// again works, as on a server that never saw it.
+#[test]
+fn a_refused_batch_leaves_no_statement_behind() {
+    use tokio::io::AsyncWriteExt;
+    run(async {
+        on_primary("CREATE TABLE IF NOT EXISTS replayed (a int)").await;
+        use pgnear::config::{AuthMethod, PoolMode, WriteMode};
+        for pool in [PoolMode::Session, PoolMode::Transaction] {
+            let p = proxy(REPLICA, |c| {
+                c.routing.write_mode = WriteMode::Replay;
+                c.auth.method = Some(AuthMethod::Trust);
+                c.pool.mode = pool;
+            })
+            .await;
+            let mut s = raw_session(&p).await;
+            let refused = [
+                parse_msg("s1", "INSERT INTO replayed VALUES (1)"),
+                bind_msg("", "s1", &[]),
+                execute_msg(""),
+                sync_msg(),
+            ]
+            .concat();
+            s.write_all(&refused).await.unwrap();
+            let got = until_ready(&mut s).await;
+            assert_eq!(tags(&got), "EZ", "{pool:?}");
+            assert_eq!(error_codes(&got), ["25006"], "{pool:?}");
+            let again = [
+                parse_msg("s1", "SELECT 1"),
+                bind_msg("", "s1", &[]),
+                execute_msg(""),
+                sync_msg(),
+            ]
+            .concat();
+            s.write_all(&again).await.unwrap();
+            let got = until_ready(&mut s).await;
+            assert_eq!(tags(&got), "12DCZ", "{pool:?}: {:?}", error_codes(&got));
+            p.shutdown().await;
+        }
+    });
+}
+
 #[test]
 fn replay_mode_refuses_writes_outside_the_primary_region() {
     run(async {
