@@ -4,12 +4,16 @@
 # through each binary (primary region, session mode, defaults), interleaved, each run
 # PGNEAR_BENCH_SECS long (default 10), ROUNDS times (default 3); prints the median TPS and the
 # ratio to direct. With BENCH_REGION=replica, pgnear runs in a replica region (rtt 0) and the
-# -S runs compare with direct reads from that replica.
+# -S runs compare with direct reads from that replica. CLIENTS (default 8) sets pgbench's
+# clients; pgnear's own settings pass through the environment (PGNEAR_POOL_MODE=transaction
+# PGNEAR_POOL_PIPELINE=1 for pipelined reads, in a replica region).
 #   scripts/bench-before-after.sh OLD_PGNEAR NEW_PGNEAR
 set -euo pipefail
 old=$1 new=$2
 secs=${PGNEAR_BENCH_SECS:-10}
 rounds=${ROUNDS:-3}
+clients=${CLIENTS:-8}
+threads=$((clients < 2 ? clients : 2))
 work=$(mktemp -d)
 cleanup() {
     kill $(jobs -p) 2>/dev/null || true
@@ -41,7 +45,7 @@ pgbench -i -q -s 10 -h "${primary%:*}" -p "${primary#*:}" -U app app > /dev/null
 
 tps() { # port args...
     local port=$1; shift
-    pgbench -h 127.0.0.1 -p "$port" -U app -c 8 -j 2 -T "$secs" -n "$@" app 2>/dev/null \
+    pgbench -h 127.0.0.1 -p "$port" -U app -c "$clients" -j "$threads" -T "$secs" -n "$@" app 2>/dev/null \
         | sed -n 's/^tps = \([0-9.]*\).*/\1/p'
 }
 median() { sort -n | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }

@@ -458,11 +458,14 @@ impl Config {
         let Ok(mut url) = UpstreamUrl::parse(&self.upstream.primary_url) else {
             return;
         };
-        if !url.host.ends_with(".internal") {
+        let [host] = url.hosts.as_mut_slice() else {
+            return;
+        };
+        if !host.name.ends_with(".internal") {
             return;
         }
-        url.host = format!("top1.nearest.of.{}", url.host);
-        url.port = 5433;
+        host.name = format!("top1.nearest.of.{}", host.name);
+        host.port = 5433;
         self.upstream.replica_url = url.to_url_with_password();
     }
 

@@ -27,6 +27,7 @@ pub struct Metrics {
     pub lsn_wait_timeouts: IntCounter,
     pub replica_retries: IntCounter,
     pub replay_refusals: IntCounter,
+    pub primary_changes: IntCounter,
     pub replica_lag_bytes: Gauge,
     pub replica_lag_seconds: Gauge,
     pub replica_replay_lsn: IntGauge,
@@ -269,6 +270,10 @@ impl Metrics {
             replay_refusals: counter(
                 "pgnear_replay_refusals_total",
                 "Writes refused in replay mode (SQLSTATE 25006 with a fly-replay hint)",
+            ),
+            primary_changes: counter(
+                "pgnear_primary_changes_total",
+                "Changes of the address that takes the primary's connections (found, moved, lost, split brain)",
             ),
             replica_lag_bytes,
             replica_lag_seconds,

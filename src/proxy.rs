@@ -86,28 +86,27 @@ impl Proxy {
             |role: Role, url: upstream_url::UpstreamUrl| -> Result<Upstream, StartError> {
                 let tls = tls::client_config(url.sslmode, url.sslrootcert.as_deref())?;
                 // A lookup is part of connecting: it gets the connect timeout.
-                let dns = discovery::Discovery::start(
-                    role,
-                    &url.host,
-                    url.port,
-                    &nameservers,
-                    connect_timeout,
-                    metrics.clone(),
-                    shutdown.clone(),
-                )
-                .map_err(|source| StartError::Dns {
-                    role: role.name(),
-                    host: url.host.clone(),
-                    source: Box::new(source),
-                })?;
-                Ok(Upstream {
-                    role,
-                    login: Arc::new(backend::login::Login::of_url(&url)),
-                    url,
-                    tls,
-                    connect_timeout,
-                    dns,
-                })
+                let dns = url
+                    .hosts
+                    .iter()
+                    .map(|host| {
+                        discovery::Discovery::start(
+                            role,
+                            &host.name,
+                            host.port,
+                            &nameservers,
+                            connect_timeout,
+                            metrics.clone(),
+                            shutdown.clone(),
+                        )
+                        .map_err(|source| StartError::Dns {
+                            role: role.name(),
+                            host: host.name.clone(),
+                            source: Box::new(source),
+                        })
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok(Upstream::new(role, url, tls, connect_timeout, dns))
             };
         let replica = if config.upstream.replica_url.is_empty() {
             None

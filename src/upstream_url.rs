@@ -1,4 +1,5 @@
-//! `postgres://user:pass@host:port/db?sslmode=...` as pgnear needs it for an upstream.
+//! `postgres://user:pass@host:port,host:port/db?sslmode=...` as pgnear needs it for an upstream:
+//! one host or several, libpq's syntax (a host without a port takes the last port given).
 
 use std::fmt;
 
@@ -24,13 +25,30 @@ impl SslMode {
     }
 }
 
+/// One host of an upstream URL: a name or an IP literal (IPv6 without brackets), and a port.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Host {
+    pub name: String,
+    pub port: u16,
+}
+
+impl fmt::Display for Host {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.name.contains(':') {
+            write!(f, "[{}]:{}", self.name, self.port)
+        } else {
+            write!(f, "{}:{}", self.name, self.port)
+        }
+    }
+}
+
 /// A parsed upstream URL. The password never appears in `Debug` or `Display`.
 #[derive(Clone, PartialEq, Eq)]
 pub struct UpstreamUrl {
     pub user: String,
     pub password: Option<String>,
-    pub host: String,
-    pub port: u16,
+    /// At least one, in the URL's order.
+    pub hosts: Vec<Host>,
     pub database: String,
     pub sslmode: SslMode,
     pub sslrootcert: Option<String>,
@@ -44,15 +62,12 @@ impl fmt::Debug for UpstreamUrl {
 
 impl fmt::Display for UpstreamUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let host = if self.host.contains(':') {
-            format!("[{}]", self.host)
-        } else {
-            self.host.clone()
-        };
         write!(
             f,
-            "postgres://{}@{}:{}/{}",
-            self.user, host, self.port, self.database
+            "postgres://{}@{}/{}",
+            self.user,
+            self.host_list(),
+            self.database
         )
     }
 }
@@ -90,13 +105,15 @@ pub fn percent_encode(s: &str) -> String {
 }
 
 impl UpstreamUrl {
+    /// The hosts as the URL writes them: `h1:5432,[fdaa::3]:5433`.
+    pub fn host_list(&self) -> String {
+        let hosts: Vec<String> = self.hosts.iter().map(Host::to_string).collect();
+        hosts.join(",")
+    }
+
     /// The URL again, password included (for deriving one upstream from another).
     pub fn to_url_with_password(&self) -> String {
-        let host = if self.host.contains(':') {
-            format!("[{}]", self.host)
-        } else {
-            self.host.clone()
-        };
+        let hosts = self.host_list();
         let password = self
             .password
             .as_deref()
@@ -115,9 +132,8 @@ impl UpstreamUrl {
             .map(|r| format!("&sslrootcert={}", percent_encode(r)))
             .unwrap_or_default();
         format!(
-            "postgres://{}{password}@{host}:{}/{}?sslmode={mode}{root}",
+            "postgres://{}{password}@{hosts}/{}?sslmode={mode}{root}",
             percent_encode(&self.user),
-            self.port,
             percent_encode(&self.database)
         )
     }
@@ -141,33 +157,7 @@ impl UpstreamUrl {
             },
             None => (String::new(), None),
         };
-        let (host, port) = if let Some(v6) = hostport.strip_prefix('[') {
-            let (h, after) = v6.split_once(']').ok_or("an IPv6 host in [brackets]")?;
-            let port = match after {
-                "" => "",
-                _ => after
-                    .strip_prefix(':')
-                    .ok_or("an IPv6 host in [brackets], then nothing or :port")?,
-            };
-            (h.to_string(), port)
-        } else {
-            let (h, p) = hostport.rsplit_once(':').unwrap_or((hostport, ""));
-            if h.contains(':') {
-                return Err("an IPv6 host in [brackets]".into());
-            }
-            (h.to_string(), p)
-        };
-        if host.is_empty() {
-            return Err("a host name or address after @".into());
-        }
-        if host.contains(['[', ']']) {
-            return Err("an IPv6 host in [brackets]".into());
-        }
-        let port = if port.is_empty() {
-            5432
-        } else {
-            port.parse().map_err(|_| "a port number from 1 to 65535")?
-        };
+        let hosts = parse_hosts(hostport)?;
         let user = if user.is_empty() {
             "postgres".to_string()
         } else {
@@ -181,8 +171,7 @@ impl UpstreamUrl {
         let mut parsed = UpstreamUrl {
             user,
             password,
-            host,
-            port,
+            hosts,
             database,
             sslmode: SslMode::Prefer,
             sslrootcert: None,
@@ -209,6 +198,52 @@ impl UpstreamUrl {
     }
 }
 
+/// The hosts of an authority (`h1:5432,h2,[fdaa::3]:5433`). A host without a port takes the
+/// last port the URL gives, else 5432.
+fn parse_hosts(hostport: &str) -> Result<Vec<Host>, String> {
+    let mut hosts: Vec<(String, Option<u16>)> = Vec::new();
+    for item in hostport.split(',') {
+        let (host, port) = if let Some(v6) = item.strip_prefix('[') {
+            let (h, after) = v6.split_once(']').ok_or("an IPv6 host in [brackets]")?;
+            let port = match after {
+                "" => "",
+                _ => after
+                    .strip_prefix(':')
+                    .ok_or("an IPv6 host in [brackets], then nothing or :port")?,
+            };
+            (h.to_string(), port)
+        } else {
+            let (h, p) = item.rsplit_once(':').unwrap_or((item, ""));
+            if h.contains(':') {
+                return Err("an IPv6 host in [brackets]".into());
+            }
+            (h.to_string(), p)
+        };
+        if host.is_empty() {
+            return Err("a host name or address after @ (hosts separated by commas)".into());
+        }
+        if host.contains(['[', ']']) {
+            return Err("an IPv6 host in [brackets]".into());
+        }
+        let port = if port.is_empty() {
+            None
+        } else {
+            Some(port.parse().map_err(|_| "a port number from 1 to 65535")?)
+        };
+        hosts.push((host, port));
+    }
+    // A host without a port takes the last port the URL gives (`h1,h2:5433`: both 5433).
+    let last = hosts.iter().rev().find_map(|(_, p)| *p).unwrap_or(5432);
+    let out: Vec<Host> = hosts
+        .into_iter()
+        .map(|(name, port)| Host {
+            name,
+            port: port.unwrap_or(last),
+        })
+        .collect();
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -219,18 +254,45 @@ mod tests {
             .unwrap();
         assert_eq!(u.user, "app");
         assert_eq!(u.password.as_deref(), Some("s@cret"));
-        assert_eq!(u.host, "db.internal");
-        assert_eq!(u.port, 5433);
+        assert_eq!(u.hosts, [host("db.internal", 5433)]);
         assert_eq!(u.database, "app");
         assert_eq!(u.sslmode, SslMode::Require);
         assert!(!format!("{u:?}").contains("cret"));
 
         let u = UpstreamUrl::parse("postgresql://bob@[fdaa::3]/").unwrap();
-        assert_eq!(
-            (u.host.as_str(), u.port, u.database.as_str()),
-            ("fdaa::3", 5432, "bob")
-        );
+        assert_eq!(u.hosts, [host("fdaa::3", 5432)]);
+        assert_eq!(u.database, "bob");
         assert_eq!(u.sslmode, SslMode::Prefer);
+    }
+
+    fn host(name: &str, port: u16) -> Host {
+        Host {
+            name: name.to_string(),
+            port,
+        }
+    }
+
+    #[test]
+    fn several_hosts_libpq_style() {
+        let u = UpstreamUrl::parse("postgres://app@h1:5433,h2,[fdaa::3]:5434,h4/app").unwrap();
+        assert_eq!(
+            u.hosts,
+            [
+                host("h1", 5433),
+                host("h2", 5434),
+                host("fdaa::3", 5434),
+                host("h4", 5434)
+            ]
+        );
+        assert_eq!(u.host_list(), "h1:5433,h2:5434,[fdaa::3]:5434,h4:5434");
+        assert_eq!(UpstreamUrl::parse(&u.to_url_with_password()).unwrap(), u);
+        for bad in [
+            "postgres://a@h1,,h2/c",
+            "postgres://a@h1,/c",
+            "postgres://a@,h1/c",
+        ] {
+            assert!(UpstreamUrl::parse(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

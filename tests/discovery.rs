@@ -141,8 +141,10 @@ fn answer(
 /// The lab's primary URL with another host and port.
 fn primary_url_at(host: &str, port: u16) -> String {
     let mut url = UpstreamUrl::parse(&cluster().primary_url_from(PRIMARY)).unwrap();
-    url.host = host.to_string();
-    url.port = port;
+    url.hosts = vec![pgnear::upstream_url::Host {
+        name: host.to_string(),
+        port,
+    }];
     url.to_url_with_password()
 }
 

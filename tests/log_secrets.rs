@@ -110,7 +110,7 @@ fn logs_hold_no_passwords_and_no_parameter_values() {
 
     let logs = logs();
     // The capture is real: startup, the refused login and the session's routing were logged.
-    for expected in ["pgnear listening", "client refused", "query routed"] {
+    for expected in ["pgnear listening", "client refused", "request routed"] {
         assert!(
             logs.contains(expected),
             "{expected:?} was not captured; {} bytes of logs",

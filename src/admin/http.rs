@@ -8,6 +8,8 @@ use http_body_util::Full;
 use hyper::{Method, Request, Response, StatusCode};
 use tokio::net::TcpListener;
 
+use crate::backend::conn::Chosen;
+use crate::backend::health::HostRole;
 use crate::role::Role;
 use crate::session::Shared;
 
@@ -109,10 +111,35 @@ fn readiness(shared: &Shared) -> Result<&'static str, &'static str> {
 /// The upstream's current DNS answer, as strings.
 fn addresses(upstream: &crate::backend::conn::Upstream) -> Vec<String> {
     upstream
-        .dns
-        .current()
+        .current_addrs()
         .iter()
         .map(|a| a.to_string())
+        .collect()
+}
+
+/// Where the primary's connections go: an address, or why none.
+fn writes_to(chosen: Chosen) -> serde_json::Value {
+    match chosen {
+        Chosen::At(a) => a.to_string().into(),
+        Chosen::Unknown => serde_json::Value::Null,
+        Chosen::Nowhere => "none: every host that answers is in recovery".into(),
+        Chosen::Conflict(a, b) => {
+            format!("none: {a} and {b} both claim to be the primary (split brain)").into()
+        }
+    }
+}
+
+/// What each address of the primary's hosts answered at the last probe.
+fn primary_hosts(hosts: &[(std::net::SocketAddr, HostRole)]) -> serde_json::Value {
+    hosts
+        .iter()
+        .map(|(addr, role)| match role {
+            HostRole::Primary { timeline, .. } => {
+                serde_json::json!({ "address": addr.to_string(), "role": "primary", "timeline": timeline })
+            }
+            HostRole::Standby => serde_json::json!({ "address": addr.to_string(), "role": "standby" }),
+            HostRole::Down => serde_json::json!({ "address": addr.to_string(), "role": "down" }),
+        })
         .collect()
 }
 
@@ -143,6 +170,8 @@ fn status(shared: &Shared) -> serde_json::Value {
         "addresses": addresses(&shared.primary),
         "up": primary.up,
         "wal_lsn": primary.lsn.map(|l| l.to_string()),
+        "writes_to": writes_to(shared.primary.chosen()),
+        "hosts": primary_hosts(&shared.probe.hosts()),
     })];
     if let (Some(r), Some(w)) = (&shared.replica, &shared.watcher) {
         let s = w.current();

@@ -2,7 +2,7 @@
 //! (trust, cleartext, md5, SCRAM-SHA-256), then the server's parameters and key.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -29,8 +29,38 @@ pub struct Upstream {
     pub connect_timeout: Duration,
     /// How pgnear logs in as the URL's role.
     pub login: Arc<Login>,
-    /// Where the host is now (DNS discovery; fixed for an IP literal).
-    pub dns: Arc<Discovery>,
+    /// Where each host of the URL is now (DNS discovery; fixed for an IP literal), in the
+    /// URL's order.
+    pub dns: Vec<Arc<Discovery>>,
+    /// Which of the hosts' addresses takes this upstream's connections (for the primary: the
+    /// one not in recovery, as the probe found it; see `health`).
+    pub chosen: Mutex<Chosen>,
+    /// Woken when a connect fails: the probe checks the hosts' roles at once.
+    pub recheck: tokio::sync::Notify,
+}
+
+/// Which addresses a new connection may go to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pick {
+    /// The chosen one (or all in order while none is): a session's connection.
+    Chosen,
+    /// All in order, whatever is chosen: the replica watcher looking for a replica.
+    Any,
+    /// This one only: the probe asking one host what it is.
+    Only(SocketAddr),
+}
+
+/// Which address of an upstream's hosts its connections go to.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Chosen {
+    /// Not known yet: the addresses are tried in order.
+    #[default]
+    Unknown,
+    At(SocketAddr),
+    /// Every host that answered is in recovery: no primary.
+    Nowhere,
+    /// Two hosts claim to be the primary and nothing tells them apart (split brain).
+    Conflict(SocketAddr, SocketAddr),
 }
 
 /// The client side of a SCRAM exchange: with the URL's password, or with a verifier's keys.
@@ -50,49 +80,136 @@ pub struct ServerConn {
 }
 
 impl Upstream {
+    pub fn new(
+        role: Role,
+        url: UpstreamUrl,
+        tls: Option<Arc<rustls::ClientConfig>>,
+        connect_timeout: Duration,
+        dns: Vec<Arc<Discovery>>,
+    ) -> Upstream {
+        Upstream {
+            role,
+            login: Arc::new(Login::of_url(&url)),
+            url,
+            tls,
+            connect_timeout,
+            dns,
+            chosen: Mutex::new(Chosen::Unknown),
+            recheck: tokio::sync::Notify::new(),
+        }
+    }
+
     fn fail(&self, what: impl std::fmt::Display) -> PgError {
         PgError::upstream(format!(
-            "{} upstream {}:{} unavailable: {what}",
+            "{} upstream {} unavailable: {what}",
             self.role.name(),
-            self.url.host,
-            self.url.port
+            self.url.host_list()
         ))
     }
 
-    async fn resolve(&self) -> Result<Arc<[SocketAddr]>, PgError> {
-        self.dns
-            .addrs()
-            .await
-            .map_err(|e| self.fail(format!("cannot resolve host: {e}")))
+    pub fn chosen(&self) -> Chosen {
+        *self.chosen.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Opens a TCP connection to the first address that answers within `connect_timeout`. A
-    /// failed address makes discovery look the host up again, and the addresses that brings
-    /// are tried too (discovery rate-limits lookups, so this is at most one more round).
-    async fn tcp(&self) -> Result<(TcpStream, SocketAddr), PgError> {
+    /// Records which address takes the upstream's connections; the previous choice.
+    pub fn choose(&self, chosen: Chosen) -> Chosen {
+        std::mem::replace(
+            &mut *self.chosen.lock().unwrap_or_else(|p| p.into_inner()),
+            chosen,
+        )
+    }
+
+    /// Whether `addr` is still in a host's DNS answer: a long-lived connection to an address
+    /// that left it talks to a server that no longer is this upstream.
+    pub fn in_dns(&self, addr: SocketAddr) -> bool {
+        self.dns.iter().any(|d| d.is_current(addr))
+    }
+
+    /// Whether a connection to `addr` may serve this upstream's sessions: in DNS, and the
+    /// chosen address when one is (a standby among the primary's hosts gets no writes).
+    pub fn takes(&self, addr: SocketAddr) -> bool {
+        self.in_dns(addr)
+            && match self.chosen() {
+                Chosen::Unknown => true,
+                Chosen::At(a) => a == addr,
+                Chosen::Nowhere | Chosen::Conflict(..) => false,
+            }
+    }
+
+    /// The current DNS answers of every host, in the URL's order (empty before the first).
+    pub fn current_addrs(&self) -> Vec<SocketAddr> {
+        self.dns.iter().flat_map(|d| d.current()).collect()
+    }
+
+    /// Every host's addresses, in the URL's order, each with its host's index. A host that
+    /// cannot be resolved is left out while another can.
+    pub async fn resolve(&self) -> Result<Vec<(usize, SocketAddr)>, PgError> {
+        let mut addrs = Vec::new();
+        let mut errors = Vec::new();
+        for (i, dns) in self.dns.iter().enumerate() {
+            match dns.addrs().await {
+                Ok(a) => addrs.extend(a.iter().map(|&a| (i, a))),
+                Err(e) => errors.push(format!("{}: {e}", self.url.hosts[i])),
+            }
+        }
+        if addrs.is_empty() {
+            return Err(self.fail(format!("cannot resolve host: {}", errors.join("; "))));
+        }
+        Ok(addrs)
+    }
+
+    /// The addresses a session's connection may go to: the chosen one, or all in order.
+    async fn candidates(&self) -> Result<Vec<(usize, SocketAddr)>, PgError> {
+        let addrs = self.resolve().await?;
+        match self.chosen() {
+            Chosen::Unknown => Ok(addrs),
+            Chosen::At(a) => Ok(addrs.into_iter().filter(|&(_, x)| x == a).collect()),
+            Chosen::Nowhere => Err(self
+                .fail("no host is a primary: every one that answers is in recovery")
+                .with_detail("Writes wait for a primary among the hosts (a promotion).")),
+            Chosen::Conflict(a, b) => Err(self
+                .fail(format!(
+                    "{a} and {b} both claim to be the primary on the same timeline (split brain)"
+                ))
+                .with_detail("Writes are refused until one of them is no longer a primary.")),
+        }
+    }
+
+    /// Opens a TCP connection to the first address `pick` allows that answers
+    /// within `connect_timeout`. A failed address makes discovery look its host up again, and
+    /// the addresses that brings are tried too (discovery rate-limits lookups, so this is at
+    /// most one more round). Returns the host's index too (its name is the TLS server name).
+    async fn tcp(&self, pick: Pick) -> Result<(TcpStream, SocketAddr, usize), PgError> {
         let mut tried: Vec<SocketAddr> = Vec::new();
         let mut failures: Vec<String> = Vec::new();
         for round in 0..2 {
-            let addrs = match self.resolve().await {
+            let addrs = match pick {
+                Pick::Only(addr) => self
+                    .resolve()
+                    .await
+                    .map(|all| all.into_iter().filter(|&(_, a)| a == addr).collect()),
+                Pick::Any => self.resolve().await,
+                Pick::Chosen => self.candidates().await,
+            };
+            let addrs = match addrs {
                 Ok(addrs) => addrs,
                 Err(e) if round == 0 => return Err(e),
                 Err(_) => break,
             };
-            let untried: Vec<SocketAddr> = addrs
-                .iter()
-                .copied()
-                .filter(|a| !tried.contains(a))
+            let untried: Vec<(usize, SocketAddr)> = addrs
+                .into_iter()
+                .filter(|(_, a)| !tried.contains(a))
                 .collect();
             if untried.is_empty() {
                 break;
             }
-            for addr in untried {
+            for (host, addr) in untried {
                 tried.push(addr);
                 match tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr)).await {
                     Ok(Ok(s)) => {
                         s.set_nodelay(true).ok();
                         give_up_on_silent_paths(&s, self.connect_timeout);
-                        return Ok((s, addr));
+                        return Ok((s, addr, host));
                     }
                     Ok(Err(e)) => failures.push(format!("{addr}: {e}")),
                     Err(_) => failures.push(format!(
@@ -100,8 +217,12 @@ impl Upstream {
                         self.connect_timeout
                     )),
                 }
-                self.dns.connect_failed(addr);
+                self.dns[host].connect_failed(addr);
             }
+        }
+        if pick == Pick::Chosen {
+            // Maybe another host is the primary now.
+            self.recheck.notify_one();
         }
         Err(self.fail(if failures.is_empty() {
             "no address".to_string()
@@ -118,9 +239,20 @@ impl Upstream {
         database: &str,
         params: &[(String, String)],
     ) -> Result<ServerConn, PgError> {
-        let (tcp, addr) = self.tcp().await?;
+        self.connect_to(Pick::Chosen, login, database, params).await
+    }
+
+    /// `connect`, to the addresses `pick` allows.
+    pub async fn connect_to(
+        &self,
+        pick: Pick,
+        login: &Login,
+        database: &str,
+        params: &[(String, String)],
+    ) -> Result<ServerConn, PgError> {
+        let (tcp, addr, host) = self.tcp(pick).await?;
         let handshake = async {
-            let stream = self.negotiate_tls(tcp).await?;
+            let stream = self.negotiate_tls(tcp, &self.url.hosts[host].name).await?;
             self.startup(stream, addr, login, database, params).await
         };
         tokio::time::timeout(self.connect_timeout * 2, handshake)
@@ -128,7 +260,7 @@ impl Upstream {
             .map_err(|_| self.fail("startup and authentication timed out"))?
     }
 
-    async fn negotiate_tls(&self, mut tcp: TcpStream) -> Result<Stream, PgError> {
+    async fn negotiate_tls(&self, mut tcp: TcpStream, host: &str) -> Result<Stream, PgError> {
         let Some(config) = &self.tls else {
             return Ok(Stream::Plain(tcp));
         };
@@ -148,7 +280,7 @@ impl Upstream {
                 self.url.sslmode
             )));
         }
-        let name = ServerName::try_from(self.url.host.clone())
+        let name = ServerName::try_from(host.to_string())
             .map_err(|_| self.fail("host is not a valid TLS server name"))?;
         let tls = tokio_rustls::TlsConnector::from(config.clone())
             .connect(name, tcp)

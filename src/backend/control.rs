@@ -9,7 +9,7 @@ use std::time::Duration;
 use bytes::{Buf, BytesMut};
 use tokio::io::AsyncWriteExt;
 
-use super::conn::{ServerConn, Upstream};
+use super::conn::{Pick, ServerConn, Upstream};
 use crate::error::PgError;
 use crate::protocol::backend::{self as be, error_fields};
 
@@ -55,10 +55,19 @@ impl ControlConn {
         upstream: &Upstream,
         deadline: Duration,
     ) -> Result<ControlConn, ControlError> {
+        ControlConn::connect_to(upstream, Pick::Chosen, deadline).await
+    }
+
+    /// `connect`, to the addresses `pick` allows.
+    pub async fn connect_to(
+        upstream: &Upstream,
+        pick: Pick,
+        deadline: Duration,
+    ) -> Result<ControlConn, ControlError> {
         let params = [("application_name".to_string(), "pgnear-control".to_string())];
         let conn = tokio::time::timeout(
             deadline,
-            upstream.connect(&upstream.login, &upstream.url.database, &params),
+            upstream.connect_to(pick, &upstream.login, &upstream.url.database, &params),
         )
         .await
         .map_err(|_| ControlError::Missed("connecting", deadline))??;

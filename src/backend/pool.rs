@@ -419,13 +419,12 @@ impl Pool {
         victim.is_some()
     }
 
-    /// Not too old, still at an address DNS gives for the upstream, and not closed or spoken
+    /// Not too old, still at an address that takes the upstream's connections (in DNS, the
+    /// primary among its hosts), and not closed or spoken
     /// to by the server while idle: an idle connection has nothing to read, so readable means
     /// EOF or a FATAL message (checked without a round trip, by peeking at the socket).
     fn usable(&self, p: &Pooled) -> bool {
-        if p.created.elapsed() >= self.config.max_lifetime.0
-            || !self.upstream.dns.is_current(p.addr)
-        {
+        if p.created.elapsed() >= self.config.max_lifetime.0 || !self.upstream.takes(p.addr) {
             return false;
         }
         let tcp = match &p.conn.stream {

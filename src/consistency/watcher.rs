@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{watch, Notify};
 
-use crate::backend::conn::Upstream;
+use crate::backend::conn::{Chosen, Pick, Upstream};
 use crate::backend::control::ControlConn;
 use crate::backend::health::PrimaryProbe;
 use crate::lsn::Lsn;
@@ -23,6 +23,8 @@ use crate::shutdown::Shutdown;
 const FAST_POLL: Duration = Duration::from_millis(1);
 const SLOW_POLL: Duration = Duration::from_millis(100);
 const RECONNECT: Duration = Duration::from_millis(500);
+/// How often a watcher on a later replica of the list tries the earlier ones again.
+const PREFER_EARLIER: Duration = Duration::from_secs(1);
 /// Longest a poll may take, whatever `connect_timeout` says.
 const MAX_POLL_DEADLINE: Duration = Duration::from_secs(1);
 
@@ -143,6 +145,8 @@ impl Watcher {
         mut shutdown: Shutdown,
     ) {
         let mut conn: Option<ControlConn> = None;
+        let mut tried_earlier = Instant::now();
+        let mut earlier: Option<tokio::task::JoinHandle<Option<ControlConn>>> = None;
         let mut was_in_recovery = true;
         let mut caught_up_at = Instant::now();
         let poll_deadline = poll_deadline(replica.connect_timeout);
@@ -152,17 +156,34 @@ impl Watcher {
             }
             // The host now names other servers (e.g. another nearest replica): watch those,
             // as sessions will use them.
-            if conn
-                .as_ref()
-                .is_some_and(|c| !replica.dns.is_current(c.addr()))
-            {
+            if conn.as_ref().is_some_and(|c| !replica.in_dns(c.addr())) {
                 tracing::info!(replica = %replica.url, "the watched address left DNS; reconnecting");
                 conn = None;
             }
+            // On a later replica of the list: the first that answers again serves instead
+            // (looked for beside the polls, which a silent replica must not hold up).
+            if let Some(found) = earlier.take_if(|h| h.is_finished()) {
+                if let Ok(Some(c)) = found.await {
+                    tracing::info!(replica = %replica.url, addr = %c.addr(), "an earlier replica of the list answers again; reads go there");
+                    watch_here(&replica, c.addr());
+                    conn = Some(c);
+                }
+            }
+            if let Some(current) = conn.as_ref().map(ControlConn::addr) {
+                if earlier.is_none() && tried_earlier.elapsed() >= PREFER_EARLIER {
+                    tried_earlier = Instant::now();
+                    let replica = replica.clone();
+                    earlier = Some(tokio::spawn(async move {
+                        earlier_replica(&replica, current).await
+                    }));
+                }
+            }
             if conn.is_none() {
-                match ControlConn::connect(&replica, replica.connect_timeout).await {
+                // Any replica of the list that answers (sessions go where the watcher is).
+                match ControlConn::connect_to(&replica, Pick::Any, replica.connect_timeout).await {
                     Ok(c) => {
-                        tracing::info!(replica = %replica.url, "replica watcher connected");
+                        tracing::info!(replica = %replica.url, addr = %c.addr(), "replica watcher connected");
+                        watch_here(&replica, c.addr());
                         conn = Some(c);
                     }
                     Err(e) => {
@@ -244,4 +265,28 @@ impl Watcher {
             }
         }
     }
+}
+
+/// The watched address serves the replica's sessions: they read where the replay position is
+/// known (their reads wait for it), and connections elsewhere close once idle.
+fn watch_here(replica: &Upstream, addr: std::net::SocketAddr) {
+    let prev = replica.choose(Chosen::At(addr));
+    if prev != Chosen::At(addr) && prev != Chosen::Unknown {
+        tracing::warn!(replica = %replica.url, %addr, was = ?prev, "reads move to another replica");
+    }
+}
+
+/// A connection to a replica listed before `current` that answers now, if any.
+async fn earlier_replica(replica: &Upstream, current: std::net::SocketAddr) -> Option<ControlConn> {
+    let addrs = replica.resolve().await.ok()?;
+    let deadline = poll_deadline(replica.connect_timeout);
+    for (_, addr) in addrs {
+        if addr == current {
+            return None;
+        }
+        if let Ok(c) = ControlConn::connect_to(replica, Pick::Only(addr), deadline).await {
+            return Some(c);
+        }
+    }
+    None
 }

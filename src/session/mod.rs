@@ -131,6 +131,41 @@ impl Session {
         }
     }
 
+    /// The upstream's connections go elsewhere now (the primary moved to another host, reads to
+    /// another replica): between requests, the session's connection there is given back (the
+    /// pool closes it) and the next request opens one where they go. A session whose state
+    /// lives on the old primary (LISTEN, temp objects, locks) cannot move: it ends with 08006.
+    fn leave_if_moved(&mut self, role: Role) -> Result<(), PgError> {
+        let Some(s) = self.slot_ref(role) else {
+            return Ok(());
+        };
+        let upstream = self.shared.upstream(role);
+        if upstream.takes(s.conn.conn.addr)
+            || !s.is_reusable()
+            || self.exchange_on(role)
+            || self.tx.open() == Some(role)
+        {
+            return Ok(());
+        }
+        if role == Role::Primary && self.state.pins.any() {
+            return Err(PgError::upstream(format!(
+                "the primary moved from {}: this session's state (LISTEN, temporary objects, locks) was there",
+                s.conn.conn.addr
+            ))
+            .with_detail("Reconnect: the new session runs on the new primary."));
+        }
+        tracing::info!(role = role.name(), addr = %s.conn.conn.addr, "the upstream moved; leaving the old server");
+        let s = self.slot(role).take().expect("checked above");
+        if self.cancel_role == Some(role) {
+            self.cancel_role = None;
+        }
+        if self.unnamed_role == Some(role) {
+            self.unnamed_role = None;
+        }
+        self.shared.pool(role).release(s.conn, true);
+        Ok(())
+    }
+
     /// Whether an exchange a Flush left open is on `role`.
     fn exchange_on(&self, role: Role) -> bool {
         self.exchange.as_ref().is_some_and(|e| e.role == role)
@@ -406,6 +441,7 @@ impl Session {
     /// still owes answers, those answers are relayed first, so the client sees them in order.
     async fn server(&mut self, role: Role) -> Result<&mut Server, PgError> {
         self.drain(role.other()).await?;
+        self.leave_if_moved(role)?;
         if self.slot(role).is_none() && role == Role::Primary && self.shared.probe.current().down {
             // Connecting would wait out connect_timeout on a path that swallows packets.
             return Err(

@@ -307,13 +307,14 @@ pub fn plan(r: &Request, s: &RouteState, gate: &Gate) -> Plan {
         && !r.sticky
         && tx_idle
         && s.exchange.is_some_and(|e| !e.changes && fine(&e));
+    let end_prepared = movable.map(|e| e.role);
+    // Deferred only with no exchange to end but a prepare-only one.
+    if r.defers && tx_idle && (s.exchange.is_none() || movable.is_some()) && !s.replays_writes {
+        return Plan::DeferBegin { end_prepared };
+    }
     let exchange = s
         .exchange
         .filter(|_| movable.is_none() && !end_replica_exchange);
-    let end_prepared = movable.map(|e| e.role);
-    if r.defers && tx_idle && exchange.is_none() && !s.replays_writes {
-        return Plan::DeferBegin { end_prepared };
-    }
     if s.tx == TxState::Deferred {
         return Plan::StartDeferred { sets: r.sets };
     }

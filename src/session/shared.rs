@@ -53,4 +53,12 @@ impl Shared {
             _ => &self.primary_pool,
         }
     }
+
+    /// The upstream for `role` (the primary when no replica is configured).
+    pub fn upstream(&self, role: Role) -> &Arc<Upstream> {
+        match (role, &self.replica) {
+            (Role::Replica, Some(u)) => u,
+            _ => &self.primary,
+        }
+    }
 }

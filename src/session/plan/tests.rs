@@ -454,6 +454,14 @@ fn a_plain_begin_is_deferred_and_started_with_the_next_statement() {
             end_prepared: Some(Role::Replica)
         }
     );
+    // After reads on the replica's exchange: that exchange ends there, and the BEGIN is sent.
+    let s = RouteState {
+        exchange: exchange(Role::Replica, true, Some(true)),
+        ..idle()
+    };
+    let p = run(plan(&begin, &s, &GO));
+    assert!(p.end_replica_exchange);
+    assert_eq!((p.role, p.reason), (Role::Primary, Reason::Write));
     // Not in replay mode: the BEGIN goes to the server, which answers for itself.
     let replay = RouteState {
         replays_writes: true,
