@@ -90,7 +90,8 @@ impl BatchPlan {
             only_pins: self.other && self.only_pins,
             executes: self.executes,
             sticky: self.sticky,
-            needs_unnamed: self.needs_unnamed,
+            // (One it parses again later routes as that statement does.)
+            needs_unnamed: self.needs_unnamed && !self.parsed_unnamed,
             pins: self.extended_state || self.changes.iter().any(PendingState::pins),
             shareable: self.syncs == 1
                 && ends_in_sync

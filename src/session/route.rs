@@ -390,20 +390,6 @@ impl Session {
         for change in &plan.changes {
             self.state.apply_pins(change);
         }
-        // A Flush-driven exchange's changes wait for the Sync that ends it.
-        let mut changes = self.exchange.take().map(|e| e.changes).unwrap_or_default();
-        changes.extend(std::mem::take(&mut plan.changes));
-        if let Some(executed) = run.exchange_after {
-            self.exchange = Some(Exchange {
-                role,
-                executed,
-                changes: std::mem::take(&mut changes),
-            });
-        }
-        let mut change = changes.into_iter().reduce(|mut all, c| {
-            all.extend(c);
-            all
-        });
         let capture = self.capture(role, &run);
         if plan.needs_unnamed
             && !plan.parsed_unnamed
@@ -455,6 +441,21 @@ impl Session {
             .database
             .filter(|_| run.fences && role == Role::Primary);
         let mut fences = fences_on(&self.shared, database.as_deref());
+        // A Flush-driven exchange's changes wait for the Sync that ends it. (Recorded once the
+        // batch is out: the drains above still see the exchange as it was.)
+        let mut changes = self.exchange.take().map(|e| e.changes).unwrap_or_default();
+        changes.extend(std::mem::take(&mut plan.changes));
+        if let Some(executed) = run.exchange_after {
+            self.exchange = Some(Exchange {
+                role,
+                executed,
+                changes: std::mem::take(&mut changes),
+            });
+        }
+        let mut change = changes.into_iter().reduce(|mut all, c| {
+            all.extend(c);
+            all
+        });
         let server = self.slot(role).as_mut().expect("connected above");
         for i in owed.min(plan.syncs)..plan.syncs {
             let last = i + 1 == plan.syncs;
