@@ -70,6 +70,12 @@ pub async fn run_cli(
     for region in &regions {
         // Every role of the lab logs in as itself (see `cluster::LAB_ROLES`).
         let mut config = proxy_config(&cluster, region);
+        // Every node in the lists: the pgnears follow a failover (`failover` below) and read
+        // from another region's replica when their own is down.
+        config.upstream.primary_url = failover_url(&cluster, region, true);
+        if cluster.replica(region).is_some() {
+            config.upstream.replica_url = failover_url(&cluster, region, false);
+        }
         config.auth.users = crate::config::AuthUsers::Query;
         config.auth.query = cluster::VERIFIER_QUERY.to_string();
         let proxy = Proxy::start(config).await?;
@@ -109,11 +115,98 @@ pub async fn run_cli(
         cluster.options().app_password
     );
     println!("\nTry: SELECT pg_is_in_recovery(); SHOW pgnear.region;  Ctrl-C stops everything.");
-    stop.await;
+    if let Some(first) = cluster.replicas().first() {
+        println!(
+            "Type `failover` and Enter: the primary stops and {}'s replica is promoted; the pgnears follow.",
+            first.region
+        );
+    }
+    let mut lines = console_lines();
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            line = lines.recv() => match line.as_deref().map(str::trim) {
+                Some("failover") => failover(&cluster).await,
+                Some("") => {}
+                Some(other) => println!("unknown command {other:?}; try `failover`"),
+                // No console (stdin closed): wait for Ctrl-C.
+                None => {
+                    (&mut stop).await;
+                    break;
+                }
+            },
+        }
+    }
     println!("stopping...");
     for (_, proxy) in proxies {
         proxy.shutdown().await;
     }
     cluster.shutdown().await;
     Ok(())
+}
+
+/// A URL of the lab's app listing every node: for the primary, the primary (through the
+/// region's relay) then the replicas; for the replica, the region's own replica first.
+fn failover_url(cluster: &Cluster, region: &str, primary: bool) -> String {
+    let own = cluster.replica(region).map(|r| r.node.addr());
+    let mut hosts = Vec::new();
+    if primary {
+        hosts.push(cluster.primary_addr_from(region));
+    }
+    hosts.extend(own);
+    hosts.extend(
+        cluster
+            .replicas()
+            .iter()
+            .map(|r| r.node.addr())
+            .filter(|a| Some(*a) != own),
+    );
+    let hosts: Vec<String> = hosts.iter().map(|a| a.to_string()).collect();
+    let o = cluster.options();
+    format!(
+        "postgres://{}:{}@{}/{}?sslmode=disable",
+        crate::upstream_url::percent_encode(&o.app_user),
+        crate::upstream_url::percent_encode(&o.app_password),
+        hosts.join(","),
+        crate::upstream_url::percent_encode(&o.database)
+    )
+}
+
+/// The lines typed on the lab's console (none once stdin closes).
+fn console_lines() -> tokio::sync::mpsc::Receiver<String> {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lines() {
+            let Ok(line) = line else { break };
+            if tx.blocking_send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// Stops the primary and promotes the first replica.
+async fn failover(cluster: &Cluster) {
+    let Some(next) = cluster.replicas().first() else {
+        println!("no replica to promote");
+        return;
+    };
+    let started = std::time::Instant::now();
+    println!("failover: stopping the primary...");
+    if let Err(e) = cluster.primary().stop().await {
+        println!("failover: stopping the primary failed: {e}");
+        return;
+    }
+    println!("failover: promoting {}'s replica...", next.region);
+    match next.node.promote().await {
+        Ok(()) => println!(
+            "failover: done in {:?}; {} ({}) is the primary; the pgnears move their writes there at their next probe (within 1 s)",
+            started.elapsed(),
+            next.region,
+            next.node.addr()
+        ),
+        Err(e) => println!("failover: promoting failed: {e}"),
+    }
 }

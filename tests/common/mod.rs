@@ -53,6 +53,12 @@ pub fn run<F: Future<Output = ()>>(f: F) {
 /// The binary's cluster: primary in `iad`, replica in `syd`, no added latency.
 /// Stopped by the lab's watchdog when the test process exits.
 pub fn cluster() -> &'static Cluster {
+    cluster_with(&[PRIMARY, REPLICA])
+}
+
+/// The binary's cluster, started with `regions` (primary first) when this is the first call: a
+/// binary that needs other regions calls it before anything else in each of its tests.
+pub fn cluster_with(regions: &[&str]) -> &'static Cluster {
     static CLUSTER: OnceLock<Cluster> = OnceLock::new();
     CLUSTER.get_or_init(|| {
         let _ = tracing_subscriber::fmt()
@@ -62,7 +68,7 @@ pub fn cluster() -> &'static Cluster {
             .try_init();
         rt().block_on(async {
             Cluster::start(ClusterOptions {
-                regions: vec![PRIMARY.into(), REPLICA.into()],
+                regions: regions.iter().map(|r| r.to_string()).collect(),
                 one_way_delay: Duration::ZERO,
                 ..ClusterOptions::default()
             })

@@ -1,0 +1,153 @@
+//! A list of replicas: when the local one dies, reads move to the next one (10 ms away), not to
+//! the primary (100 ms away), keep reading their own writes through the switch, and come back
+//! once the local one is up again. Its own cluster (three regions): the test stops a replica.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use common::*;
+use pgnear::lab::relay::Relay;
+
+const FAR: &str = "lhr";
+
+fn start_cluster() {
+    cluster_with(&[PRIMARY, REPLICA, FAR]);
+}
+
+/// The lab's app URL at `hosts`.
+fn hosts_url(hosts: &[SocketAddr]) -> String {
+    let o = cluster().options();
+    let hosts: Vec<String> = hosts.iter().map(SocketAddr::to_string).collect();
+    format!(
+        "postgres://{}:{}@{}/{}?sslmode=disable",
+        o.app_user,
+        o.app_password,
+        hosts.join(","),
+        o.database
+    )
+}
+
+/// The port of the server a read ran on.
+async fn read_port(c: &tokio_postgres::Client) -> i32 {
+    c.query_one("SELECT inet_server_port()", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// The median of `n` timed reads.
+async fn p50(c: &tokio_postgres::Client, n: usize) -> Duration {
+    let mut times = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        read_port(c).await;
+        times.push(t.elapsed());
+    }
+    times.sort();
+    times[n / 2]
+}
+
+#[test]
+fn reads_move_to_the_next_replica_and_come_back() {
+    start_cluster();
+    run(async {
+        let cluster = cluster();
+        let local = &cluster.replica(REPLICA).unwrap().node;
+        let far = &cluster.replica(FAR).unwrap().node;
+        // The primary 100 ms away from this region, the other replica 10 ms.
+        cluster
+            .replica(REPLICA)
+            .unwrap()
+            .relay
+            .set_delay(Duration::from_millis(50));
+        let next = Relay::start(far.addr(), Duration::from_millis(5))
+            .await
+            .unwrap();
+        on_primary("CREATE TABLE IF NOT EXISTS replicas (id int PRIMARY KEY)").await;
+        cluster.wait_replicas_caught_up().await.unwrap();
+        let listed = hosts_url(&[local.addr(), next.addr()]);
+        let p = proxy(REPLICA, |c| c.upstream.replica_url = listed).await;
+        let alone = proxy(REPLICA, |_| {}).await;
+        let c = connect(&url(&p)).await;
+        let (local_port, far_port) = (i32::from(local.addr().port()), i32::from(far.addr().port()));
+        let primary_port = i32::from(cluster.primary().addr().port());
+        assert_eq!(read_port(&c).await, local_port);
+        let local_p50 = p50(&c, 21).await;
+
+        // Read-your-writes through the switch: every read sees the session's last write.
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let ryw = {
+            let (url, done) = (url(&p), done.clone());
+            tokio::spawn(async move {
+                let c = connect(&url).await;
+                let (mut stale, mut reads) = (0, 0);
+                for id in 0..i32::MAX {
+                    if done.load(std::sync::atomic::Ordering::Relaxed) {
+                        break;
+                    }
+                    if c.execute("INSERT INTO replicas VALUES ($1)", &[&id])
+                        .await
+                        .is_err()
+                    {
+                        continue;
+                    }
+                    match c
+                        .query_one("SELECT count(*) FROM replicas WHERE id = $1", &[&id])
+                        .await
+                    {
+                        Ok(row) => {
+                            reads += 1;
+                            stale += usize::from(row.get::<_, i64>(0) != 1);
+                        }
+                        Err(_) => continue,
+                    }
+                }
+                (reads, stale)
+            })
+        };
+        let stopped = Instant::now();
+        local.stop().await.unwrap();
+        eventually("reads on the next replica", Duration::from_secs(30), || {
+            let c = &c;
+            async move { matches!(c.query_one("SELECT inet_server_port()", &[]).await, Ok(r) if r.get::<_, i32>(0) == far_port) }
+        })
+        .await;
+        let switched = stopped.elapsed();
+        let next_p50 = p50(&c, 21).await;
+        assert_eq!(
+            read_port(&c).await,
+            far_port,
+            "reads stay on the next replica"
+        );
+        // With only the local replica listed, the same reads fall back to the far primary.
+        let fallback = connect(&url(&alone)).await;
+        eventually("reads on the primary", Duration::from_secs(30), || {
+            let c = &fallback;
+            async move { matches!(c.query_one("SELECT inet_server_port()", &[]).await, Ok(r) if r.get::<_, i32>(0) == primary_port) }
+        })
+        .await;
+        let primary_p50 = p50(&fallback, 11).await;
+
+        let restarted = Instant::now();
+        local.start().await.unwrap();
+        eventually("reads back on the local replica", Duration::from_secs(30), || {
+            let c = &c;
+            async move { matches!(c.query_one("SELECT inet_server_port()", &[]).await, Ok(r) if r.get::<_, i32>(0) == local_port) }
+        })
+        .await;
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (reads, stale) = ryw.await.unwrap();
+        assert!(reads > 0);
+        assert_eq!(stale, 0, "stale reads among {reads} through both switches");
+        println!(
+            "replicas: reads on the next replica {switched:?} after the local one stopped, back {:?} after it started; \
+             read p50 local {local_p50:?}, next replica (10 ms) {next_p50:?}, primary (100 ms) {primary_p50:?}; \
+             {reads} reads after their write through the switch, {stale} stale",
+            restarted.elapsed()
+        );
+        p.shutdown().await;
+        alone.shutdown().await;
+    });
+}
