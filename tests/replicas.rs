@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -14,19 +13,6 @@ const FAR: &str = "lhr";
 
 fn start_cluster() {
     cluster_with(&[PRIMARY, REPLICA, FAR]);
-}
-
-/// The lab's app URL at `hosts`.
-fn hosts_url(hosts: &[SocketAddr]) -> String {
-    let o = cluster().options();
-    let hosts: Vec<String> = hosts.iter().map(SocketAddr::to_string).collect();
-    format!(
-        "postgres://{}:{}@{}/{}?sslmode=disable",
-        o.app_user,
-        o.app_password,
-        hosts.join(","),
-        o.database
-    )
 }
 
 /// The port of the server a read ran on.
@@ -67,7 +53,7 @@ fn reads_move_to_the_next_replica_and_come_back() {
             .unwrap();
         on_primary("CREATE TABLE IF NOT EXISTS replicas (id int PRIMARY KEY)").await;
         cluster.wait_replicas_caught_up().await.unwrap();
-        let listed = hosts_url(&[local.addr(), next.addr()]);
+        let listed = cluster.app_url_at(&[local.addr(), next.addr()]);
         let p = proxy(REPLICA, |c| c.upstream.replica_url = listed).await;
         let alone = proxy(REPLICA, |_| {}).await;
         let c = connect(&url(&p)).await;

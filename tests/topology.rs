@@ -4,24 +4,10 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
-
-/// The lab's primary URL with `hosts` instead of its host.
-fn hosts_url(hosts: &[SocketAddr]) -> String {
-    let o = cluster().options();
-    let hosts: Vec<String> = hosts.iter().map(SocketAddr::to_string).collect();
-    format!(
-        "postgres://{}:{}@{}/{}?sslmode=disable",
-        o.app_user,
-        o.app_password,
-        hosts.join(","),
-        o.database
-    )
-}
 
 /// The port of the server that ran a write.
 async fn write_port(c: &tokio_postgres::Client, id: i32) -> Result<i32, tokio_postgres::Error> {
@@ -43,7 +29,7 @@ fn writes_find_the_primary_and_follow_a_promotion() {
         on_primary("CREATE TABLE IF NOT EXISTS topology (id int PRIMARY KEY, port int)").await;
         cluster.wait_replicas_caught_up().await.unwrap();
         // The standby first: writes must still land on the primary.
-        let url = hosts_url(&[standby.addr(), old.addr()]);
+        let url = cluster.app_url_at(&[standby.addr(), old.addr()]);
         let p = proxy(PRIMARY, |c| c.upstream.primary_url = url).await;
         let c = connect(&common::url(&p)).await;
         assert_eq!(
@@ -150,7 +136,7 @@ fn writes_find_the_primary_and_follow_a_promotion() {
         let status = upstream_status(&p, "primary").await;
         assert_eq!(status["writes_to"], standby.addr().to_string(), "{status}");
         // Every acknowledged write is on the new primary.
-        let direct = connect(&hosts_url(&[standby.addr()])).await;
+        let direct = connect(&cluster.app_url_at(&[standby.addr()])).await;
         let ids: Vec<i32> = direct
             .query("SELECT id FROM topology", &[])
             .await

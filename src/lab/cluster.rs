@@ -188,11 +188,17 @@ impl Cluster {
     }
 
     fn app_url(&self, addr: SocketAddr) -> String {
+        self.app_url_at(&[addr])
+    }
+
+    /// The app's URL listing `hosts` (a multi-host URL when there are several).
+    pub fn app_url_at(&self, hosts: &[SocketAddr]) -> String {
+        let hosts: Vec<String> = hosts.iter().map(SocketAddr::to_string).collect();
         format!(
             "postgres://{}:{}@{}/{}?sslmode=disable",
             pct(&self.opts.app_user),
             pct(&self.opts.app_password),
-            addr,
+            hosts.join(","),
             pct(&self.opts.database)
         )
     }

@@ -162,15 +162,7 @@ fn failover_url(cluster: &Cluster, region: &str, primary: bool) -> String {
             .map(|r| r.node.addr())
             .filter(|a| Some(*a) != own),
     );
-    let hosts: Vec<String> = hosts.iter().map(|a| a.to_string()).collect();
-    let o = cluster.options();
-    format!(
-        "postgres://{}:{}@{}/{}?sslmode=disable",
-        crate::upstream_url::percent_encode(&o.app_user),
-        crate::upstream_url::percent_encode(&o.app_password),
-        hosts.join(","),
-        crate::upstream_url::percent_encode(&o.database)
-    )
+    cluster.app_url_at(&hosts)
 }
 
 /// The lines typed on the lab's console (none once stdin closes).
