@@ -1473,3 +1473,28 @@ fn bind_of_an_unnamed_statement_that_failed_in_the_same_pipeline() {
         ]],
     );
 }
+
+/// Found by the fuzzer: a Parse pipelined behind `DISCARD ALL` of a text parsed before it (in
+/// transaction mode, the same shared name) was answered from a scratch statement, as if the
+/// server still had it, and its Bind failed with 26000. What parses or uses a statement waits
+/// for a statement-dropping request ahead of it to be answered.
+#[test]
+fn parse_pipelined_behind_discard_all() {
+    assert_as_direct(
+        "fz_discard",
+        FIXED_LO + 270,
+        &[vec![
+            parse("s2", "SELECT 1/0"),
+            bind("", "s2", vec![]),
+            execute(""),
+            Msg::Flush,
+            Msg::Sync,
+            query("DISCARD ALL"),
+            parse("s1", "SELECT 1/0"),
+            bind("p1", "s1", vec![]),
+            execute("p1"),
+            Msg::Sync,
+            query("SELECT 'fuzz-end'"),
+        ]],
+    );
+}

@@ -273,6 +273,9 @@ impl Session {
             .into_iter()
             .filter_map(|n| self.state.statements.get(&n).map(|f| (n, f.clone())))
             .collect();
+        if !statements.is_empty() && self.copy_role().is_none() && self.dropping_statements(role) {
+            self.drain(role).await?;
+        }
         let server = self.server(role).await?;
         server.dirty |= taints;
         if prepare_missing(server, statements, usize::MAX) {
@@ -312,6 +315,19 @@ impl Session {
             server.send_internal_query(WRITE_LSN_QUERY, expect::Purpose::WriteLsn);
         }
         Ok(())
+    }
+
+    /// Whether a request in flight on `role` drops every prepared statement there (`DISCARD
+    /// ALL`, `DEALLOCATE ALL` pipelined ahead): which statements the server still has is known
+    /// only once it is answered (it may fail), so what parses or uses one waits for that.
+    fn dropping_statements(&self, role: Role) -> bool {
+        self.slot_ref(role).is_some_and(|s| {
+            s.requests.iter().any(|r| {
+                r.change
+                    .as_ref()
+                    .is_some_and(super::state::SessionState::drops_statements)
+            })
+        })
     }
 
     /// When a request planned as `run`, sent to `role`, has its commit position looked up.
@@ -404,7 +420,11 @@ impl Session {
             // be parsed again (Postgres would not have it). Pipelines rarely get here.
             self.drain(role).await?;
         }
-        // (After the drain: in transaction mode it may have given the connection back.)
+        let uses_statements = !plan.parsed.is_empty() || !plan.needs.is_empty();
+        if uses_statements && self.copy_role().is_none() && self.dropping_statements(role) {
+            self.drain(role).await?;
+        }
+        // (After the drains: in transaction mode it may have given the connection back.)
         let unnamed_here = self.unnamed_role == Some(role);
         let unnamed = self.state.unnamed.clone().filter(|_| plan.needs_unnamed);
         let statements = self.statements_named(&plan.needs);
