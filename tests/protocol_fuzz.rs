@@ -1498,3 +1498,26 @@ fn parse_pipelined_behind_discard_all() {
         ]],
     );
 }
+
+/// Found by the fuzzer: after a Parse of a name that exists (42P05) the server skips to the
+/// Sync, so a COMMIT or ROLLBACK behind it does not end the transaction; pgnear took it as
+/// ended and sent the next Sync to another server, which answered idle instead of failed.
+#[test]
+fn a_refused_parse_ends_no_transaction() {
+    assert_as_direct(
+        "fz_dupend",
+        FIXED_LO + 280,
+        &[
+            vec![query("BEGIN")],
+            vec![parse("s2", "SELECT 1"), Msg::Sync],
+            vec![
+                parse("s2", "ROLLBACK"),
+                bind("", "s2", vec![]),
+                execute(""),
+                Msg::Sync,
+                Msg::Sync,
+            ],
+            vec![query("ROLLBACK")],
+        ],
+    );
+}

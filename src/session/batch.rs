@@ -224,12 +224,33 @@ impl Session {
         let mut bound_portals: Vec<&str> = Vec::new();
         // Statements parsed in the batch since its last Sync.
         let mut exchange: Vec<String> = Vec::new();
+        // After a Parse of a name that exists, the server skips to the Sync: nothing of what
+        // follows runs (no transaction begins or ends, no state changes).
+        let mut skipped = false;
         for (i, (t, frame)) in frames(batch).enumerate() {
             let body = &frame[5..];
+            if skipped && t != tag::SYNC {
+                continue;
+            }
             match t {
                 tag::PARSE => {
                     let (name, used) = cstr(body).ok_or_else(|| bad("Parse"))?;
                     let (sql, _) = sql_text(&body[used..]).ok_or_else(|| bad("Parse"))?;
+                    let dup = match &renamed_dups {
+                        Some(dups) => dups.iter().find(|&&(at, _)| at == i).map(|&(_, e)| e),
+                        None if name.is_empty() => None,
+                        None => self.duplicate(name, &plan, &exchange),
+                    };
+                    if let Some(dup) = dup {
+                        // The name exists: the server is to refuse it (42P05), so it must have
+                        // the statement too, and the session keeps the statement it has.
+                        if dup && !plan.needs.iter().any(|n| n == name) {
+                            plan.needs.push(name.to_string());
+                        }
+                        plan.dups.push(i);
+                        skipped = true;
+                        continue;
+                    }
                     let c = self.classify(&sql);
                     note_text(&sql, c.is_read(), &mut plan);
                     self.note_statement(&c, &mut plan);
@@ -237,16 +258,6 @@ impl Session {
                     if name.is_empty() {
                         plan.parsed_unnamed = true;
                         plan.unnamed = Some(frame);
-                    } else if let Some(dup) = match &renamed_dups {
-                        Some(dups) => dups.iter().find(|&&(at, _)| at == i).map(|&(_, e)| e),
-                        None => self.duplicate(name, &plan, &exchange),
-                    } {
-                        // The name exists: the server is to refuse it (42P05), so it must have
-                        // the statement too, and the session keeps the statement it has.
-                        if dup && !plan.needs.iter().any(|n| n == name) {
-                            plan.needs.push(name.to_string());
-                        }
-                        plan.dups.push(i);
                     } else {
                         exchange.push(name.to_string());
                         plan.statements.push((name.to_string(), frame));
@@ -302,6 +313,7 @@ impl Session {
                 tag::SYNC => {
                     plan.syncs += 1;
                     exchange.clear();
+                    skipped = false;
                 }
                 _ => {}
             }
