@@ -117,6 +117,7 @@ impl BatchPlan {
             copy: self.copy,
             database: self.database.is_some() && self.executes,
             syncs: self.syncs,
+            open_end: !ends_in_sync,
             ..plan::Request::new(Shape::Batch)
         }
     }

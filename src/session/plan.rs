@@ -80,6 +80,9 @@ pub struct Request {
     pub database: bool,
     /// Syncs in a batch (a Query and a FunctionCall count as one).
     pub syncs: usize,
+    /// A batch whose last message is not a Sync (a Flush, or a Query or FunctionCall comes
+    /// next): its last exchange stays open on the server.
+    pub open_end: bool,
 }
 
 impl Request {
@@ -106,6 +109,7 @@ impl Request {
             copy: false,
             database: false,
             syncs: 1,
+            open_end: false,
         }
     }
 }
@@ -368,7 +372,7 @@ pub fn plan(r: &Request, s: &RouteState, gate: &Gate) -> Plan {
     };
     let autocommit = !open_after;
     let exchange_after =
-        (batch && r.syncs == 0).then(|| r.executes || exchange.is_some_and(|e| e.executed));
+        (batch && r.open_end).then(|| r.executes || exchange.is_some_and(|e| e.executed));
     let capture = if autocommit && r.writes_lsn && s.captures_lsn {
         if r.copy {
             Capture::AfterCopy

@@ -379,6 +379,7 @@ fn a_flush_open_exchange_holds_what_follows_unless_it_only_prepared() {
     let describe = Request {
         executes: false,
         syncs: 0,
+        open_end: true,
         ..batch()
     };
     let s = on(exchange(Role::Replica, false, None));
@@ -615,10 +616,18 @@ fn database_lifecycle_fences_the_pools() {
 fn batches_ending_in_flush_leave_their_exchange_open() {
     let flushed = Request {
         syncs: 0,
+        open_end: true,
         ..batch()
     };
     assert_eq!(run(plan(&flushed, &idle(), &GO)).exchange_after, Some(true));
     assert_eq!(run(plan(&batch(), &idle(), &GO)).exchange_after, None);
+    // A Sync, then more, then a Flush: the part after the Sync is an open exchange.
+    let tail = Request {
+        syncs: 1,
+        open_end: true,
+        ..batch()
+    };
+    assert_eq!(run(plan(&tail, &idle(), &GO)).exchange_after, Some(true));
     // A Query never leaves one open.
     assert_eq!(
         run(plan(
