@@ -231,6 +231,8 @@ impl Session {
         for (i, (t, frame)) in frames(batch).enumerate() {
             let body = &frame[5..];
             if skipped && t != tag::SYNC {
+                // (Still an exchange that ran something, as far as what follows it goes.)
+                plan.executes |= t == tag::EXECUTE;
                 continue;
             }
             match t {

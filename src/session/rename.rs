@@ -50,8 +50,15 @@ impl Session {
         // Client names parsed in the batch since its last Sync.
         let mut exchange: Vec<&str> = Vec::new();
         let mut dups = Vec::new();
+        // After a Parse the server refuses, it skips to the Sync: nothing there names or
+        // forgets a statement.
+        let mut skipped = false;
         for (i, (t, frame)) in frames(batch).enumerate() {
             let body = &frame[5..];
+            if skipped && t != tag::SYNC {
+                out.extend_from_slice(frame);
+                continue;
+            }
             match t {
                 tag::PARSE => {
                     let (name, used) = cstr(body).ok_or_else(|| bad("Parse"))?;
@@ -67,6 +74,7 @@ impl Session {
                     let shared = match existing {
                         Some(shared) => {
                             dups.push((i, !exchange.contains(&name)));
+                            skipped = true;
                             shared.clone()
                         }
                         None => {
@@ -80,6 +88,7 @@ impl Session {
                 }
                 tag::SYNC => {
                     exchange.clear();
+                    skipped = false;
                     out.extend_from_slice(frame);
                 }
                 tag::BIND => {
@@ -145,10 +154,16 @@ impl Session {
 /// connection has already answers as a new statement would, from a scratch statement. Past
 /// `limit` statements the least recently used is closed.
 pub(super) fn send_batch(server: &mut Server, batch: &[u8], dups: Option<&[usize]>, limit: usize) {
+    // After a refused Parse the server skips to the Sync: what follows is sent as it is.
+    let mut skipped = false;
     for (i, (t, frame)) in frames(batch).enumerate() {
+        if t == tag::SYNC {
+            skipped = false;
+        }
         if t == tag::PARSE {
             let name = cstr(&frame[5..]).map_or("", |(n, _)| n);
-            if dups.is_some_and(|d| d.contains(&i)) {
+            if dups.is_some_and(|d| d.contains(&i)) || skipped {
+                skipped |= dups.is_some();
                 server.send_client_frame(t, frame);
                 continue;
             }
