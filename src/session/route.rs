@@ -32,7 +32,7 @@ enum Outcome {
     InBand,
     /// A BEGIN deferred: the caller keeps it and answers it.
     Defer,
-    /// Answered without a server: refused, or run on a shared replica connection.
+    /// Answered without a server: refused.
     Answered,
     /// Run on a shared replica connection: the caller records what it parsed.
     Shared,
@@ -177,6 +177,8 @@ impl Session {
     ) -> Request {
         let read = c.is_read();
         let tx = tx_effect(c);
+        let state_only = is_state_only(c);
+        let copy = may_copy(sql);
         let in_band = match (inband::is_command(c), inband::command(c)) {
             (false, _) => InBand::No,
             (true, Some(_)) => InBand::Only,
@@ -196,7 +198,7 @@ impl Session {
             starts_read_only_tx: c.statements.first().is_some_and(|s| {
                 matches!(s.kind, Kind::Begin { read_only } if read_only || self.state.read_only_default)
             }),
-            state_only: is_state_only(c),
+            state_only,
             tx,
             only_pins: only_pins(c),
             defers: c.statements.len() == 1
@@ -208,11 +210,11 @@ impl Session {
                 && c.statements.len() == 1
                 && read
                 && tx.is_none()
-                && !may_copy(sql)
+                && !copy
                 && !self.taints(c),
             retryable: !restores,
-            writes_lsn: !read && !is_state_only(c),
-            copy: may_copy(sql),
+            writes_lsn: !read && !state_only,
+            copy,
             database: !read && database_lifecycle(sql).is_some(),
             ..Request::new(Shape::Query)
         }
@@ -268,11 +270,7 @@ impl Session {
             ..server::Request::default()
         };
         let taints = self.taints(&c);
-        let statements: Vec<(String, Bytes)> = self
-            .sql_uses(&c)
-            .into_iter()
-            .filter_map(|n| self.state.statements.get(&n).map(|f| (n, f.clone())))
-            .collect();
+        let statements = self.statements_named(&self.sql_uses(&c));
         if !statements.is_empty() && self.copy_role().is_none() && self.dropping_statements(role) {
             self.drain(role).await?;
         }
@@ -407,21 +405,20 @@ impl Session {
             self.state.apply_pins(change);
         }
         let capture = self.capture(role, &run);
-        if plan.needs_unnamed
+        // The unnamed statement is to be parsed again (pgnear's own query dropped it), but
+        // whether its Parse succeeded is in an answer still to come: a failed one must not be
+        // parsed again (Postgres would not have it). Or a statement-dropping request is in
+        // flight ahead of statements this batch parses or uses. Pipelines rarely get here.
+        let unnamed_unknown = plan.needs_unnamed
             && !plan.parsed_unnamed
             && self.unnamed_role == Some(role)
-            && self.copy_role().is_none()
             && self
                 .slot_ref(role)
-                .is_some_and(|s| s.unnamed_dropped && s.expect.unnamed_pending())
-        {
-            // The unnamed statement is to be parsed again (pgnear's own query dropped it), but
-            // whether its Parse succeeded is in an answer still to come: a failed one must not
-            // be parsed again (Postgres would not have it). Pipelines rarely get here.
-            self.drain(role).await?;
-        }
+                .is_some_and(|s| s.unnamed_dropped && s.expect.unnamed_pending());
         let uses_statements = !plan.parsed.is_empty() || !plan.needs.is_empty();
-        if uses_statements && self.copy_role().is_none() && self.dropping_statements(role) {
+        if (unnamed_unknown || (uses_statements && self.dropping_statements(role)))
+            && self.copy_role().is_none()
+        {
             self.drain(role).await?;
         }
         // (After the drains: in transaction mode it may have given the connection back.)

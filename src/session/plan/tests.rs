@@ -412,7 +412,9 @@ fn a_flush_open_exchange_holds_what_follows_unless_it_only_prepared() {
     // ... not when its state changes wait for the Sync there.
     let s = on(Some(ExchangeState {
         changes: true,
-        ..exchange(Role::Replica, true, None).unwrap()
+        role: Role::Replica,
+        executed: true,
+        fine: None,
     }));
     assert!(!checks_exchange(&w, &s));
     let p = run(plan(&w, &s, &GO));
