@@ -1568,3 +1568,79 @@ fn a_reparse_across_a_sync_in_one_pipeline() {
         ]],
     );
 }
+
+/// Fuzzer seed 17179869492 (replica region, transaction mode): a COMMIT the server skipped
+/// after an error earlier in its pipeline still counted as ending the transaction, so a lone
+/// Sync pipelined behind it went to another server and answered "idle" instead of "failed
+/// transaction". What follows an unanswered transaction end now waits for it when it would go
+/// elsewhere.
+#[test]
+fn a_commit_skipped_after_an_error_keeps_the_transaction() {
+    assert_as_direct(
+        "fz_commit",
+        FIXED_LO + 300,
+        &[vec![
+            query("BEGIN"),
+            parse("s1", "SELECT 1/0"),
+            bind("", "s1", vec![]),
+            execute(""),
+            parse("s2", "COMMIT"),
+            bind("", "s2", vec![]),
+            execute(""),
+            Msg::Sync,
+            Msg::Sync,
+            query("SELECT 'fuzz-end'"),
+        ]],
+    );
+}
+
+/// Fuzzer seed 8589934869 (primary region, transaction mode): a Parse the server skipped after
+/// an error was taken as prepared by the batch pipelined behind it, whose new Parse of the same
+/// name was then refused. A batch that names a statement whose Parse is unanswered now waits
+/// for that answer, and a skipped Parse leaves the client's name unbound.
+#[test]
+fn a_parse_skipped_after_an_error_prepares_nothing() {
+    assert_as_direct(
+        "fz_skipped",
+        FIXED_LO + 310,
+        &[vec![
+            Msg::Describe('P', ""),
+            parse("s1", "SELECT 1/0"),
+            bind("", "s1", vec![]),
+            execute(""),
+            Msg::Flush,
+            Msg::Sync,
+            parse("s1", "SHOW TimeZone"),
+            Msg::Describe('S', "s1"),
+            bind("p1", "s1", vec![]),
+            execute("p1"),
+            Msg::Sync,
+            Msg::Describe('S', "s1"),
+            Msg::Sync,
+            query("SELECT 'fuzz-end'"),
+        ]],
+    );
+}
+
+/// Fuzzer seed 12884902531 (replica region, session mode): the unnamed statement, which a
+/// simple-query BEGIN drops, was bound on the replica where it had been parsed, outside the
+/// transaction the BEGIN opened on the primary. In a transaction its server answers.
+#[test]
+fn the_unnamed_statement_a_begin_dropped_is_gone_in_the_transaction() {
+    assert_as_direct(
+        "fz_unnamed_tx",
+        FIXED_LO + 320,
+        &[
+            vec![
+                parse("", "SELECT $1::int + 1 AS n"),
+                bind("p1", "", vec![Some("1")]),
+                execute("p1"),
+                Msg::Sync,
+            ],
+            vec![query("BEGIN ISOLATION LEVEL SERIALIZABLE")],
+            vec![bind("p2", "", vec![Some("10")]), Msg::Sync],
+            vec![query("ROLLBACK")],
+            vec![query("SELECT 'fuzz-end'")],
+        ],
+    );
+}

@@ -30,9 +30,10 @@ impl Session {
             map_notification_pid(&mut self.cout, at, server.conn.addr, &self.shared.cancels);
         }
         let (idle, tx) = (server.expect.is_empty(), server.tx);
-        for name in &seen.failed_parses {
+        for failed in &seen.failed_parses {
             // The client's Parse of a new statement failed: it does not exist, as in Postgres.
-            self.state.statements.remove(name);
+            self.state
+                .forget_failed_parse(&failed.name, failed.client.as_deref());
         }
         if seen.unnamed_failed && self.unnamed_role == Some(role) {
             // What a Bind of it gets now is the server's own answer, as from Postgres.
@@ -81,6 +82,9 @@ impl Session {
             } else {
                 plan::Tx::Open(role)
             };
+            if self.ending == Some(role) {
+                self.ending = None;
+            }
         }
         if let Some(lsn) = seen
             .write_lsn

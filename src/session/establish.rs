@@ -159,6 +159,7 @@ impl Session {
             cancel_role: None,
             state,
             tx: plan::Tx::Idle,
+            ending: None,
             unnamed_role: None,
             write_lsn: None,
             min_lsn: None,

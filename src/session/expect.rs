@@ -119,6 +119,34 @@ pub struct Matched {
     pub owner: Option<Owner>,
 }
 
+/// A Parse sent and not yet answered.
+#[derive(Debug)]
+struct SentParse {
+    /// The statement's name on the server (`None`: the unnamed one).
+    name: Option<String>,
+    /// The server had a statement of that name when it was sent.
+    existed: bool,
+    /// Sent under the scratch name (see `push_scratch_parse`).
+    scratch: bool,
+    /// Transaction mode: the client's name for it.
+    client: Option<String>,
+    /// pgnear's own (a re-prepare of a statement the client has).
+    internal: bool,
+}
+
+/// A client's Parse of a named statement that created nothing (it failed, or was skipped).
+#[derive(Debug, PartialEq, Eq)]
+pub struct FailedParse {
+    /// The statement's name on the server.
+    pub name: String,
+    /// The server has a statement of that name all the same (a scratch Parse failed).
+    pub kept: bool,
+    /// Transaction mode: the client's name for it.
+    pub client: Option<String>,
+    /// pgnear's own Parse: the client's statement is as it was (the server lacks it).
+    pub internal: bool,
+}
+
 #[derive(Default, Debug)]
 pub struct Expectations {
     queue: VecDeque<(Pending, Owner)>,
@@ -128,31 +156,40 @@ pub struct Expectations {
     /// An extended-protocol error with no Sync sent yet: the server skips what comes until
     /// one arrives (see `Server::send_query`).
     pub skipping: bool,
-    /// Each Parse in the queue, in order: its statement name (`None`: the unnamed one), and
-    /// whether the server had a statement of that name when it was sent, and whether it was
-    /// sent under the scratch name (see `push_scratch_parse`).
-    parses: VecDeque<(Option<String>, bool, bool)>,
+    /// Each Parse in the queue, in order.
+    parses: VecDeque<SentParse>,
     /// Named statements new to the server whose Parse failed or was skipped: the server does
     /// not have them. (A failed Parse of a name the server had leaves that statement as it was.)
-    failed_parses: Vec<(String, bool)>,
+    failed_parses: Vec<FailedParse>,
     /// Whether the last unnamed Parse that was answered (or skipped) succeeded.
     unnamed_parsed: Option<bool>,
 }
 
 impl Expectations {
     /// Queues a Parse of statement `name` (empty: the unnamed one); `existed`: the server has
-    /// a statement of that name already.
-    pub fn push_parse(&mut self, owner: Owner, name: &str, existed: bool) {
-        self.parses
-            .push_back(((!name.is_empty()).then(|| name.to_string()), existed, false));
+    /// a statement of that name already; `client`: the client's name for it (transaction mode).
+    pub fn push_parse(&mut self, owner: Owner, name: &str, existed: bool, client: Option<&str>) {
+        self.parses.push_back(SentParse {
+            name: (!name.is_empty()).then(|| name.to_string()),
+            existed,
+            scratch: false,
+            client: client.map(str::to_string),
+            internal: !owner.is_client(),
+        });
         self.push(Pending::Parse, owner);
     }
 
     /// Queues a client's Parse of shared statement `name` that the server has already, sent
     /// under a scratch name (transaction mode): if it fails, the client does not have `name`,
     /// though the server still does.
-    pub fn push_scratch_parse(&mut self, name: &str) {
-        self.parses.push_back((Some(name.to_string()), false, true));
+    pub fn push_scratch_parse(&mut self, name: &str, client: Option<&str>) {
+        self.parses.push_back(SentParse {
+            name: Some(name.to_string()),
+            existed: false,
+            scratch: true,
+            client: client.map(str::to_string),
+            internal: false,
+        });
         self.push(Pending::Parse, Owner::Client);
     }
 
@@ -160,21 +197,36 @@ impl Expectations {
     /// skipped after one.
     fn parse_ended(&mut self, ok: bool) {
         match self.parses.pop_front() {
-            Some((Some(name), false, scratch)) if !ok => self.failed_parses.push((name, scratch)),
-            Some((None, _, _)) => self.unnamed_parsed = Some(ok),
+            Some(SentParse {
+                name: Some(name),
+                existed: false,
+                scratch,
+                client,
+                internal,
+            }) if !ok => self.failed_parses.push(FailedParse {
+                name,
+                kept: scratch,
+                client,
+                internal,
+            }),
+            Some(SentParse { name: None, .. }) => self.unnamed_parsed = Some(ok),
             _ => {}
         }
     }
 
-    /// Named statements the client's Parse did not create (see `failed_parses`); `true`: the
-    /// server has it all the same (a scratch Parse).
-    pub fn take_failed_parses(&mut self) -> Vec<(String, bool)> {
+    /// Named statements the client's Parse did not create (see `failed_parses`).
+    pub fn take_failed_parses(&mut self) -> Vec<FailedParse> {
         std::mem::take(&mut self.failed_parses)
+    }
+
+    /// Whether a Parse of statement `name` (its name on the server) waits for its answer.
+    pub fn parse_pending(&self, name: &str) -> bool {
+        self.parses.iter().any(|p| p.name.as_deref() == Some(name))
     }
 
     /// An unnamed Parse sent is still waiting for its answer.
     pub fn unnamed_pending(&self) -> bool {
-        self.parses.iter().any(|(name, _, _)| name.is_none())
+        self.parses.iter().any(|p| p.name.is_none())
     }
 
     /// Whether the server is now without an unnamed statement because the last unnamed Parse

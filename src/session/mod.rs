@@ -67,6 +67,8 @@ pub struct Session {
     state: SessionState,
     /// The client's transaction: none, a BEGIN pgnear deferred, or open on a server.
     tx: plan::Tx,
+    /// Where a transaction's end was sent whose answer is still to come (see `RouteState`).
+    ending: Option<Role>,
     /// Where the last unnamed statement was parsed.
     unnamed_role: Option<Role>,
     /// Commit position of the session's last write.

@@ -208,6 +208,9 @@ pub struct RouteState {
     pub captures_lsn: bool,
     /// Shared replica connections exist and the session has none of its own.
     pub lanes: bool,
+    /// A transaction's end (COMMIT, ROLLBACK) went to this server and its ReadyForQuery is
+    /// still to come: an error before it keeps the transaction open there (aborted).
+    pub ending: Option<Role>,
 }
 
 /// What the session does with a request.
@@ -225,6 +228,9 @@ pub enum Plan {
     StartDeferred {
         sets: Option<bool>,
     },
+    /// The request would go elsewhere than a transaction's unanswered end (or be deferred):
+    /// that end's answer is waited for, then the request is planned again.
+    Confirm(Role),
     Run(Run),
 }
 
@@ -301,6 +307,11 @@ pub fn plan(r: &Request, s: &RouteState, gate: &Gate) -> Plan {
         _ => {}
     }
     let tx_idle = s.tx == TxState::Idle;
+    // Whether the end really ended the transaction decides what follows.
+    let unconfirmed_end = s.ending.filter(|_| tx_idle);
+    if let Some(role) = unconfirmed_end.filter(|_| r.defers) {
+        return Plan::Confirm(role);
+    }
     let fine = |e: &ExchangeState| e.fine == Some(true);
     // An exchange that only prepared: what runs now may go elsewhere.
     let movable = s
@@ -335,8 +346,9 @@ pub fn plan(r: &Request, s: &RouteState, gate: &Gate) -> Plan {
         Some(e.role)
     } else if r.sticky {
         Some(s.last)
-    } else if r.needs_unnamed {
+    } else if r.needs_unnamed && open_tx.is_none() {
         // That server answers for the statement (it does not exist), not one with an older one.
+        // (In a transaction, the transaction's server answers, which has none either.)
         s.unnamed_gone
     } else {
         None
@@ -364,6 +376,9 @@ pub fn plan(r: &Request, s: &RouteState, gate: &Gate) -> Plan {
             (role, reason, role == Role::Replica && open_tx.is_none())
         }
     };
+    if let Some(ending) = unconfirmed_end.filter(|&e| e != role) {
+        return Plan::Confirm(ending);
+    }
     let ends_unsynced = !batch && exchange.is_some_and(|e| e.changes);
     let open_after = match r.tx {
         Some(TxEffect::Begin) => true,

@@ -6,7 +6,7 @@ use std::collections::{HashMap, VecDeque};
 
 use bytes::{Buf, Bytes, BytesMut};
 
-use super::expect::{Expectations, Owner, Pending, Purpose};
+use super::expect::{Expectations, FailedParse, Owner, Pending, Purpose};
 use super::server::{Again, Request};
 use crate::error::PgError;
 use crate::protocol::backend::{self as be, header, set_param, Params};
@@ -71,7 +71,7 @@ pub struct Seen {
     /// Value captured from pgnear's own commit-position lookup.
     pub write_lsn: Option<String>,
     /// Named statements whose Parse failed, new to the server: they do not exist.
-    pub failed_parses: Vec<String>,
+    pub failed_parses: Vec<FailedParse>,
     /// The last unnamed Parse failed: the server has no unnamed statement, as after any
     /// failed Parse of it in Postgres.
     pub unnamed_failed: bool,

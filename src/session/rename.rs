@@ -10,6 +10,7 @@ use super::Session;
 use crate::config::PoolMode;
 use crate::error::PgError;
 use crate::protocol::{build_frame, cstr, frames, tag};
+use crate::role::Role;
 
 /// Server-side prepared statements kept per connection in transaction mode; past this the
 /// least recently used is closed.
@@ -80,6 +81,7 @@ impl Session {
                         None => {
                             let shared = self.shared_name(&body[used..]);
                             plan.names.push((name.to_string(), Some(shared.clone())));
+                            plan.clients.push((i, name.to_string()));
                             shared
                         }
                     };
@@ -130,6 +132,50 @@ impl Session {
         Ok(dups)
     }
 
+    /// The servers where a Parse of a statement the pending batch names (Parse, Bind, Describe,
+    /// Close) waits for its answer; the unnamed statement's too, when the batch uses it before
+    /// parsing it.
+    pub(super) fn unconfirmed_statements(&self) -> Vec<Role> {
+        let mut names: Vec<&str> = Vec::new();
+        let mut unnamed = false;
+        let mut parsed_unnamed = false;
+        for (t, frame) in frames(&self.batch) {
+            let body = &frame[5..];
+            let name = match t {
+                tag::PARSE => cstr(body).map(|(n, _)| n),
+                tag::BIND => cstr(body).and_then(|(_, used)| cstr(&body[used..]).map(|(n, _)| n)),
+                tag::DESCRIBE | tag::CLOSE if body.first() == Some(&b'S') => {
+                    cstr(&body[1..]).map(|(n, _)| n)
+                }
+                _ => None,
+            };
+            match name {
+                Some("") if t == tag::PARSE => parsed_unnamed = true,
+                Some("") => unnamed |= !parsed_unnamed,
+                Some(n) => names.push(n),
+                None => {}
+            }
+        }
+        let on_server: Vec<&str> = names
+            .iter()
+            .filter_map(|&n| match self.shares_statements() {
+                true => self.state.names.get(n).map(String::as_str),
+                false => Some(n),
+            })
+            .collect();
+        [Role::Primary, Role::Replica]
+            .into_iter()
+            .filter(|&role| {
+                // (A server skipping to a Sync after an error answers nothing before it.)
+                self.slot_ref(role).is_some_and(|s| {
+                    !s.expect.skipping
+                        && (unnamed && s.expect.unnamed_pending()
+                            || on_server.iter().any(|n| s.expect.parse_pending(n)))
+                })
+            })
+            .collect()
+    }
+
     /// `pgnear_` and a hash of the statement's text and parameter types (and the search_path
     /// it is planned under, which decides what its names mean).
     fn shared_name(&self, text_and_types: &[u8]) -> String {
@@ -149,11 +195,21 @@ impl Session {
     }
 }
 
-/// Sends a batch's frames. `dups`, in transaction mode (shared names): the Parses of a name the
-/// client already has, which the server is to refuse; a Parse of another shared name that the
-/// connection has already answers as a new statement would, from a scratch statement. Past
-/// `limit` statements the least recently used is closed.
-pub(super) fn send_batch(server: &mut Server, batch: &[u8], dups: Option<&[usize]>, limit: usize) {
+/// A renamed batch's Parses of names the client has (their places among its frames), and the
+/// client's names of its other named Parses (see `BatchPlan::clients`).
+pub(super) type SharedNames<'a> = (&'a [usize], &'a [(usize, String)]);
+
+/// Sends a batch's frames. `shared`, in transaction mode (shared names): the Parses of a name
+/// the client already has, which the server is to refuse, and the client's names of the others
+/// (see `BatchPlan`); a Parse of another shared name that the connection has already answers as
+/// a new statement would, from a scratch statement. Past `limit` statements the least recently
+/// used is closed.
+pub(super) fn send_batch(
+    server: &mut Server,
+    batch: &[u8],
+    shared: Option<SharedNames<'_>>,
+    limit: usize,
+) {
     // After a refused Parse the server skips to the Sync: what follows is sent as it is.
     let mut skipped = false;
     for (i, (t, frame)) in frames(batch).enumerate() {
@@ -162,20 +218,22 @@ pub(super) fn send_batch(server: &mut Server, batch: &[u8], dups: Option<&[usize
         }
         if t == tag::PARSE {
             let name = cstr(&frame[5..]).map_or("", |(n, _)| n);
-            if dups.is_some_and(|d| d.contains(&i)) || skipped {
-                skipped |= dups.is_some();
+            if shared.is_some_and(|(d, _)| d.contains(&i)) || skipped {
+                skipped |= shared.is_some();
                 server.send_client_frame(t, frame);
                 continue;
             }
-            if dups.is_some() && !name.is_empty() && server.has_statement(name) {
+            let client = shared.and_then(|(_, c)| c.iter().find(|(at, _)| *at == i));
+            let client = client.map(|(_, n)| n.as_str());
+            if shared.is_some() && !name.is_empty() && server.has_statement(name) {
                 // Another session prepared it here already: the client still gets its
                 // ParseComplete (or its error), from a scratch statement dropped at once.
-                server.send_scratch_parse(&renamed_parse(frame, SCRATCH_STATEMENT), name);
+                server.send_scratch_parse(&renamed_parse(frame, SCRATCH_STATEMENT), name, client);
                 server.send_internal_frame(tag::CLOSE, &close_frame(SCRATCH_STATEMENT));
                 continue;
             }
             // Sent before it is recorded: the expectation notes whether the name existed.
-            server.send_client_frame(t, frame);
+            server.send_client_parse(frame, client);
             if !name.is_empty() {
                 if let Some(old) = server.add_statement(name, limit) {
                     server.send_internal_frame(tag::CLOSE, &close_frame(&old));

@@ -56,7 +56,7 @@ impl Session {
                     if let Some(parse) = &unnamed {
                         primary.send_internal_frame(tag::PARSE, parse);
                     }
-                    send_batch(primary, &frames, shared_names.then_some(&[]), limit);
+                    send_batch(primary, &frames, shared_names.then_some((&[], &[])), limit);
                     request.started = Some(std::time::Instant::now());
                     primary.requests.push_back(request);
                 }

@@ -81,6 +81,7 @@ impl Session {
             replays_writes: self.replays_writes(),
             captures_lsn: self.captures_lsn(),
             lanes: self.lanes_free(),
+            ending: self.ending,
         }
     }
 
@@ -110,6 +111,11 @@ impl Session {
                 }
                 // Then planned again, in the transaction.
                 Plan::StartDeferred { sets } => self.start_deferred(sets).await?,
+                Plan::Confirm(role) => {
+                    self.drain(role).await?;
+                    // (Known now, or that server is gone.)
+                    self.ending = None;
+                }
                 Plan::Run(run) => break run,
             }
         };
@@ -160,8 +166,14 @@ impl Session {
             self.exchange = None;
         }
         match run.tx {
-            Some(plan::TxEffect::Begin) => self.tx = Tx::Open(role),
-            Some(plan::TxEffect::End) => self.tx = Tx::Idle,
+            Some(plan::TxEffect::Begin) => {
+                self.tx = Tx::Open(role);
+                self.ending = None;
+            }
+            Some(plan::TxEffect::End) => {
+                self.tx = Tx::Idle;
+                self.ending = Some(role);
+            }
             None => {}
         }
         Ok(Outcome::Run(role, reason, run))
@@ -342,6 +354,15 @@ impl Session {
         if self.batch.is_empty() {
             return Ok(());
         }
+        // A statement it parses or uses whose earlier Parse is still unanswered may not exist
+        // (that Parse may fail, or be skipped after an error): what the batch means, and where
+        // it may run, waits for the answer. Pipelines rarely get here: a driver uses a
+        // statement once its ParseComplete is in.
+        if self.copy_role().is_none() {
+            for role in self.unconfirmed_statements() {
+                self.drain(role).await?;
+            }
+        }
         let mut plan = self.read_batch()?;
         let r = plan.request(self, self.batch_tags.last() == Some(&tag::SYNC));
         let lane = (r.shareable && self.lanes_free()).then(|| SharedRead {
@@ -451,7 +472,12 @@ impl Session {
         if plan.parsed_unnamed || unnamed.is_some() {
             server.unnamed_dropped = false;
         }
-        send_batch(server, batch, shared_names.then_some(&plan.dups[..]), limit);
+        send_batch(
+            server,
+            batch,
+            shared_names.then_some((&plan.dups[..], &plan.clients[..])),
+            limit,
+        );
         // The first Sync after an extended-protocol COPY ends the request already in flight.
         let owed = usize::from(std::mem::take(&mut server.reader.owed_sync));
         let database = plan

@@ -197,9 +197,15 @@ impl Server {
 
     /// Queues a client's Parse of shared statement `name`, which this connection has, under the
     /// scratch name `parse` carries (see `Expectations::push_scratch_parse`).
-    pub fn send_scratch_parse(&mut self, parse: &[u8], name: &str) {
+    pub fn send_scratch_parse(&mut self, parse: &[u8], name: &str, client: Option<&str>) {
         self.out.extend_from_slice(parse);
-        self.expect.push_scratch_parse(name);
+        self.expect.push_scratch_parse(name, client);
+    }
+
+    /// Queues a client's Parse, renamed from `client` (transaction mode).
+    pub fn send_client_parse(&mut self, frame: &[u8], client: Option<&str>) {
+        self.out.extend_from_slice(frame);
+        self.expect_parse(frame, Owner::Client, client);
     }
 
     /// Queues a whole client frame and what it will be answered with.
@@ -210,12 +216,16 @@ impl Server {
 
     fn expect_answer(&mut self, tag: u8, frame: &[u8], owner: Owner) {
         if tag == crate::protocol::tag::PARSE {
-            let name = crate::protocol::cstr(&frame[5..]).map_or("", |(n, _)| n);
-            let existed = self.conn.carry.prepared.contains_key(name);
-            self.expect.push_parse(owner, name, existed);
+            self.expect_parse(frame, owner, None);
         } else if let Some(p) = Pending::for_tag(tag) {
             self.expect.push(p, owner);
         }
+    }
+
+    fn expect_parse(&mut self, frame: &[u8], owner: Owner, client: Option<&str>) {
+        let name = crate::protocol::cstr(&frame[5..]).map_or("", |(n, _)| n);
+        let existed = self.conn.carry.prepared.contains_key(name);
+        self.expect.push_parse(owner, name, existed, client);
     }
 
     /// Queues a client Query; with `request.again` set its answer is held until it is clear the
@@ -356,11 +366,13 @@ impl Server {
             seen,
         );
         // What the server turned out not to have prepared (a Parse failed or was skipped).
-        for (name, kept) in self.expect.take_failed_parses() {
-            if !kept {
-                self.conn.carry.prepared.remove(&name);
+        for failed in self.expect.take_failed_parses() {
+            if !failed.kept {
+                self.conn.carry.prepared.remove(&failed.name);
             }
-            seen.failed_parses.push(name);
+            if !failed.internal {
+                seen.failed_parses.push(failed);
+            }
         }
         seen.unnamed_failed |= self.expect.take_unnamed_failed();
         r.map_err(|e| match e {

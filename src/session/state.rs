@@ -302,6 +302,21 @@ impl SessionState {
         }
     }
 
+    /// A client's Parse of statement `name` (its name on the server) created nothing: the
+    /// client does not have it. In transaction mode `client` is the client's name for it, which
+    /// no longer means it; other names for the same text keep the statement.
+    pub fn forget_failed_parse(&mut self, name: &str, client: Option<&str>) {
+        if let Some(client) = client {
+            if self.names.get(client).is_some_and(|n| n == name) {
+                self.names.remove(client);
+            }
+            if self.names.values().any(|n| n == name) {
+                return;
+            }
+        }
+        self.statements.remove(name);
+    }
+
     /// Whether `p` drops every prepared statement of the server that runs it (`DEALLOCATE ALL`,
     /// `DISCARD ALL`): pgnear's own and other sessions' shared ones included.
     pub fn drops_statements(p: &PendingState) -> bool {

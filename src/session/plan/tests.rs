@@ -16,6 +16,7 @@ fn idle() -> RouteState {
         replays_writes: false,
         captures_lsn: true,
         lanes: false,
+        ending: None,
     }
 }
 
@@ -326,6 +327,21 @@ fn reads_writes_and_transactions_route_as_designed() {
             false,
         ),
         (
+            "the unnamed statement a transaction's BEGIN dropped",
+            Request {
+                needs_unnamed: true,
+                ..batch()
+            },
+            RouteState {
+                unnamed_gone: Some(Role::Replica),
+                ..open_on(Role::Primary)
+            },
+            GO,
+            Role::Primary,
+            Reason::Transaction,
+            false,
+        ),
+        (
             "the unnamed statement, still there",
             Request {
                 needs_unnamed: true,
@@ -490,6 +506,41 @@ fn a_plain_begin_is_deferred_and_started_with_the_next_statement() {
         ..query()
     };
     assert_eq!(plan(&show, &deferred, &GO), Plan::InBand);
+}
+
+#[test]
+fn what_follows_an_unanswered_transaction_end_waits_for_it_unless_it_goes_there_too() {
+    // A COMMIT sent to the primary, its answer still to come (an error before it would have
+    // kept the transaction open there, aborted).
+    let ending = RouteState {
+        ending: Some(Role::Primary),
+        ..idle()
+    };
+    // A read would go to the replica: the COMMIT's answer decides.
+    assert_eq!(plan(&query(), &ending, &GO), Plan::Confirm(Role::Primary));
+    // A lone Sync (a batch that runs nothing) would too.
+    let sync = Request {
+        executes: false,
+        ..batch()
+    };
+    assert_eq!(plan(&sync, &ending, &GO), Plan::Confirm(Role::Primary));
+    // A BEGIN pgnear would answer itself.
+    let begin = Request {
+        defers: true,
+        read: false,
+        tx: Some(TxEffect::Begin),
+        ..query()
+    };
+    assert_eq!(plan(&begin, &ending, &GO), Plan::Confirm(Role::Primary));
+    // A write goes to the primary anyway: pipelined behind the COMMIT, which the server answers.
+    let p = run(plan(&write(), &ending, &GO));
+    assert_eq!(p.role, Role::Primary);
+    // Once the transaction is known open again (its ReadyForQuery said so), it holds.
+    let reopened = RouteState {
+        tx: TxState::Open(Role::Primary),
+        ..ending
+    };
+    assert_eq!(run(plan(&query(), &reopened, &GO)).role, Role::Primary);
 }
 
 #[test]
