@@ -219,6 +219,11 @@ impl Expectations {
         std::mem::take(&mut self.failed_parses)
     }
 
+    /// Whether any Parse sent waits for its answer.
+    pub fn parses_pending(&self) -> bool {
+        !self.parses.is_empty()
+    }
+
     /// Whether a Parse of statement `name` (its name on the server) waits for its answer.
     pub fn parse_pending(&self, name: &str) -> bool {
         self.parses.iter().any(|p| p.name.as_deref() == Some(name))

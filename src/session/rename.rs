@@ -136,6 +136,14 @@ impl Session {
     /// Close) waits for its answer; the unnamed statement's too, when the batch uses it before
     /// parsing it.
     pub(super) fn unconfirmed_statements(&self) -> Vec<Role> {
+        // Most batches find every Parse answered: no need to read their frames.
+        let waiting = |role| {
+            self.slot_ref(role)
+                .is_some_and(|s| !s.expect.skipping && s.expect.parses_pending())
+        };
+        if !waiting(Role::Primary) && !waiting(Role::Replica) {
+            return Vec::new();
+        }
         let mut names: Vec<&str> = Vec::new();
         let mut unnamed = false;
         let mut parsed_unnamed = false;
@@ -165,12 +173,12 @@ impl Session {
             .collect();
         [Role::Primary, Role::Replica]
             .into_iter()
+            // (A server skipping to a Sync after an error answers nothing before it.)
+            .filter(|&role| waiting(role))
             .filter(|&role| {
-                // (A server skipping to a Sync after an error answers nothing before it.)
                 self.slot_ref(role).is_some_and(|s| {
-                    !s.expect.skipping
-                        && (unnamed && s.expect.unnamed_pending()
-                            || on_server.iter().any(|n| s.expect.parse_pending(n)))
+                    unnamed && s.expect.unnamed_pending()
+                        || on_server.iter().any(|n| s.expect.parse_pending(n))
                 })
             })
             .collect()
