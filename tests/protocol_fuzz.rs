@@ -1644,3 +1644,35 @@ fn the_unnamed_statement_a_begin_dropped_is_gone_in_the_transaction() {
         ],
     );
 }
+
+/// Fuzzer seeds 8589935287 and 8589934925 (primary region, transaction mode): after an
+/// extended-protocol error that a Flush brought back, pgnear kept counting the server as
+/// skipping until the ReadyForQuery of the Sync the client sent next, so a FunctionCall or a
+/// Query pipelined behind that Sync was taken as skipped and its answer never awaited: a hang.
+/// (The primary region only: in the replica region the same sequence still shows the known
+/// ParameterStatus divergence, an `application_name` the skipped SET never made; see README.)
+#[test]
+fn a_call_behind_the_sync_that_ends_a_skip_is_answered() {
+    assert_as_direct_in(
+        &TARGETS[..2],
+        "fz_skip_end",
+        FIXED_LO + 330,
+        &[
+            vec![
+                execute("p2"),
+                parse("", "SET application_name = 'fz_ext'"),
+                bind("p1", "", vec![]),
+                execute("p1"),
+                Msg::Flush,
+            ],
+            vec![
+                Msg::Sync,
+                Msg::Call(Func::Missing, 0),
+                Msg::Close('P', "nope"),
+                Msg::Flush,
+                Msg::Sync,
+                query("SELECT 'fuzz-end'"),
+            ],
+        ],
+    );
+}
