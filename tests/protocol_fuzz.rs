@@ -10,9 +10,8 @@
 //! Default: 200 sequences per target. `PGNEAR_FUZZ_SECONDS=N` runs each target for N seconds
 //! instead; `PGNEAR_FUZZ_SEED=S` starts at sequence seed S (a divergence prints its seed);
 //! `PGNEAR_FUZZ_SHOW=1` prints every sequence (a divergence may depend on the ones before it).
-//! `scripts/protocol-fuzz.sh [SECONDS]` runs all four targets at once (they are `#[ignore]`d while
-//! known pgnear bugs make them fail; `PGNEAR_FUZZ_KNOWN_BUGS=1` also generates the sequences that
-//! the generator avoids because of them).
+//! `scripts/protocol-fuzz.sh [SECONDS]` runs all four targets at once (`PGNEAR_FUZZ_KNOWN_BUGS=1`
+//! also generates the sequences that the generator avoids because of known pgnear bugs).
 
 mod common;
 
@@ -307,10 +306,21 @@ struct Gen<'a> {
     unsynced: bool,
     /// `PGNEAR_FUZZ_KNOWN_BUGS` set: also generate what triggers the known pgnear bugs.
     known_bugs: bool,
+    /// The sequence runs in a replica region and may have started a READ ONLY transaction,
+    /// which runs on the replica there: large-object writes, which Postgres lets a read-only
+    /// transaction make, fail on a standby (README, Limitations). None is generated then.
+    read_only_replica: Option<bool>,
 }
 
 impl Gen<'_> {
     fn push(&mut self, m: Msg) {
+        let sql = match &m {
+            Msg::Query(sql) | Msg::Parse { sql, .. } => Some(sql),
+            _ => None,
+        };
+        if sql.is_some_and(|q| q.contains("READ ONLY")) {
+            self.read_only_replica = self.read_only_replica.map(|_| true);
+        }
         match m {
             Msg::Sync => self.unsynced = false,
             Msg::Query(_) | Msg::Call(..) if self.unsynced && !self.known_bugs => {
@@ -467,7 +477,12 @@ impl Gen<'_> {
 
     fn call(&mut self) {
         let fixed = self.lo + self.rng.random_range(0..3);
-        let call = match self.rng.random_range(0..4) {
+        let writes = if self.read_only_replica == Some(true) {
+            2
+        } else {
+            0
+        };
+        let call = match self.rng.random_range(writes..4) {
             0 => Msg::Call(Func::LoCreat, 0x60000), // INV_READ | INV_WRITE
             1 => Msg::Call(Func::LoCreate, fixed),
             2 => Msg::Call(Func::LoUnlink, fixed),
@@ -479,7 +494,7 @@ impl Gen<'_> {
 
 /// The sequence for `seed`, cut into batches: each batch is written at once, then its answers
 /// read. It always ends with a Sync and a sentinel Query, so trailing answers are compared too.
-fn generate(seed: u64, table: &str, lo: u32) -> Vec<Vec<Msg>> {
+fn generate(seed: u64, table: &str, lo: u32, replica_region: bool) -> Vec<Vec<Msg>> {
     let mut g = Gen {
         rng: StdRng::seed_from_u64(seed),
         table,
@@ -489,6 +504,7 @@ fn generate(seed: u64, table: &str, lo: u32) -> Vec<Vec<Msg>> {
         portals: HashMap::new(),
         unsynced: false,
         known_bugs: std::env::var_os("PGNEAR_FUZZ_KNOWN_BUGS").is_some(),
+        read_only_replica: replica_region.then_some(false),
     };
     for _ in 0..g.rng.random_range(1..=8) {
         match g.rng.random_range(0..100) {
@@ -582,6 +598,10 @@ fn render(tag: u8, body: &[u8], mask: &Mask) -> Option<String> {
             }
             format!("S {name}={}", r.cstr())
         }
+        // A read-only transaction's refusal of a write: a standby words it "cannot execute COPY
+        // during recovery" where the primary says "cannot execute COPY FROM in a read-only
+        // transaction" (README, Limitations); the SQLSTATE is the one compared.
+        b'E' if body.windows(8).any(|w| w == b"C25006\0M") => "E 25006 <read-only refusal>".into(),
         b'E' | b'N' => {
             let mut fields = Vec::new();
             while let Some(&code) = r.0.first() {
@@ -944,7 +964,7 @@ async fn fuzz_target(
         if done {
             break;
         }
-        let batches = generate(seed, &table, scratch.lo);
+        let batches = generate(seed, &table, scratch.lo, region != PRIMARY);
         if std::env::var_os("PGNEAR_FUZZ_SHOW").is_some() {
             println!("SEED {seed}\n{}", show(&batches));
         }
@@ -954,7 +974,7 @@ async fn fuzz_target(
             panic!(
                 "{region}/{pool:?}: resetting the scratch table after seed {}: {e}\n{}",
                 seed - 1,
-                show(&generate(seed - 1, &table, scratch.lo))
+                show(&generate(seed - 1, &table, scratch.lo, region != PRIMARY))
             );
         }
         let direct = scratch.direct(&batches).await;
@@ -982,29 +1002,24 @@ async fn fuzz_target(
     );
 }
 
-// The primary region in session mode runs with no divergence (its 200 fixed seeds are part of
-// `cargo test`). The other targets still diverge in about 1% of their sequences (writes in a
-// read-only transaction on the replica, portals of a Flush-driven exchange's replica part, the
-// unnamed statement after a skipped Parse; see README): run them with `--ignored`.
+// Each target runs its 200 fixed seeds in `cargo test`; `scripts/protocol-fuzz.sh SECONDS`
+// runs them for longer, from new seeds.
 #[test]
 fn fuzz_primary_region_session_pool() {
     fuzz(PRIMARY, PoolMode::Session, 1);
 }
 
 #[test]
-#[ignore = "pgnear bugs: divergences in every run (see README, Limitations)"]
 fn fuzz_primary_region_transaction_pool() {
     fuzz(PRIMARY, PoolMode::Transaction, 2);
 }
 
 #[test]
-#[ignore = "pgnear bugs: divergences in every run (see README, Limitations)"]
 fn fuzz_replica_region_session_pool() {
     fuzz(REPLICA, PoolMode::Session, 3);
 }
 
 #[test]
-#[ignore = "pgnear bugs: divergences in every run (see README, Limitations)"]
 fn fuzz_replica_region_transaction_pool() {
     fuzz(REPLICA, PoolMode::Transaction, 4);
 }
@@ -1674,5 +1689,80 @@ fn a_call_behind_the_sync_that_ends_a_skip_is_answered() {
                 query("SELECT 'fuzz-end'"),
             ],
         ],
+    );
+}
+
+/// Transaction mode shares statements by text: two client names of one text are one statement
+/// on the server, and an error naming it named whichever client name pgnear found first (seed
+/// 8589934736). Each message's error now names the client's name it used.
+#[test]
+fn an_error_names_the_statement_the_message_named() {
+    assert_as_direct(
+        "fz_err_name",
+        FIXED_LO + 340,
+        &[
+            vec![
+                parse("s1", "SELECT 1/0"),
+                parse("s2", "SELECT 1/0"),
+                parse("s3", "SELECT 1/0"),
+                Msg::Sync,
+            ],
+            vec![
+                bind("p1", "s2", vec![Some("1")]),
+                Msg::Sync,
+                bind("p1", "s1", vec![Some("1")]),
+                Msg::Sync,
+                bind("p1", "s3", vec![Some("1")]),
+                Msg::Sync,
+                query("SELECT 'fuzz-end'"),
+            ],
+        ],
+    );
+}
+
+/// A Close of the statement pipelined behind a Bind that fails: the Bind's error came after
+/// the Close was accepted, and named the shared statement (seed 17179869713).
+#[test]
+fn an_error_names_a_statement_closed_behind_it() {
+    assert_as_direct(
+        "fz_err_closed",
+        FIXED_LO + 350,
+        &[
+            vec![parse("s2", "SELECT $1::int"), Msg::Sync],
+            vec![
+                bind("p1", "s2", vec![]),
+                Msg::Close('S', "s2"),
+                Msg::Sync,
+                query("SELECT 'fuzz-end'"),
+            ],
+        ],
+    );
+}
+
+/// A Parse pipelined behind `DISCARD ALL` was recorded before the DISCARD's answer, which then
+/// cleared it: a Bind of it on the other server found nothing to prepare there (seed
+/// 12884902390: "prepared statement s2 does not exist").
+#[test]
+fn a_parse_behind_discard_all_is_kept_for_the_other_server() {
+    assert_as_direct_in(
+        &TARGETS[2..],
+        "fz_discard_parse",
+        FIXED_LO + 360,
+        &[vec![
+            query("DISCARD ALL"),
+            parse("", "SELEC 1"),
+            bind("p1", "", vec![]),
+            execute("p1"),
+            Msg::Sync,
+            query("UPDATE fz_discard_parse SET v = v || '!' WHERE id <= 2"),
+            parse("s2", "SET TimeZone = 'Asia/Kolkata'"),
+            Msg::Sync,
+            query("COPY fz_discard_parse (id, v) FROM STDIN WITH (FORMAT csv)"),
+            Msg::CopyData("1,dup\n"),
+            Msg::CopyDone,
+            bind("p2", "s2", vec![]),
+            Msg::Sync,
+            query("SELECT 'fuzz-end'"),
+        ]],
     );
 }

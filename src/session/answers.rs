@@ -8,7 +8,6 @@ use super::server::Seen;
 use super::state::SessionState;
 use super::{consistent, expect, plan, Session};
 use crate::cancel::CancelRegistry;
-use crate::config::PoolMode;
 use crate::error::PgError;
 use crate::lsn::Lsn;
 use crate::protocol::write;
@@ -23,9 +22,7 @@ impl Session {
             Role::Replica => self.replica.as_mut(),
         };
         let server = server.expect("read from a connected server");
-        let names =
-            (self.shared.config.pool.mode == PoolMode::Transaction).then_some(&self.state.names);
-        server.scan(&mut self.cout, &mut seen, Some(&mut self.told), names)?;
+        server.scan(&mut self.cout, &mut seen, Some(&mut self.told))?;
         for &at in &seen.notifications {
             map_notification_pid(&mut self.cout, at, server.conn.addr, &self.shared.cancels);
         }

@@ -32,8 +32,9 @@ pub(super) struct BatchPlan {
     /// Parses (their place among the batch's frames) of a name that already exists: sent as
     /// they are, so that the server answers 42P05 as Postgres would (see `read_batch`).
     pub dups: Vec<usize>,
-    /// Transaction mode: the client's name of each other named Parse (its place among the
-    /// batch's frames), to forget if that Parse fails.
+    /// Transaction mode: the client's statement name of each frame (its place among the
+    /// batch's, in order) that names one by its shared name: an error answering the frame
+    /// names the client's, and a failed Parse of a new one forgets it.
     pub clients: Vec<(usize, String)>,
     pub closed: Vec<String>,
     pub parsed_unnamed: bool,

@@ -149,7 +149,9 @@ pub struct FailedParse {
 
 #[derive(Default, Debug)]
 pub struct Expectations {
-    queue: VecDeque<(Pending, Owner)>,
+    /// Each message's entry, with (transaction mode) the client's name of the statement it
+    /// names under a shared one: the server's errors name the shared one.
+    queue: VecDeque<(Pending, Owner, Option<Box<str>>)>,
     /// Client Queries and FunctionCalls the server skipped after an extended-protocol error
     /// (it skips everything up to the next Sync): their requests end unanswered.
     skipped: usize,
@@ -176,7 +178,7 @@ impl Expectations {
             client: client.map(str::to_string),
             internal: !owner.is_client(),
         });
-        self.push(Pending::Parse, owner);
+        self.push_named(Pending::Parse, owner, client);
     }
 
     /// Queues a client's Parse of shared statement `name` that the server has already, sent
@@ -190,7 +192,7 @@ impl Expectations {
             client: client.map(str::to_string),
             internal: false,
         });
-        self.push(Pending::Parse, Owner::Client);
+        self.push_named(Pending::Parse, Owner::Client, client);
     }
 
     /// The oldest Parse in the queue ended: with its ParseComplete (`ok`), or with an error or
@@ -241,12 +243,22 @@ impl Expectations {
     }
 
     pub fn push(&mut self, p: Pending, owner: Owner) {
+        self.push_named(p, owner, None);
+    }
+
+    /// Queues a client's message that names statement `client` by its shared name.
+    pub fn push_named(&mut self, p: Pending, owner: Owner, client: Option<&str>) {
         if p == Pending::Sync {
             // The server skips up to this Sync, not past it: what follows it is answered.
             self.skipping = false;
         }
-        self.queue.push_back((p, owner));
+        self.queue.push_back((p, owner, client.map(Into::into)));
         self.drop_markers();
+    }
+
+    /// The client's name of the statement the front entry names (see `push_named`).
+    pub fn front_client_name(&self) -> Option<&str> {
+        self.queue.front().and_then(|(_, _, c)| c.as_deref())
     }
 
     /// Drops the CopyEnd markers that reached the front: they are answered by nothing.
@@ -254,7 +266,7 @@ impl Expectations {
         while self
             .queue
             .front()
-            .is_some_and(|(p, _)| *p == Pending::CopyEnd)
+            .is_some_and(|(p, _, _)| *p == Pending::CopyEnd)
         {
             self.queue.pop_front();
         }
@@ -265,20 +277,20 @@ impl Expectations {
         self.queue
             .iter()
             .skip(1)
-            .any(|(p, _)| *p == Pending::CopyEnd)
+            .any(|(p, _, _)| *p == Pending::CopyEnd)
     }
 
     pub fn front(&self) -> Option<(Pending, Owner)> {
-        self.queue.front().copied()
+        self.queue.front().map(|(p, o, _)| (*p, *o))
     }
 
     pub fn front_owner(&self) -> Option<Owner> {
-        self.queue.front().map(|(_, o)| *o)
+        self.queue.front().map(|(_, o, _)| *o)
     }
 
     /// Turns a tentative front entry into a plain client one (its answer is being released).
     pub fn confirm_front(&mut self) {
-        if let Some((_, o)) = self.queue.front_mut() {
+        if let Some((_, o, _)) = self.queue.front_mut() {
             if *o == Owner::Tentative {
                 *o = Owner::Client;
             }
@@ -286,7 +298,7 @@ impl Expectations {
     }
 
     pub fn has_tentative(&self) -> bool {
-        self.queue.iter().any(|(_, o)| *o == Owner::Tentative)
+        self.queue.iter().any(|(_, o, _)| *o == Owner::Tentative)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -301,7 +313,7 @@ impl Expectations {
     pub fn has_internal(&self, purpose: Purpose) -> bool {
         self.queue
             .iter()
-            .any(|(_, o)| *o == Owner::Internal(purpose))
+            .any(|(_, o, _)| *o == Owner::Internal(purpose))
     }
 
     /// Removes the Syncs queued right behind the front entry; returns how many.
@@ -310,7 +322,7 @@ impl Expectations {
             .queue
             .iter()
             .skip(1)
-            .take_while(|(p, _)| *p == Pending::Sync)
+            .take_while(|(p, _, _)| *p == Pending::Sync)
             .count();
         self.queue.drain(1..1 + n);
         n
@@ -323,7 +335,11 @@ impl Expectations {
 
     /// Makes the last entry's ReadyForQuery pgnear's (see `Owner::ClientBody`).
     pub fn defer_ready(&mut self) {
-        if let Some((_, o)) = self.queue.back_mut().filter(|(_, o)| *o == Owner::Client) {
+        if let Some((_, o, _)) = self
+            .queue
+            .back_mut()
+            .filter(|(_, o, _)| *o == Owner::Client)
+        {
             *o = Owner::ClientBody;
         }
     }
@@ -344,7 +360,7 @@ impl Expectations {
         match frame {
             // Asynchronous messages can arrive at any time; they always reach the client.
             be::NOTICE_RESPONSE | be::NOTIFICATION => {
-                let owner = self.queue.front().map(|(_, o)| *o);
+                let owner = self.queue.front().map(|(_, o, _)| *o);
                 let forward = !owner.is_some_and(Owner::quiet);
                 Matched {
                     forward,
@@ -353,7 +369,7 @@ impl Expectations {
                 }
             }
             be::PARAMETER_STATUS => {
-                let owner = self.queue.front().map(|(_, o)| *o);
+                let owner = self.queue.front().map(|(_, o, _)| *o);
                 Matched {
                     forward: !matches!(owner, Some(Owner::Internal(_))),
                     completed: None,
@@ -361,7 +377,7 @@ impl Expectations {
                 }
             }
             be::ERROR_RESPONSE => {
-                let Some(&(front, owner)) = self.queue.front() else {
+                let Some(&(front, owner, _)) = self.queue.front() else {
                     return Matched {
                         forward: true,
                         completed: None,
@@ -371,8 +387,8 @@ impl Expectations {
                 if !front.is_sync_point() {
                     // Extended protocol: the server now skips everything up to the next Sync,
                     // Queries and FunctionCalls included.
-                    while let Some(&(p, o)) =
-                        self.queue.front().filter(|(p, _)| *p != Pending::Sync)
+                    while let Some(&(p, o, _)) =
+                        self.queue.front().filter(|(p, _, _)| *p != Pending::Sync)
                     {
                         self.queue.pop_front();
                         if p == Pending::Parse {
@@ -396,7 +412,7 @@ impl Expectations {
             be::READY_FOR_QUERY => {
                 self.skipping = false;
                 // Completes the oldest sync point; anything before it was skipped by the server.
-                while let Some((p, o)) = self.queue.pop_front() {
+                while let Some((p, o, _)) = self.queue.pop_front() {
                     if p == Pending::Parse {
                         self.parse_ended(false);
                     }
@@ -415,7 +431,7 @@ impl Expectations {
                 }
             }
             _ => {
-                let Some(&(front, owner)) = self.queue.front() else {
+                let Some(&(front, owner, _)) = self.queue.front() else {
                     return Matched {
                         forward: true,
                         completed: None,

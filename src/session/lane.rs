@@ -349,7 +349,7 @@ impl Lanes {
     ) -> Result<(), PgError> {
         loop {
             let mut seen = Seen::default();
-            server.scan(cout, &mut seen, None, None)?;
+            server.scan(cout, &mut seen, None)?;
             let finished = match (seen.done.pop(), seen.retry) {
                 (Some(request), _) => Some((request, None)),
                 (None, Some(retry)) => Some((Request::default(), Some(retry))),

@@ -2,7 +2,7 @@
 //! ones streamed in pieces), pgnear's own answers consumed, what the session must learn noted
 //! (`Seen`), without a socket (unit tests and fuzzing drive it from bytes alone).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 
 use bytes::{Buf, Bytes, BytesMut};
 
@@ -106,9 +106,6 @@ fn standby_refusal(body: &[u8]) -> Option<bool> {
 pub struct Reported<'a> {
     pub server: &'a mut Params,
     pub told: Option<&'a mut Params>,
-    /// The client's statement names -> the shared names the server knows them by (transaction
-    /// mode): the server's errors name the client's.
-    pub names: Option<&'a HashMap<String, String>>,
 }
 
 /// A reported value as the client sees it: pgnear as a whole accepts writes, whichever server
@@ -121,21 +118,26 @@ pub fn as_primary<'a>(name: &str, value: &'a str) -> &'a str {
     }
 }
 
-/// An ErrorResponse that names shared statements (`"pgnear_<hash>"`, transaction mode) with
-/// the client's names for them instead; `None` when it names none.
-fn client_names(body: &[u8], names: &HashMap<String, String>) -> Option<BytesMut> {
-    const MARK: &[u8] = b"\"pgnear_";
-    body.windows(MARK.len()).any(|w| w == MARK).then_some(())?;
+/// An ErrorResponse that names a shared statement (`"pgnear_<hash>"`, transaction mode) with
+/// the client's name for it (`client`) instead; `None` when it names none.
+fn client_names(body: &[u8], client: &str) -> Option<BytesMut> {
+    const MARK: &str = "\"pgnear_";
+    body.windows(MARK.len())
+        .any(|w| w == MARK.as_bytes())
+        .then_some(())?;
     let mut fields = BytesMut::with_capacity(body.len());
     let mut pos = 0;
     while pos < body.len() && body[pos] != 0 {
         let (value, used) = crate::protocol::cstr(&body[pos + 1..])?;
-        let mut value = value.to_string();
-        for (client, shared) in names {
-            value = value.replace(&format!("\"{shared}\""), &format!("\"{client}\""));
-        }
         fields.extend_from_slice(&body[pos..=pos]);
-        fields.extend_from_slice(value.as_bytes());
+        let mut rest = value;
+        while let Some(at) = rest.find(MARK) {
+            let end = rest[at + 1..].find('"').map_or(rest.len(), |e| at + 2 + e);
+            fields.extend_from_slice(&rest.as_bytes()[..at]);
+            fields.extend_from_slice(format!("\"{client}\"").as_bytes());
+            rest = &rest[end..];
+        }
+        fields.extend_from_slice(rest.as_bytes());
         fields.extend_from_slice(b"\0");
         pos += 1 + used;
     }
@@ -189,11 +191,7 @@ impl Reader {
         cout: &mut BytesMut,
         seen: &mut Seen,
     ) -> Result<(), ScanError> {
-        let Reported {
-            server,
-            mut told,
-            names,
-        } = reported;
+        let Reported { server, mut told } = reported;
         let buf = &self.rbuf[..];
         let mut grow = 0;
         let mut pos = 0;
@@ -240,6 +238,10 @@ impl Reader {
             let frame = &buf[pos..pos + total];
             let body = &frame[5..];
             let front = expect.front();
+            // (Transaction mode) the client's name of the statement the message failing names.
+            let named = (tag == be::ERROR_RESPONSE)
+                .then(|| expect.front_client_name().map(str::to_string))
+                .flatten();
             let m = expect.on_frame(tag);
             for _ in 0..expect.take_skipped() {
                 // A skipped request ends unanswered: its ErrorResponse went to the batch before it.
@@ -369,7 +371,7 @@ impl Reader {
                     {
                         forward = false;
                     }
-                    renamed = names.and_then(|n| client_names(body, n));
+                    renamed = named.and_then(|client| client_names(body, &client));
                 }
                 be::NOTIFICATION if forward => {
                     seen.notifications.push(cout.len() + pos - run_start)
@@ -420,7 +422,6 @@ mod tests {
             Reported {
                 server: &mut Vec::new(),
                 told: None,
-                names: None,
             },
             &mut cout,
             &mut Seen::default(),
@@ -490,7 +491,6 @@ mod tests {
         let reported = Reported {
             server: &mut server,
             told: Some(&mut told),
-            names: None,
         };
         reader
             .scan(

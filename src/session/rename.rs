@@ -69,14 +69,18 @@ impl Session {
                     }
                     // A name the client has already: the Parse goes out under the shared name it
                     // has, which the server refuses (42P05), keeping the statement.
-                    let existing = plan.shared_name(self, name).filter(|shared| {
-                        exchange.contains(&name) || self.state.statements.contains_key(*shared)
-                    });
+                    let existing = plan
+                        .shared_name(self, name)
+                        .filter(|shared| {
+                            exchange.contains(&name) || self.state.statements.contains_key(*shared)
+                        })
+                        .cloned();
                     let shared = match existing {
                         Some(shared) => {
                             dups.push((i, !exchange.contains(&name)));
+                            plan.clients.push((i, name.to_string()));
                             skipped = true;
-                            shared.clone()
+                            shared
                         }
                         None => {
                             let shared = self.shared_name(&body[used..]);
@@ -96,17 +100,20 @@ impl Session {
                 tag::BIND => {
                     let (portal, used) = cstr(body).ok_or_else(|| bad("Bind"))?;
                     let (stmt, used2) = cstr(&body[used..]).ok_or_else(|| bad("Bind"))?;
-                    match plan.shared_name(self, stmt) {
-                        Some(shared) => out.extend_from_slice(&build_frame(
-                            tag::BIND,
-                            &[
-                                portal.as_bytes(),
-                                b"\0",
-                                shared.as_bytes(),
-                                b"\0",
-                                &body[used + used2..],
-                            ],
-                        )),
+                    match plan.shared_name(self, stmt).cloned() {
+                        Some(shared) => {
+                            plan.clients.push((i, stmt.to_string()));
+                            out.extend_from_slice(&build_frame(
+                                tag::BIND,
+                                &[
+                                    portal.as_bytes(),
+                                    b"\0",
+                                    shared.as_bytes(),
+                                    b"\0",
+                                    &body[used + used2..],
+                                ],
+                            ))
+                        }
                         None => out.extend_from_slice(frame),
                     }
                 }
@@ -117,6 +124,9 @@ impl Session {
                         plan.names.push((name.to_string(), None));
                         Some(NO_STATEMENT.to_string())
                     } else {
+                        if target.is_some() {
+                            plan.clients.push((i, name.to_string()));
+                        }
                         target
                     };
                     match target {
@@ -220,19 +230,19 @@ pub(super) fn send_batch(
 ) {
     // After a refused Parse the server skips to the Sync: what follows is sent as it is.
     let mut skipped = false;
+    let mut clients = shared.map_or(&[][..], |(_, c)| c).iter().peekable();
     for (i, (t, frame)) in frames(batch).enumerate() {
         if t == tag::SYNC {
             skipped = false;
         }
+        let client = clients.next_if(|(at, _)| *at == i).map(|(_, n)| n.as_str());
         if t == tag::PARSE {
             let name = cstr(&frame[5..]).map_or("", |(n, _)| n);
             if shared.is_some_and(|(d, _)| d.contains(&i)) || skipped {
                 skipped |= shared.is_some();
-                server.send_client_frame(t, frame);
+                server.send_client_parse(frame, client);
                 continue;
             }
-            let client = shared.and_then(|(_, c)| c.iter().find(|(at, _)| *at == i));
-            let client = client.map(|(_, n)| n.as_str());
             if shared.is_some() && !name.is_empty() && server.has_statement(name) {
                 // Another session prepared it here already: the client still gets its
                 // ParseComplete (or its error), from a scratch statement dropped at once.
@@ -249,7 +259,10 @@ pub(super) fn send_batch(
             }
             continue;
         }
-        server.send_client_frame(t, frame);
+        match client {
+            Some(client) => server.send_client_frame_named(t, frame, client),
+            None => server.send_client_frame(t, frame),
+        }
     }
 }
 

@@ -358,9 +358,16 @@ impl Session {
         // (that Parse may fail, or be skipped after an error): what the batch means, and where
         // it may run, waits for the answer. Pipelines rarely get here: a driver uses a
         // statement once its ParseComplete is in.
+        // Or a request in flight drops every statement (`DISCARD ALL` pipelined ahead): what
+        // the batch parses is the session's only once that is answered.
         if self.copy_role().is_none() {
             for role in self.unconfirmed_statements() {
                 self.drain(role).await?;
+            }
+            for role in [Role::Primary, Role::Replica] {
+                if self.dropping_statements(role) {
+                    self.drain(role).await?;
+                }
             }
         }
         let mut plan = self.read_batch()?;
@@ -428,18 +435,14 @@ impl Session {
         let capture = self.capture(role, &run);
         // The unnamed statement is to be parsed again (pgnear's own query dropped it), but
         // whether its Parse succeeded is in an answer still to come: a failed one must not be
-        // parsed again (Postgres would not have it). Or a statement-dropping request is in
-        // flight ahead of statements this batch parses or uses. Pipelines rarely get here.
+        // parsed again (Postgres would not have it). Pipelines rarely get here.
         let unnamed_unknown = plan.needs_unnamed
             && !plan.parsed_unnamed
             && self.unnamed_role == Some(role)
             && self
                 .slot_ref(role)
                 .is_some_and(|s| s.unnamed_dropped && s.expect.unnamed_pending());
-        let uses_statements = !plan.parsed.is_empty() || !plan.needs.is_empty();
-        if (unnamed_unknown || (uses_statements && self.dropping_statements(role)))
-            && self.copy_role().is_none()
-        {
+        if unnamed_unknown && self.copy_role().is_none() {
             self.drain(role).await?;
         }
         // (After the drains: in transaction mode it may have given the connection back.)

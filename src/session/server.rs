@@ -2,7 +2,7 @@
 //! status, and the scan that turns its bytes into frames forwarded to the client (raw) or
 //! consumed by pgnear.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -214,6 +214,15 @@ impl Server {
         self.expect_answer(tag, frame, Owner::Client);
     }
 
+    /// Queues a client's Bind, Describe or Close of statement `client` under its shared name
+    /// (transaction mode): an error it gets names the client's.
+    pub fn send_client_frame_named(&mut self, tag: u8, frame: &[u8], client: &str) {
+        self.out.extend_from_slice(frame);
+        if let Some(p) = Pending::for_tag(tag) {
+            self.expect.push_named(p, Owner::Client, Some(client));
+        }
+    }
+
     fn expect_answer(&mut self, tag: u8, frame: &[u8], owner: Owner) {
         if tag == crate::protocol::tag::PARSE {
             self.expect_parse(frame, owner, None);
@@ -318,7 +327,7 @@ impl Server {
         let mut sink = BytesMut::new();
         while !self.expect.is_empty() {
             self.read().await?;
-            self.scan(&mut sink, &mut Seen::default(), None, None)?;
+            self.scan(&mut sink, &mut Seen::default(), None)?;
             sink.clear();
         }
         Ok(())
@@ -344,13 +353,11 @@ impl Server {
     /// frames for the client are appended to `cout` as raw bytes, pgnear's own answers consumed.
     /// `told`: the parameters the client was told (see `Reader::scan`); `None` when what is
     /// scanned cannot change one (pgnear's own queries, shared replica connections).
-    /// `names`: in transaction mode, the client's statement names and their shared ones.
     pub fn scan(
         &mut self,
         cout: &mut BytesMut,
         seen: &mut Seen,
         told: Option<&mut Params>,
-        names: Option<&HashMap<String, String>>,
     ) -> Result<(), PgError> {
         let r = self.reader.scan(
             self.role,
@@ -360,7 +367,6 @@ impl Server {
             Reported {
                 server: &mut self.conn.conn.params,
                 told,
-                names,
             },
             cout,
             seen,
