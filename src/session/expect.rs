@@ -251,6 +251,12 @@ impl Expectations {
         if p == Pending::Sync {
             // The server skips up to this Sync, not past it: what follows it is answered.
             self.skipping = false;
+        } else if self.skipping {
+            // Skipped after the error, answered by nothing (a Parse creates nothing).
+            if p == Pending::Parse {
+                self.parse_ended(false);
+            }
+            return;
         }
         self.queue.push_back((p, owner, client.map(Into::into)));
         self.drop_markers();

@@ -294,8 +294,9 @@ impl Session {
             let frame = self.cbuf.split_to(len);
             match t {
                 tag::QUERY => {
-                    let sent = match self.dispatch_batch().await {
-                        Ok(()) => self.on_query(frame).await,
+                    let sent = match self.dispatch_unsynced(&frame).await {
+                        Ok(true) => Ok(()),
+                        Ok(false) => self.on_query(frame).await,
                         Err(e) => Err(e),
                     };
                     self.unless_primary_unreachable(sent, 1).await?;
@@ -303,8 +304,9 @@ impl Session {
                 tag::FUNCTION_CALL => {
                     // libpq's fast path (large objects): a complete request, answered by
                     // FunctionCallResponse and ReadyForQuery, never followed by a Sync.
-                    let sent = match self.dispatch_batch().await {
-                        Ok(()) => self.on_function_call(frame).await,
+                    let sent = match self.dispatch_unsynced(&frame).await {
+                        Ok(true) => Ok(()),
+                        Ok(false) => self.on_function_call(frame).await,
                         Err(e) => Err(e),
                     };
                     self.unless_primary_unreachable(sent, 1).await?;
@@ -361,6 +363,34 @@ impl Session {
         }
         self.flush_servers().await?;
         Ok(Flow::Continue)
+    }
+
+    /// Sends the extended-protocol messages a Query or FunctionCall (`request`) follows with
+    /// no Sync: with a Flush of pgnear's behind them, which a client cannot tell (it has no
+    /// answer), so that the server sends their answers now (Postgres holds them until a Sync
+    /// or Flush). When they failed, the server skips the request up to the Sync: it goes
+    /// there unanswered, changing nothing (`true`). (Drivers do not send requests into an
+    /// unsynced exchange; this waits for its answers.)
+    async fn dispatch_unsynced(&mut self, request: &[u8]) -> Result<bool, PgError> {
+        if self.batch_tags.last().is_some_and(|&t| t != tag::FLUSH) {
+            self.batch.extend_from_slice(&[tag::FLUSH, 0, 0, 0, 4]);
+            self.batch_tags.push(tag::FLUSH);
+        }
+        self.dispatch_batch().await?;
+        let Some(role) = self.exchange.as_ref().map(|e| e.role) else {
+            return Ok(false);
+        };
+        if self.copy_role().is_some() {
+            return Ok(false);
+        }
+        self.drain(role).await?;
+        match self.slot(role).as_mut().filter(|s| s.expect.skipping) {
+            Some(server) => {
+                server.out.extend_from_slice(request);
+                Ok(true)
+            }
+            None => Ok(false),
+        }
     }
 
     /// A primary that could not be connected on first use fails the request, not the session:
