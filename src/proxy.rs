@@ -129,6 +129,7 @@ impl Proxy {
                 r.clone(),
                 probe.clone(),
                 metrics.clone(),
+                config.consistency.max_replica_lag.0,
                 shutdown.clone(),
             )
         });

@@ -1,6 +1,8 @@
-//! A list of replicas: when the local one dies, reads move to the next one (10 ms away), not to
+//! A list of replicas: when the local one dies, or lags past `max_replica_lag` (its replay
+//! paused, as when its own upstream is gone), reads move to the next one (10 ms away), not to
 //! the primary (100 ms away), keep reading their own writes through the switch, and come back
-//! once the local one is up again. Its own cluster (three regions): the test stops a replica.
+//! once the local one is up (caught up) again. Its own cluster (three regions): the tests stop
+//! a replica and pause its replay.
 
 mod common;
 
@@ -37,6 +39,7 @@ async fn p50(c: &tokio_postgres::Client, n: usize) -> Duration {
 
 #[test]
 fn reads_move_to_the_next_replica_and_come_back() {
+    let _serial = serial();
     start_cluster();
     run(async {
         let cluster = cluster();
@@ -135,5 +138,82 @@ fn reads_move_to_the_next_replica_and_come_back() {
         );
         p.shutdown().await;
         alone.shutdown().await;
+    });
+}
+
+#[test]
+fn a_lagging_replica_hands_reads_to_the_next_one() {
+    let _serial = serial();
+    start_cluster();
+    run(async {
+        let cluster = cluster();
+        let local = &cluster.replica(REPLICA).unwrap().node;
+        let far = &cluster.replica(FAR).unwrap().node;
+        on_primary("CREATE TABLE IF NOT EXISTS lagging (id int PRIMARY KEY)").await;
+        cluster.wait_replicas_caught_up().await.unwrap();
+        let listed = cluster.app_url_at(&[local.addr(), far.addr()]);
+        let p = proxy(REPLICA, |c| {
+            c.upstream.replica_url = listed;
+            c.consistency.max_replica_lag = pgnear::config::HumanDuration(Duration::from_secs(1));
+        })
+        .await;
+        let c = connect(&url(&p)).await;
+        let (local_port, far_port) = (i32::from(local.addr().port()), i32::from(far.addr().port()));
+        assert_eq!(read_port(&c).await, local_port);
+
+        // The local replica stops replaying while the primary goes on.
+        let admin = replica_admin().await;
+        admin
+            .batch_execute("SELECT pg_wal_replay_pause()")
+            .await
+            .unwrap();
+        let paused = Instant::now();
+        let writer = connect(&url(&p)).await;
+        let mut id = 0;
+        let mut stale = 0;
+        let mut switched = None;
+        while paused.elapsed() < Duration::from_secs(30) {
+            id += 1;
+            writer
+                .execute("INSERT INTO lagging VALUES ($1)", &[&id])
+                .await
+                .unwrap();
+            // The writer's own reads see its writes wherever they run.
+            let seen: i64 = writer
+                .query_one("SELECT count(*) FROM lagging WHERE id = $1", &[&id])
+                .await
+                .unwrap()
+                .get(0);
+            stale += usize::from(seen != 1);
+            if read_port(&c).await == far_port {
+                switched = Some(paused.elapsed());
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let switched = switched.expect("reads moved to the next replica");
+        assert_eq!(
+            read_port(&c).await,
+            far_port,
+            "reads stay on the next replica"
+        );
+        assert_eq!(stale, 0, "stale reads after the writer's own writes");
+
+        admin
+            .batch_execute("SELECT pg_wal_replay_resume()")
+            .await
+            .unwrap();
+        let resumed = Instant::now();
+        eventually("reads back on the caught-up local replica", Duration::from_secs(30), || {
+            let c = &c;
+            async move { matches!(c.query_one("SELECT inet_server_port()", &[]).await, Ok(r) if r.get::<_, i32>(0) == local_port) }
+        })
+        .await;
+        println!(
+            "replicas: reads on the next replica {switched:?} after the local one stopped replaying \
+             (max_replica_lag 1 s), back {:?} after it resumed; {id} writes read back, {stale} stale",
+            resumed.elapsed()
+        );
+        p.shutdown().await;
     });
 }

@@ -23,8 +23,10 @@ use crate::shutdown::Shutdown;
 const FAST_POLL: Duration = Duration::from_millis(1);
 const SLOW_POLL: Duration = Duration::from_millis(100);
 const RECONNECT: Duration = Duration::from_millis(500);
-/// How often a watcher on a later replica of the list tries the earlier ones again.
+/// How often a watcher on a later replica of the list tries the earlier ones again (and one on
+/// a lagging replica looks for one further along).
 const PREFER_EARLIER: Duration = Duration::from_secs(1);
+const POLL_SQL: &str = "SELECT pg_last_wal_replay_lsn(), pg_is_in_recovery()";
 /// Longest a poll may take, whatever `connect_timeout` says.
 const MAX_POLL_DEADLINE: Duration = Duration::from_secs(1);
 
@@ -77,11 +79,13 @@ impl Drop for Waiting<'_> {
 }
 
 impl Watcher {
-    /// Starts the watcher task; it stops when `shutdown` turns true.
+    /// Starts the watcher task; it stops when `shutdown` turns true. A replica lagging past
+    /// `max_lag` hands the reads to another of the list that has replayed further.
     pub fn spawn(
         replica: Arc<Upstream>,
         primary: Arc<PrimaryProbe>,
         metrics: Arc<Metrics>,
+        max_lag: Duration,
         shutdown: Shutdown,
     ) -> Arc<Watcher> {
         let watcher = Arc::new(Watcher {
@@ -89,7 +93,11 @@ impl Watcher {
             waiters: AtomicUsize::new(0),
             wake: Notify::new(),
         });
-        tokio::spawn(watcher.clone().run(replica, primary, metrics, shutdown));
+        tokio::spawn(
+            watcher
+                .clone()
+                .run(replica, primary, metrics, max_lag, shutdown),
+        );
         watcher
     }
 
@@ -142,11 +150,12 @@ impl Watcher {
         replica: Arc<Upstream>,
         primary: Arc<PrimaryProbe>,
         metrics: Arc<Metrics>,
+        max_lag: Duration,
         mut shutdown: Shutdown,
     ) {
         let mut conn: Option<ControlConn> = None;
         let mut tried_earlier = Instant::now();
-        let mut earlier: Option<tokio::task::JoinHandle<Option<ControlConn>>> = None;
+        let mut better: Option<tokio::task::JoinHandle<Option<(ControlConn, bool)>>> = None;
         let mut was_in_recovery = true;
         let mut caught_up_at = Instant::now();
         let poll_deadline = poll_deadline(replica.connect_timeout);
@@ -160,21 +169,31 @@ impl Watcher {
                 tracing::info!(replica = %replica.url, "the watched address left DNS; reconnecting");
                 conn = None;
             }
-            // On a later replica of the list: the first that answers again serves instead
-            // (looked for beside the polls, which a silent replica must not hold up).
-            if let Some(found) = earlier.take_if(|h| h.is_finished()) {
-                if let Ok(Some(c)) = found.await {
-                    tracing::info!(replica = %replica.url, addr = %c.addr(), "an earlier replica of the list answers again; reads go there");
+            // On a later replica of the list, the first that answers again serves instead; on
+            // one lagging past `max_lag`, another further along (looked for beside the polls,
+            // which a silent replica must not hold up).
+            if let Some(found) = better.take_if(|h| h.is_finished()) {
+                if let Ok(Some((c, earlier))) = found.await {
+                    if earlier {
+                        tracing::info!(replica = %replica.url, addr = %c.addr(), "an earlier replica of the list answers again; reads go there");
+                    } else {
+                        tracing::warn!(replica = %replica.url, addr = %c.addr(), "the replica lags past max_replica_lag; reads go to one further along");
+                    }
                     watch_here(&replica, c.addr());
                     conn = Some(c);
                 }
             }
             if let Some(current) = conn.as_ref().map(ControlConn::addr) {
-                if earlier.is_none() && tried_earlier.elapsed() >= PREFER_EARLIER {
+                if better.is_none() && tried_earlier.elapsed() >= PREFER_EARLIER {
                     tried_earlier = Instant::now();
+                    let (replay, lag) = {
+                        let s = self.state.borrow();
+                        (s.replay, s.lag_seconds)
+                    };
+                    let lagging = lag.is_some_and(|l| l > max_lag.as_secs_f64());
                     let replica = replica.clone();
-                    earlier = Some(tokio::spawn(async move {
-                        earlier_replica(&replica, current).await
+                    better = Some(tokio::spawn(async move {
+                        better_replica(&replica, current, replay, lagging).await
                     }));
                 }
             }
@@ -201,16 +220,11 @@ impl Watcher {
             let polled = conn
                 .as_mut()
                 .expect("connected above")
-                .query_row_within(
-                    "SELECT pg_last_wal_replay_lsn(), pg_is_in_recovery()",
-                    poll_deadline,
-                )
+                .query_row_within(POLL_SQL, poll_deadline)
                 .await;
             match polled {
                 Ok(row) => {
-                    let replay: Option<Lsn> =
-                        row.first().cloned().flatten().and_then(|v| v.parse().ok());
-                    let in_recovery = row.get(1).cloned().flatten().as_deref() == Some("t");
+                    let (replay, in_recovery) = replay_of(&row);
                     if was_in_recovery && !in_recovery {
                         tracing::warn!(replica = %replica.url, "the replica was promoted; reads go to the primary");
                     }
@@ -276,16 +290,48 @@ fn watch_here(replica: &Upstream, addr: std::net::SocketAddr) {
     }
 }
 
-/// A connection to a replica listed before `current` that answers now, if any.
-async fn earlier_replica(replica: &Upstream, current: std::net::SocketAddr) -> Option<ControlConn> {
+/// The replay position and recovery state in a row of `POLL_SQL`.
+fn replay_of(row: &[Option<String>]) -> (Option<Lsn>, bool) {
+    let replay = row.first().cloned().flatten().and_then(|v| v.parse().ok());
+    let in_recovery = row.get(1).cloned().flatten().as_deref() == Some("t");
+    (replay, in_recovery)
+}
+
+/// A connection to a replica that should serve instead of `current` (which has replayed
+/// `replay`): one listed before it that answers as a standby and has replayed as far (the
+/// second value `true`), or, when `current` lags past `max_replica_lag`, any other of the list
+/// that has replayed further (a replica whose own upstream died stalls while others go on).
+async fn better_replica(
+    replica: &Upstream,
+    current: std::net::SocketAddr,
+    replay: Option<Lsn>,
+    lagging: bool,
+) -> Option<(ControlConn, bool)> {
     let addrs = replica.resolve().await.ok()?;
     let deadline = poll_deadline(replica.connect_timeout);
+    let mut earlier = true;
     for (_, addr) in addrs {
         if addr == current {
-            return None;
+            if !lagging {
+                return None;
+            }
+            earlier = false;
+            continue;
         }
-        if let Ok(c) = ControlConn::connect_to(replica, Pick::Only(addr), deadline).await {
-            return Some(c);
+        let Ok(mut c) = ControlConn::connect_to(replica, Pick::Only(addr), deadline).await else {
+            continue;
+        };
+        let Ok(row) = c.query_row_within(POLL_SQL, deadline).await else {
+            continue;
+        };
+        let (theirs, in_recovery) = replay_of(&row);
+        let far_enough = match (theirs, replay) {
+            (Some(t), Some(r)) => t > r || (earlier && t == r),
+            (Some(_), None) => true,
+            (None, _) => false,
+        };
+        if in_recovery && far_enough {
+            return Some((c, earlier));
         }
     }
     None
