@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use common::*;
 use pgnear::config::{AuthMethod, Config, HumanDuration, PoolMode};
+use tokio::io::AsyncWriteExt;
 use tokio_postgres::SimpleQueryMessage;
 
 fn transaction_mode(c: &mut Config) {
@@ -208,6 +209,49 @@ fn no_state_leaks_to_the_next_client() {
                 .await
                 .unwrap();
             drop(clean);
+            p.shutdown().await;
+        }
+    });
+}
+
+/// A client that leaves after an extended-protocol error with no Sync (and a query the server
+/// skipped behind it) leaves its server connection skipping everything up to a Sync: pooled as
+/// it was, it would skip the next client's first query, which would never be answered (issue
+/// #19, item 10: never hand a connection on as it is).
+#[test]
+fn a_connection_left_skipping_after_an_error_is_not_handed_on() {
+    let _serial = serial();
+    run(async {
+        for mode in [PoolMode::Session, PoolMode::Transaction] {
+            let p = proxy(PRIMARY, |c| {
+                c.auth.method = Some(AuthMethod::Trust);
+                c.pool.mode = mode;
+                c.pool.primary_size = 1;
+                c.pool.replica_size = 1;
+            })
+            .await;
+            let mut s = raw_session(&p).await;
+            let mut msgs = bind_msg("", "nope", &[]);
+            msgs.extend(frame(b'H', &[]));
+            s.write_all(&msgs).await.unwrap();
+            let (tag, body) = read_frame(&mut s).await;
+            assert_eq!(
+                (tag, error_field(&body, b'C')),
+                (b'E', Some("26000".into()))
+            );
+            // Skipped by the server as by Postgres: no answer, and the client gives up.
+            s.write_all(&query_msg("SELECT 2")).await.unwrap();
+            drop(s);
+
+            let next = connect(&url(&p)).await;
+            let answered = tokio::time::timeout(HANG, next.simple_query("SELECT 1")).await;
+            let rows =
+                answered.unwrap_or_else(|_| panic!("{mode:?}: the next client's query hangs"));
+            assert_eq!(
+                first_value(&rows.unwrap()).as_deref(),
+                Some("1"),
+                "{mode:?}"
+            );
             p.shutdown().await;
         }
     });

@@ -147,9 +147,11 @@ impl Server {
         self.expect.is_empty() && self.tx == b'I'
     }
 
-    /// Idle with nothing buffered either way: it can serve another session.
+    /// Idle with nothing buffered either way, and not skipping to a Sync after an error (it
+    /// would skip the next session's first request): it can serve another session.
     pub fn is_reusable(&self) -> bool {
         self.is_idle()
+            && !self.expect.skipping
             && self.requests.is_empty()
             && self.out.is_empty()
             && self.reader.rbuf.is_empty()
