@@ -9,12 +9,20 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
+use pgnear::lab::postgres::PgNode;
 use pgnear::lab::relay::Relay;
 
 const FAR: &str = "lhr";
 
 fn start_cluster() {
     cluster_with(&[PRIMARY, REPLICA, FAR]);
+}
+
+/// The local replica's node and the far one's.
+fn replica_nodes() -> (&'static PgNode, &'static PgNode) {
+    let cluster = cluster();
+    let node = |region| &cluster.replica(region).unwrap().node;
+    (node(REPLICA), node(FAR))
 }
 
 /// The port of the server a read ran on.
@@ -43,8 +51,7 @@ fn reads_move_to_the_next_replica_and_come_back() {
     start_cluster();
     run(async {
         let cluster = cluster();
-        let local = &cluster.replica(REPLICA).unwrap().node;
-        let far = &cluster.replica(FAR).unwrap().node;
+        let (local, far) = replica_nodes();
         // The primary 100 ms away from this region, the other replica 10 ms.
         cluster
             .replica(REPLICA)
@@ -147,8 +154,7 @@ fn a_lagging_replica_hands_reads_to_the_next_one() {
     start_cluster();
     run(async {
         let cluster = cluster();
-        let local = &cluster.replica(REPLICA).unwrap().node;
-        let far = &cluster.replica(FAR).unwrap().node;
+        let (local, far) = replica_nodes();
         on_primary("CREATE TABLE IF NOT EXISTS lagging (id int PRIMARY KEY)").await;
         cluster.wait_replicas_caught_up().await.unwrap();
         let listed = cluster.app_url_at(&[local.addr(), far.addr()]);
