@@ -132,9 +132,17 @@ fn client_names(body: &[u8], client: &str) -> Option<BytesMut> {
         fields.extend_from_slice(&body[pos..=pos]);
         let mut rest = value;
         while let Some(at) = rest.find(MARK) {
-            let end = rest[at + 1..].find('"').map_or(rest.len(), |e| at + 2 + e);
+            // The quoted name, if it is a shared one (a hash): other quoted text stays.
+            let name = &rest[at + 1..];
+            let close = name.find('"').unwrap_or(name.len());
+            let hash = &name["pgnear_".len()..close];
+            let end = (at + 2 + close).min(rest.len());
             fields.extend_from_slice(&rest.as_bytes()[..at]);
-            fields.extend_from_slice(format!("\"{client}\"").as_bytes());
+            if !hash.is_empty() && hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+                fields.extend_from_slice(format!("\"{client}\"").as_bytes());
+            } else {
+                fields.extend_from_slice(&rest.as_bytes()[at..end]);
+            }
             rest = &rest[end..];
         }
         fields.extend_from_slice(rest.as_bytes());
@@ -410,6 +418,19 @@ impl Reader {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn an_error_names_the_clients_statement_instead_of_the_shared_one() {
+        let body =
+            b"SERROR\0C26000\0Mprepared statement \"pgnear_0a2b\" requires 1 \"pgnear_x\"\0\0";
+        let out = super::client_names(body, "s1").expect("names a shared statement");
+        let fields = &out[5..];
+        assert_eq!(
+            fields,
+            b"SERROR\0C26000\0Mprepared statement \"s1\" requires 1 \"pgnear_x\"\0\0"
+        );
+        assert!(super::client_names(b"SERROR\0Mrelation \"t\"\0\0", "s1").is_none());
+    }
+
     use super::*;
 
     fn scan(reader: &mut Reader, expect: &mut Expectations) -> Result<BytesMut, ScanError> {
