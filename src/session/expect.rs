@@ -286,6 +286,14 @@ impl Expectations {
             .any(|(p, _, _)| *p == Pending::CopyEnd)
     }
 
+    /// How many CopyDone and CopyFail messages are queued (each ends a COPY sent before it).
+    pub fn copy_ends_queued(&self) -> usize {
+        self.queue
+            .iter()
+            .filter(|(p, _, _)| *p == Pending::CopyEnd)
+            .count()
+    }
+
     pub fn front(&self) -> Option<(Pending, Owner)> {
         self.queue.front().map(|(p, o, _)| (*p, *o))
     }

@@ -463,6 +463,21 @@ impl Session {
         })
     }
 
+    /// Whether a COPY FROM STDIN in flight may still wait for the client: a server in copy-in
+    /// mode the client has not ended, owed the Sync of an extended-protocol COPY, or running
+    /// more requests that may start one than the client sent CopyDone or CopyFail behind them.
+    /// Waiting for that server's answers now would wait forever.
+    pub(super) fn copy_awaits_client(&self) -> bool {
+        [Role::Primary, Role::Replica].into_iter().any(|r| {
+            self.slot_ref(r).is_some_and(|s| {
+                let copies = s.requests.iter().filter(|q| q.may_copy_in).count();
+                s.reader.owed_sync
+                    || (s.reader.copy_in && !s.reader.client_ended_copy)
+                    || copies > s.expect.copy_ends_queued()
+            })
+        })
+    }
+
     fn tentative_in_flight(&self) -> bool {
         self.replica
             .as_ref()

@@ -359,8 +359,19 @@ impl Session {
         // it may run, waits for the answer. Pipelines rarely get here: a driver uses a
         // statement once its ParseComplete is in.
         // Or a request in flight drops every statement (`DISCARD ALL` pipelined ahead): what
-        // the batch parses is the session's only once that is answered.
-        if self.copy_role().is_none() {
+        // the batch parses is the session's only once that is answered. (A COPY the client
+        // has ended does not stop the wait: its server answers.)
+        // (A Parse sent while its server skips after an error failed already: forgotten now.)
+        for role in [Role::Primary, Role::Replica] {
+            let failed = self
+                .slot(role)
+                .as_mut()
+                .map(server::Server::take_failed_parses);
+            for f in failed.unwrap_or_default() {
+                self.state.forget_failed_parse(&f.name, f.client.as_deref());
+            }
+        }
+        if !self.copy_awaits_client() {
             for role in self.unconfirmed_statements() {
                 self.drain(role).await?;
             }

@@ -7,7 +7,7 @@ use std::collections::VecDeque;
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::expect::{Expectations, Owner, Pending, Purpose};
+use super::expect::{Expectations, FailedParse, Owner, Pending, Purpose};
 pub use super::reader::{as_primary, Reader, Reported, Retry, ScanError, Seen};
 use super::state::PendingState;
 use crate::backend::pool::Pooled;
@@ -351,6 +351,19 @@ impl Server {
         }
     }
 
+    /// The client's Parses the server turned out not to have prepared (failed, or skipped after
+    /// an error), forgotten here; the session forgets them too.
+    pub fn take_failed_parses(&mut self) -> Vec<FailedParse> {
+        let mut failed = self.expect.take_failed_parses();
+        for f in &failed {
+            if !f.kept {
+                self.conn.carry.prepared.remove(&f.name);
+            }
+        }
+        failed.retain(|f| !f.internal);
+        failed
+    }
+
     /// Moves every complete frame (and the leading part of a long one) out of the read buffer:
     /// frames for the client are appended to `cout` as raw bytes, pgnear's own answers consumed.
     /// `told`: the parameters the client was told (see `Reader::scan`); `None` when what is
@@ -373,15 +386,7 @@ impl Server {
             cout,
             seen,
         );
-        // What the server turned out not to have prepared (a Parse failed or was skipped).
-        for failed in self.expect.take_failed_parses() {
-            if !failed.kept {
-                self.conn.carry.prepared.remove(&failed.name);
-            }
-            if !failed.internal {
-                seen.failed_parses.push(failed);
-            }
-        }
+        seen.failed_parses.extend(self.take_failed_parses());
         seen.unnamed_failed |= self.expect.take_unnamed_failed();
         r.map_err(|e| match e {
             ScanError::Malformed => self.lost("malformed message from server"),
