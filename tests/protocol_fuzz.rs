@@ -1006,9 +1006,8 @@ async fn fuzz_target(
 }
 
 // Each target runs its 200 fixed seeds in `cargo test`, but the replica region in session mode,
-// which still diverges now and then (see README, the protocol fuzzer: a statement name whose Parse
-// failed inside a Flush exchange; a failed COPY's transaction status); `scripts/protocol-fuzz.sh
-// SECONDS` runs all four for longer.
+// whose fixed seeds include a timing-dependent divergence (see README, the protocol fuzzer: a
+// failed COPY's transaction status); `scripts/protocol-fuzz.sh SECONDS` runs all four for longer.
 #[test]
 fn fuzz_primary_region_session_pool() {
     fuzz(PRIMARY, PoolMode::Session, 1);
@@ -1020,7 +1019,7 @@ fn fuzz_primary_region_transaction_pool() {
 }
 
 #[test]
-#[ignore = "pgnear bugs: divergences now and then (see README, Drivers, Protocol fuzzer)"]
+#[ignore = "pgnear bug: a timing-dependent divergence among its seeds (see README, Protocol fuzzer)"]
 fn fuzz_replica_region_session_pool() {
     fuzz(REPLICA, PoolMode::Session, 3);
 }
