@@ -1813,3 +1813,33 @@ fn what_follows_an_unsynced_error_is_skipped_to_the_sync() {
         ],
     );
 }
+
+/// A COPY started by Execute swallows the Sync sent behind it, so what the server answers
+/// once the CopyDone is in stays in its output buffer until the next Sync or Flush; pgnear
+/// waited for those answers (the COPY's Parse unconfirmed) before sending the client's next
+/// messages, which carry that Sync: a hang (seed 8589937528).
+#[test]
+fn what_an_extended_copy_answers_after_its_data_is_not_waited_for() {
+    assert_as_direct(
+        "fz_copy_held",
+        FIXED_LO + 390,
+        &[
+            vec![
+                parse("s2", "COPY fz_copy_held FROM STDIN"),
+                bind("p1", "s2", vec![]),
+                execute("p1"),
+                Msg::Sync,
+                Msg::CopyData("21\ttwenty-one\n"),
+                Msg::CopyDone,
+            ],
+            vec![
+                parse("s2", "SET application_name = 'fz_ext'"),
+                bind("", "s2", vec![]),
+                execute(""),
+                Msg::Flush,
+                Msg::Sync,
+                query("SELECT 'fuzz-end'"),
+            ],
+        ],
+    );
+}

@@ -534,6 +534,13 @@ impl Session {
     /// Relays everything `role` still owes the client.
     async fn drain(&mut self, role: Role) -> Result<(), PgError> {
         if let Some(s) = self.slot(role).as_mut() {
+            if s.requests.iter().any(|q| q.may_copy_in) {
+                // A COPY started by Execute swallows the Syncs sent behind it: what the server
+                // answers once the client's CopyDone is in (CommandComplete, the errors of
+                // what follows) stays in its output buffer until the next Sync or Flush. A
+                // Flush of pgnear's sends it (it has no answer; in copy-in mode it is ignored).
+                s.out.extend_from_slice(&[tag::FLUSH, 0, 0, 0, 4]);
+            }
             if let Err(e) = s.flush().await {
                 return self.server_failed(role, e).await;
             }
