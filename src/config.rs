@@ -159,8 +159,19 @@ pub struct RegionsConfig {
 pub struct UpstreamConfig {
     pub primary_url: String,
     pub replica_url: String,
+    pub replica_order: ReplicaOrder,
     pub nameserver: String,
     pub connect_timeout: HumanDuration,
+}
+
+/// Which replica of the list serves reads: the first that can (`listed`), or the one with the
+/// lowest measured round trip (`latency`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReplicaOrder {
+    #[default]
+    Listed,
+    Latency,
 }
 
 impl Default for UpstreamConfig {
@@ -168,6 +179,7 @@ impl Default for UpstreamConfig {
         UpstreamConfig {
             primary_url: String::new(),
             replica_url: String::new(),
+            replica_order: ReplicaOrder::Listed,
             nameserver: String::new(),
             connect_timeout: ms(5_000),
         }
@@ -577,6 +589,7 @@ mod tests {
             ("FLY_REGION", "syd"),
             ("PRIMARY_REGION", "iad"),
             ("PGNEAR_LISTEN", "127.0.0.1:7000"),
+            ("PGNEAR_UPSTREAM_REPLICA_ORDER", "latency"),
         ]);
         let c = Config::from_toml_and_env(text, "t", &e).unwrap();
         assert_eq!(c.pool.mode, PoolMode::Transaction);
@@ -586,6 +599,7 @@ mod tests {
         assert_eq!(c.routing.write_functions, vec!["a.f", "g"]);
         assert_eq!(c.regions.current, "syd");
         assert_eq!(c.proxy.listen, "127.0.0.1:7000");
+        assert_eq!(c.upstream.replica_order, ReplicaOrder::Latency);
     }
 
     #[test]
@@ -605,6 +619,10 @@ mod tests {
                 &["pool.primary_size", "at least 1"],
             ),
             ("[pool]\nbogus = 1", &["bogus"]),
+            (
+                "[upstream]\nreplica_order = \"nearest\"",
+                &["nearest", "listed", "latency"],
+            ),
             ("[auth]\nmethod = \"plain\"", &["plain", "scram-sha-256"]),
             (
                 "[upstream]\nprimary_url = \"mysql://x\"",

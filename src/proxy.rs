@@ -129,7 +129,10 @@ impl Proxy {
                 r.clone(),
                 probe.clone(),
                 metrics.clone(),
-                config.consistency.max_replica_lag.0,
+                (
+                    config.consistency.max_replica_lag.0,
+                    config.upstream.replica_order,
+                ),
                 shutdown.clone(),
             )
         });

@@ -9,6 +9,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
+use pgnear::config::ReplicaOrder;
 use pgnear::lab::postgres::PgNode;
 use pgnear::lab::relay::Relay;
 
@@ -31,6 +32,14 @@ async fn read_port(c: &tokio_postgres::Client) -> i32 {
         .await
         .unwrap()
         .get(0)
+}
+
+/// Waits until reads through `c` run on the server at `port`.
+async fn until_reads_on(c: &tokio_postgres::Client, port: i32, what: &str) {
+    eventually(what, Duration::from_secs(30), || async move {
+        matches!(c.query_one("SELECT inet_server_port()", &[]).await, Ok(r) if r.get::<_, i32>(0) == port)
+    })
+    .await;
 }
 
 /// The median of `n` timed reads.
@@ -105,11 +114,7 @@ fn reads_move_to_the_next_replica_and_come_back() {
         };
         let stopped = Instant::now();
         local.stop().await.unwrap();
-        eventually("reads on the next replica", Duration::from_secs(30), || {
-            let c = &c;
-            async move { matches!(c.query_one("SELECT inet_server_port()", &[]).await, Ok(r) if r.get::<_, i32>(0) == far_port) }
-        })
-        .await;
+        until_reads_on(&c, far_port, "reads on the next replica").await;
         let switched = stopped.elapsed();
         let next_p50 = p50(&c, 21).await;
         assert_eq!(
@@ -119,20 +124,12 @@ fn reads_move_to_the_next_replica_and_come_back() {
         );
         // With only the local replica listed, the same reads fall back to the far primary.
         let fallback = connect(&url(&alone)).await;
-        eventually("reads on the primary", Duration::from_secs(30), || {
-            let c = &fallback;
-            async move { matches!(c.query_one("SELECT inet_server_port()", &[]).await, Ok(r) if r.get::<_, i32>(0) == primary_port) }
-        })
-        .await;
+        until_reads_on(&fallback, primary_port, "reads on the primary").await;
         let primary_p50 = p50(&fallback, 11).await;
 
         let restarted = Instant::now();
         local.start().await.unwrap();
-        eventually("reads back on the local replica", Duration::from_secs(30), || {
-            let c = &c;
-            async move { matches!(c.query_one("SELECT inet_server_port()", &[]).await, Ok(r) if r.get::<_, i32>(0) == local_port) }
-        })
-        .await;
+        until_reads_on(&c, local_port, "reads back on the local replica").await;
         done.store(true, std::sync::atomic::Ordering::Relaxed);
         let (reads, stale) = ryw.await.unwrap();
         assert!(reads > 0);
@@ -210,16 +207,68 @@ fn a_lagging_replica_hands_reads_to_the_next_one() {
             .await
             .unwrap();
         let resumed = Instant::now();
-        eventually("reads back on the caught-up local replica", Duration::from_secs(30), || {
-            let c = &c;
-            async move { matches!(c.query_one("SELECT inet_server_port()", &[]).await, Ok(r) if r.get::<_, i32>(0) == local_port) }
-        })
-        .await;
+        until_reads_on(&c, local_port, "reads back on the caught-up local replica").await;
         println!(
             "replicas: reads on the next replica {switched:?} after the local one stopped replaying \
              (max_replica_lag 1 s), back {:?} after it resumed; {id} writes read back, {stale} stale",
             resumed.elapsed()
         );
         p.shutdown().await;
+    });
+}
+
+#[test]
+fn latency_order_reads_from_the_nearest_replica() {
+    let _serial = serial();
+    start_cluster();
+    run(async {
+        let cluster = cluster();
+        let (local, far) = replica_nodes();
+        // The far replica 10 ms away, listed first; the local one as near as loopback.
+        let next = Relay::start(far.addr(), Duration::from_millis(5))
+            .await
+            .unwrap();
+        let near = Relay::start(local.addr(), Duration::ZERO).await.unwrap();
+        cluster.wait_replicas_caught_up().await.unwrap();
+        let listed = cluster.app_url_at(&[next.addr(), near.addr()]);
+        let by_list = {
+            let listed = listed.clone();
+            proxy(REPLICA, |c| c.upstream.replica_url = listed).await
+        };
+        let started = Instant::now();
+        let by_latency = proxy(REPLICA, |c| {
+            c.upstream.replica_url = listed;
+            c.upstream.replica_order = ReplicaOrder::Latency;
+        })
+        .await;
+        let (local_port, far_port) = (i32::from(local.addr().port()), i32::from(far.addr().port()));
+        let c = connect(&url(&by_latency)).await;
+        until_reads_on(&c, local_port, "reads on the nearest replica").await;
+        let found = started.elapsed();
+        let first = connect(&url(&by_list)).await;
+        assert_eq!(
+            read_port(&first).await,
+            far_port,
+            "the listed order keeps the first replica of the list"
+        );
+        let (nearest_p50, first_p50) = (p50(&c, 21).await, p50(&first, 21).await);
+
+        // The local replica moves 40 ms away: reads go to the one now nearer, and back.
+        near.set_delay(Duration::from_millis(20));
+        let moved = Instant::now();
+        until_reads_on(&c, far_port, "reads on the replica now nearest").await;
+        let away = moved.elapsed();
+        near.set_delay(Duration::ZERO);
+        let back = Instant::now();
+        until_reads_on(&c, local_port, "reads back on the local replica").await;
+        let back = back.elapsed();
+        assert_eq!(read_port(&c).await, local_port, "reads stay on the nearest");
+        println!(
+            "replicas by latency: reads on the nearest {found:?} after start; read p50 {nearest_p50:?} \
+             (the first listed, 10 ms away: {first_p50:?}); on the other {away:?} after the local one \
+             moved 40 ms away, back {back:?} after it came near again"
+        );
+        by_list.shutdown().await;
+        by_latency.shutdown().await;
     });
 }

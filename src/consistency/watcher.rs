@@ -6,6 +6,8 @@
 //! down at once, with its lag unknown, and the control connection is dropped and reconnected.
 //! One good poll after that publishes it up again.
 
+use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,6 +17,7 @@ use tokio::sync::{watch, Notify};
 use crate::backend::conn::{Chosen, Pick, Upstream};
 use crate::backend::control::ControlConn;
 use crate::backend::health::PrimaryProbe;
+use crate::config::ReplicaOrder;
 use crate::lsn::Lsn;
 use crate::metrics::Metrics;
 use crate::role::Role;
@@ -26,6 +29,8 @@ const RECONNECT: Duration = Duration::from_millis(500);
 /// How often a watcher on a later replica of the list tries the earlier ones again (and one on
 /// a lagging replica looks for one further along).
 const PREFER_EARLIER: Duration = Duration::from_secs(1);
+/// How much nearer another replica must be to take the reads, at least (see `nearer`).
+const NEARER_BY: Duration = Duration::from_millis(1);
 const POLL_SQL: &str = "SELECT pg_last_wal_replay_lsn(), pg_is_in_recovery()";
 /// Longest a poll may take, whatever `connect_timeout` says.
 const MAX_POLL_DEADLINE: Duration = Duration::from_secs(1);
@@ -80,12 +85,13 @@ impl Drop for Waiting<'_> {
 
 impl Watcher {
     /// Starts the watcher task; it stops when `shutdown` turns true. A replica lagging past
-    /// `max_lag` hands the reads to another of the list that has replayed further.
+    /// `max_lag` hands the reads to another of the list that has replayed further; `order`
+    /// says which replica of the list serves when several can.
     pub fn spawn(
         replica: Arc<Upstream>,
         primary: Arc<PrimaryProbe>,
         metrics: Arc<Metrics>,
-        max_lag: Duration,
+        (max_lag, order): (Duration, ReplicaOrder),
         shutdown: Shutdown,
     ) -> Arc<Watcher> {
         let watcher = Arc::new(Watcher {
@@ -96,7 +102,7 @@ impl Watcher {
         tokio::spawn(
             watcher
                 .clone()
-                .run(replica, primary, metrics, max_lag, shutdown),
+                .run(replica, primary, metrics, (max_lag, order), shutdown),
         );
         watcher
     }
@@ -150,12 +156,15 @@ impl Watcher {
         replica: Arc<Upstream>,
         primary: Arc<PrimaryProbe>,
         metrics: Arc<Metrics>,
-        max_lag: Duration,
+        (max_lag, order): (Duration, ReplicaOrder),
         mut shutdown: Shutdown,
     ) {
         let mut conn: Option<ControlConn> = None;
         let mut tried_earlier = Instant::now();
-        let mut better: Option<tokio::task::JoinHandle<Option<(ControlConn, bool)>>> = None;
+        type Search = tokio::task::JoinHandle<(Survey, Option<(ControlConn, Better)>)>;
+        let mut better: Option<Search> = None;
+        let mut survey = Survey::new();
+        let mut rtt: Option<Duration> = None;
         let mut was_in_recovery = true;
         let mut caught_up_at = Instant::now();
         let poll_deadline = poll_deadline(replica.connect_timeout);
@@ -169,31 +178,49 @@ impl Watcher {
                 tracing::info!(replica = %replica.url, "the watched address left DNS; reconnecting");
                 conn = None;
             }
-            // On a later replica of the list, the first that answers again serves instead; on
-            // one lagging past `max_lag`, another further along (looked for beside the polls,
-            // which a silent replica must not hold up).
+            // Another replica of the list may serve better (see `better_replica`): looked for
+            // beside the polls, which a silent replica must not hold up.
             if let Some(found) = better.take_if(|h| h.is_finished()) {
-                if let Ok(Some((c, earlier))) = found.await {
-                    if earlier {
-                        tracing::info!(replica = %replica.url, addr = %c.addr(), "an earlier replica of the list answers again; reads go there");
-                    } else {
-                        tracing::warn!(replica = %replica.url, addr = %c.addr(), "the replica lags past max_replica_lag; reads go to one further along");
+                let found = found.await.ok().and_then(|(surveyed, found)| {
+                    survey = surveyed;
+                    found
+                });
+                if let Some((c, why)) = found {
+                    let addr = c.addr();
+                    match why {
+                        Better::Earlier => {
+                            tracing::info!(replica = %replica.url, %addr, "an earlier replica of the list answers again; reads go there")
+                        }
+                        Better::Nearer { theirs, ours } => {
+                            tracing::info!(replica = %replica.url, %addr, ?theirs, ?ours, "a nearer replica (by round trip); reads go there")
+                        }
+                        Better::FurtherAlong => {
+                            tracing::warn!(replica = %replica.url, %addr, "the replica lags past max_replica_lag; reads go to one further along")
+                        }
                     }
-                    watch_here(&replica, c.addr());
-                    conn = Some(c);
+                    watch_here(&replica, addr);
+                    if let Some(old) = conn.replace(c) {
+                        survey.insert(old.addr(), old);
+                    }
+                    rtt = None;
                 }
             }
-            if let Some(current) = conn.as_ref().map(ControlConn::addr) {
+            if let Some(addr) = conn.as_ref().map(ControlConn::addr) {
                 if better.is_none() && tried_earlier.elapsed() >= PREFER_EARLIER {
                     tried_earlier = Instant::now();
-                    let (replay, lag) = {
+                    let serving = {
                         let s = self.state.borrow();
-                        (s.replay, s.lag_seconds)
+                        Serving {
+                            addr,
+                            replay: s.replay,
+                            lagging: s.lag_seconds.is_some_and(|l| l > max_lag.as_secs_f64()),
+                            rtt: rtt.take(),
+                        }
                     };
-                    let lagging = lag.is_some_and(|l| l > max_lag.as_secs_f64());
-                    let replica = replica.clone();
+                    let (replica, mut survey) = (replica.clone(), std::mem::take(&mut survey));
                     better = Some(tokio::spawn(async move {
-                        better_replica(&replica, current, replay, lagging).await
+                        let found = better_replica(&replica, &mut survey, serving, order).await;
+                        (survey, found)
                     }));
                 }
             }
@@ -204,6 +231,7 @@ impl Watcher {
                         tracing::info!(replica = %replica.url, addr = %c.addr(), "replica watcher connected");
                         watch_here(&replica, c.addr());
                         conn = Some(c);
+                        rtt = None;
                     }
                     Err(e) => {
                         if self.state.borrow().up {
@@ -217,6 +245,7 @@ impl Watcher {
                     }
                 }
             }
+            let sent = Instant::now();
             let polled = conn
                 .as_mut()
                 .expect("connected above")
@@ -224,6 +253,7 @@ impl Watcher {
                 .await;
             match polled {
                 Ok(row) => {
+                    rtt = Some(rtt.map_or(sent.elapsed(), |r| r.min(sent.elapsed())));
                     let (replay, in_recovery) = replay_of(&row);
                     if was_in_recovery && !in_recovery {
                         tracing::warn!(replica = %replica.url, "the replica was promoted; reads go to the primary");
@@ -283,7 +313,7 @@ impl Watcher {
 
 /// The watched address serves the replica's sessions: they read where the replay position is
 /// known (their reads wait for it), and connections elsewhere close once idle.
-fn watch_here(replica: &Upstream, addr: std::net::SocketAddr) {
+fn watch_here(replica: &Upstream, addr: SocketAddr) {
     let prev = replica.choose(Chosen::At(addr));
     if prev != Chosen::At(addr) && prev != Chosen::Unknown {
         tracing::warn!(replica = %replica.url, %addr, was = ?prev, "reads move to another replica");
@@ -297,42 +327,142 @@ fn replay_of(row: &[Option<String>]) -> (Option<Lsn>, bool) {
     (replay, in_recovery)
 }
 
-/// A connection to a replica that should serve instead of `current` (which has replayed
-/// `replay`): one listed before it that answers as a standby and has replayed as far (the
-/// second value `true`), or, when `current` lags past `max_replica_lag`, any other of the list
-/// that has replayed further (a replica whose own upstream died stalls while others go on).
+/// What the watcher knows of the replica serving reads, for the search for a better one.
+#[derive(Clone, Copy)]
+struct Serving {
+    addr: SocketAddr,
+    replay: Option<Lsn>,
+    /// Replay has been behind the primary for longer than `max_replica_lag`.
+    lagging: bool,
+    /// The shortest poll round trip since the last search (`None`: no poll answered since).
+    rtt: Option<Duration>,
+}
+
+/// Why another replica serves instead.
+#[derive(Debug, PartialEq)]
+enum Better {
+    /// Listed before the serving one, and answers again as a standby that has replayed as far.
+    Earlier,
+    /// A standby that has replayed as far, nearer by measured round trip (`replica_order =
+    /// "latency"`).
+    Nearer { theirs: Duration, ours: Duration },
+    /// The serving one lags past `max_replica_lag`; this one has replayed further.
+    FurtherAlong,
+}
+
+/// Connections to the other replicas of the list, kept from one search to the next.
+type Survey = HashMap<SocketAddr, ControlConn>;
+
+/// A round trip shorter than `ours` by enough to move the reads: by 1 ms and a fifth, so that
+/// replicas equally near (or noise) do not trade the reads back and forth.
+fn nearer(theirs: Duration, ours: Duration) -> bool {
+    theirs + NEARER_BY.max(ours / 5) < ours
+}
+
+/// What another replica of the list says: its replay position, whether it is a standby, and
+/// the shortest round trip of `polls` polls, on the survey's connection to it (opened when
+/// missing, dropped when it fails).
+async fn survey_one(
+    replica: &Upstream,
+    survey: &mut Survey,
+    addr: SocketAddr,
+    polls: usize,
+) -> Option<(Option<Lsn>, bool, Duration)> {
+    let deadline = poll_deadline(replica.connect_timeout);
+    let mut conn = match survey.remove(&addr) {
+        Some(c) => c,
+        None => ControlConn::connect_to(replica, Pick::Only(addr), deadline)
+            .await
+            .ok()?,
+    };
+    let mut rtt = Duration::MAX;
+    let mut row = Vec::new();
+    for _ in 0..polls {
+        let sent = Instant::now();
+        row = conn.query_row_within(POLL_SQL, deadline).await.ok()?;
+        rtt = rtt.min(sent.elapsed());
+    }
+    survey.insert(addr, conn);
+    let (replay, in_recovery) = replay_of(&row);
+    Some((replay, in_recovery, rtt))
+}
+
+/// A replica that should serve instead of the serving one, with the connection to it. With
+/// `replica_order = "listed"`: the first listed before it that answers as a standby and has
+/// replayed as far, or, when the serving one lags past `max_replica_lag`, the first other
+/// one that has replayed further (a replica whose own upstream died stalls while others go
+/// on). With `"latency"`: of the standbys that have replayed as far (further, when the serving
+/// one lags), the one with the shortest round trip, if it is clearly nearer than the serving
+/// one (any, when that one lags).
 async fn better_replica(
     replica: &Upstream,
-    current: std::net::SocketAddr,
-    replay: Option<Lsn>,
-    lagging: bool,
-) -> Option<(ControlConn, bool)> {
+    survey: &mut Survey,
+    serving: Serving,
+    order: ReplicaOrder,
+) -> Option<(ControlConn, Better)> {
     let addrs = replica.resolve().await.ok()?;
-    let deadline = poll_deadline(replica.connect_timeout);
+    survey.retain(|a, _| addrs.iter().any(|(_, b)| b == a));
+    let polls = match order {
+        ReplicaOrder::Listed => 1,
+        ReplicaOrder::Latency => 3,
+    };
     let mut earlier = true;
+    let mut nearest: Option<(SocketAddr, Duration, Better)> = None;
     for (_, addr) in addrs {
-        if addr == current {
-            if !lagging {
+        if addr == serving.addr {
+            if order == ReplicaOrder::Listed && !serving.lagging {
                 return None;
             }
             earlier = false;
             continue;
         }
-        let Ok(mut c) = ControlConn::connect_to(replica, Pick::Only(addr), deadline).await else {
+        let Some((theirs, in_recovery, rtt)) = survey_one(replica, survey, addr, polls).await
+        else {
             continue;
         };
-        let Ok(row) = c.query_row_within(POLL_SQL, deadline).await else {
+        let (as_far, further) = match (theirs, serving.replay) {
+            (Some(t), Some(r)) => (t >= r, t > r),
+            (Some(_), None) => (true, true),
+            (None, _) => (false, false),
+        };
+        let why = match order {
+            ReplicaOrder::Listed if earlier && as_far => Better::Earlier,
+            _ if serving.lagging && further => Better::FurtherAlong,
+            ReplicaOrder::Latency if !serving.lagging && as_far => match serving.rtt {
+                Some(ours) if nearer(rtt, ours) => Better::Nearer { theirs: rtt, ours },
+                _ => continue,
+            },
+            _ => continue,
+        };
+        if !in_recovery {
             continue;
-        };
-        let (theirs, in_recovery) = replay_of(&row);
-        let far_enough = match (theirs, replay) {
-            (Some(t), Some(r)) => t > r || (earlier && t == r),
-            (Some(_), None) => true,
-            (None, _) => false,
-        };
-        if in_recovery && far_enough {
-            return Some((c, earlier));
+        }
+        if order == ReplicaOrder::Listed {
+            return survey.remove(&addr).map(|c| (c, why));
+        }
+        if nearest.as_ref().is_none_or(|&(_, best, _)| rtt < best) {
+            nearest = Some((addr, rtt, why));
         }
     }
-    None
+    let (addr, _, why) = nearest?;
+    survey.remove(&addr).map(|c| (c, why))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_clearly_nearer_replica_takes_the_reads() {
+        let ms = Duration::from_millis;
+        let us = Duration::from_micros;
+        // 10 ms of relay against a replica in the same region.
+        assert!(nearer(us(400), ms(10)));
+        // Two replicas on loopback: noise, not distance.
+        assert!(!nearer(us(200), us(900)));
+        // Within a fifth: not worth a switch.
+        assert!(!nearer(ms(85), ms(100)));
+        assert!(nearer(ms(75), ms(100)));
+        assert!(!nearer(ms(10), ms(10)));
+    }
 }

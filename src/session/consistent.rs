@@ -80,23 +80,28 @@ impl Session {
         let c = &self.shared.config.consistency;
         let (timeout, on_timeout) = (c.wait_timeout.0, c.on_timeout);
         let metrics = self.shared.metrics.clone();
-        metrics.lsn_waits.inc();
-        let started = std::time::Instant::now();
-        let waited = watcher.wait_for(target, timeout).await;
-        metrics
-            .lsn_wait_seconds
-            .observe(started.elapsed().as_secs_f64());
+        let gave_up = self.gave_up.is_some_and(|g| g >= target);
+        let waited = if gave_up && on_timeout == OnTimeout::Primary {
+            Err(watcher.current().replay)
+        } else {
+            metrics.lsn_waits.inc();
+            let started = std::time::Instant::now();
+            let waited = watcher.wait_for(target, timeout).await;
+            metrics
+                .lsn_wait_seconds
+                .observe(started.elapsed().as_secs_f64());
+            if waited.is_err() {
+                metrics.lsn_wait_timeouts.inc();
+                self.gave_up = Some(target);
+            }
+            waited
+        };
         Ok(match waited {
             Ok(()) => Consistent::Go,
-            Err(reached) => {
-                metrics.lsn_wait_timeouts.inc();
-                match on_timeout {
-                    OnTimeout::Primary => Consistent::Fallback,
-                    OnTimeout::Error => {
-                        Consistent::Refuse(not_consistent(target, reached, timeout))
-                    }
-                }
-            }
+            Err(reached) => match on_timeout {
+                OnTimeout::Primary => Consistent::Fallback,
+                OnTimeout::Error => Consistent::Refuse(not_consistent(target, reached, timeout)),
+            },
         })
     }
 

@@ -163,6 +163,7 @@ impl Session {
             unnamed_role: None,
             write_lsn: None,
             min_lsn: None,
+            gave_up: None,
             answers: None,
             told,
             write_mode,

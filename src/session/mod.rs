@@ -75,6 +75,11 @@ pub struct Session {
     write_lsn: Option<Lsn>,
     /// `SET pgnear.min_lsn`: a position reads must see (a causal token from elsewhere).
     min_lsn: Option<Lsn>,
+    /// The highest position a read waited for in vain (`wait_timeout`): with `on_timeout =
+    /// "primary"`, reads needing it go to the primary at once until the replica has replayed
+    /// it (a token no replica will reach, say of a write lost in a failover, costs one
+    /// timeout, not one per read). With `"error"` each read waits again: the client retries.
+    gave_up: Option<Lsn>,
     /// An extended-protocol exchange that ended in Flush, not yet Sync.
     exchange: Option<plan::Exchange>,
     /// `routing.write_mode`, or the session's `SET pgnear.write_mode`.
