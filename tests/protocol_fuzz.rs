@@ -1843,3 +1843,47 @@ fn what_an_extended_copy_answers_after_its_data_is_not_waited_for() {
         ],
     );
 }
+
+/// A SET undone by a rollback: of an explicit transaction, or of the implicit one a
+/// multi-statement query runs in (its ROLLBACK only warns that no transaction is in progress,
+/// and still undoes what the query did before it). pgnear kept the setting and replayed it on
+/// the other server, which then reported it (seed 12884902652).
+#[test]
+fn a_setting_rolled_back_is_not_replayed() {
+    assert_as_direct(
+        "fz_rolled_back",
+        FIXED_LO + 392,
+        &[
+            vec![query("BEGIN")],
+            vec![query("SET TimeZone = 'Asia/Tokyo'")],
+            vec![query("ROLLBACK")],
+            vec![query("SHOW TimeZone")],
+            vec![query("SET DateStyle = 'German'; SHOW DateStyle; ROLLBACK")],
+            vec![query("SHOW DateStyle")],
+            vec![query("SET IntervalStyle = 'iso_8601'; COMMIT; ROLLBACK")],
+            vec![query("SHOW IntervalStyle")],
+            vec![query(
+                "BEGIN; SET TimeZone = 'Asia/Kolkata'; ROLLBACK; SELECT 1",
+            )],
+            vec![query("SHOW TimeZone")],
+            // A savepoint rolled back to; a block that failed, whose COMMIT rolls back; a SET
+            // through the extended protocol.
+            vec![query("BEGIN; SET DateStyle = 'SQL, DMY'; SAVEPOINT a")],
+            vec![query("SET TimeZone = 'Asia/Tokyo'")],
+            vec![query("ROLLBACK TO a"), query("COMMIT")],
+            vec![query("SHOW TimeZone; SHOW DateStyle")],
+            vec![query("BEGIN"), query("SET IntervalStyle = 'sql_standard'")],
+            vec![query("SELECT 1/0"), query("COMMIT")],
+            vec![query("SHOW IntervalStyle")],
+            vec![
+                query("BEGIN"),
+                parse("", "SET TimeZone = 'America/New_York'"),
+                bind("", "", vec![]),
+                execute(""),
+                Msg::Sync,
+                query("ROLLBACK"),
+            ],
+            vec![query("SHOW TimeZone"), query("SELECT 'fuzz-end'")],
+        ],
+    );
+}

@@ -5,7 +5,7 @@ use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 
 use super::server::Seen;
-use super::state::SessionState;
+use super::state::{BlockEnd, PendingState, SessionState};
 use super::{consistent, expect, plan, Session};
 use crate::cancel::CancelRegistry;
 use crate::error::PgError;
@@ -44,10 +44,23 @@ impl Session {
                     .metrics
                     .duration(role, t.elapsed().as_secs_f64());
             }
-            if let Some(change) = request.change.filter(|_| !request.failed) {
+            // Settings made in a transaction block wait for its end (see `SessionState::block`).
+            let end = match request.tx_after {
+                b'T' | b'E' => BlockEnd::Open,
+                _ if request.failed || request.rolled_back => BlockEnd::RolledBack,
+                _ => BlockEnd::Committed,
+            };
+            let change = match request.change.filter(|_| !request.failed) {
+                Some(change) => Some(change),
+                None if end != BlockEnd::Open && self.state.holds_block() => {
+                    Some(PendingState::default())
+                }
+                None => None,
+            };
+            if let Some(change) = change {
                 let dropped = SessionState::drops_statements(&change);
                 let deallocated = SessionState::deallocated(&change);
-                let seq = self.state.commit_change(change);
+                let seq = self.state.commit_change(change, end);
                 let applied = self.state.applied();
                 if let Some(s) = self.slot(role).as_mut() {
                     s.synced = seq;
@@ -186,7 +199,10 @@ impl Session {
             write::error_response(&mut out, &e);
         }
         if self.tx.open() == Some(Role::Replica) {
+            // The transaction ended with the connection: what it set is undone.
             self.tx = plan::Tx::Idle;
+            self.state
+                .commit_change(PendingState::default(), BlockEnd::RolledBack);
         }
         if self.exchange_on(Role::Replica) {
             // It died with the connection.

@@ -312,6 +312,11 @@ impl Reader {
                 // The COPY (if one ran) is over: the server processes messages again.
                 self.copy_in = false;
             }
+            if tag == be::COMMAND_COMPLETE && m.owner.is_some_and(Owner::is_client) {
+                if let Some(r) = requests.front_mut() {
+                    r.rolled_back = body.starts_with(b"ROLLBACK\0");
+                }
+            }
             match tag {
                 be::COPY_IN => {
                     self.copy_in = true;
@@ -344,7 +349,8 @@ impl Reader {
                         tell_changes(server, told, cout);
                     }
                     if forward && m.completed.is_some() {
-                        if let Some(r) = requests.pop_front() {
+                        if let Some(mut r) = requests.pop_front() {
+                            r.tx_after = *tx;
                             seen.done.push(r);
                         }
                         // What the client gets next answers the request after it.

@@ -29,6 +29,10 @@ pub struct Request {
     pub again: Option<Again>,
     /// The server answered with an error.
     pub failed: bool,
+    /// The transaction status its ReadyForQuery reported.
+    pub tx_after: u8,
+    /// Its last CommandComplete was ROLLBACK (a COMMIT of a failed block is answered so).
+    pub rolled_back: bool,
     /// Learn the commit position once this completes (it may enter COPY IN mode, during which
     /// nothing else can be pipelined behind it).
     pub capture_after: bool,

@@ -60,6 +60,10 @@ pub struct SessionState {
     /// The client's startup settings as (name, SQL): what RESET returns them to on a direct
     /// connection (pgnear's server connections are opened without them).
     startup: Vec<(String, String)>,
+    /// The settings made inside the open transaction block, with its savepoints, in order:
+    /// the session's once the block commits, gone when it (or the savepoint they follow)
+    /// rolls back, as Postgres undoes a SET with the transaction it ran in.
+    block: Vec<Step>,
 }
 
 impl Default for SessionState {
@@ -76,17 +80,39 @@ impl Default for SessionState {
             unnamed: None,
             names: HashMap::new(),
             startup: Vec::new(),
+            block: Vec::new(),
         }
     }
 }
 
 /// A state change a simple query makes, recorded once the server has accepted it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct PendingState {
-    /// The settings it makes, in order: (GUC name, or `None` for a full reset; the statement's
-    /// own text), to replay on other servers without the statements around them.
-    settings: Vec<(Option<String>, String)>,
+    /// What it does to the session's settings and to the transaction block they are made in,
+    /// in statement order.
+    steps: Vec<Step>,
+    /// Its other effects (pins, DEALLOCATE, DISCARD): a rollback does not undo them.
     effects: Vec<Kind>,
+}
+
+#[derive(Debug, Clone)]
+enum Step {
+    /// A statement's settings: (GUC name, or `None` for a full reset; the statement's own
+    /// text), to replay on other servers without the statements around them; and its kind.
+    Set(Vec<(Option<String>, String)>, Kind),
+    /// SAVEPOINT, RELEASE, ROLLBACK TO, COMMIT (or PREPARE TRANSACTION), ROLLBACK.
+    Block(Kind),
+}
+
+/// The transaction status a request left, for the settings made in the block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockEnd {
+    /// Still in a transaction block: its settings wait for its end.
+    Open,
+    /// Idle: the block (an implicit one too) committed, or there was none.
+    Committed,
+    /// Idle after a rollback (or a failure) of the block.
+    RolledBack,
 }
 
 /// Returns a connection's settings to the server's defaults.
@@ -112,7 +138,7 @@ impl PendingState {
 
     /// Adds the change of a later statement (one Sync of the extended protocol ends both).
     pub fn extend(&mut self, later: PendingState) {
-        self.settings.extend(later.settings);
+        self.steps.extend(later.steps);
         self.effects.extend(later.effects);
     }
 }
@@ -246,10 +272,12 @@ impl SessionState {
     }
 
     /// Looks at a simple query before it is sent: returns the state change to record if it
-    /// succeeds (`None`: it changes nothing pgnear replays).
+    /// succeeds (`None`: it changes nothing pgnear replays). Savepoints and transaction ends
+    /// are part of it when they can undo or keep a setting: behind one of its own, or while
+    /// the open block holds some. (Pipelined behind a SET still unanswered, a SAVEPOINT is
+    /// not seen to follow it: a ROLLBACK TO it then undoes that SET too.)
     pub fn prepare_change(&self, sql: &str, c: &Classified) -> Option<PendingState> {
-        let mut settings = Vec::new();
-        let mut effects = Vec::new();
+        let mut p = PendingState::default();
         for s in &c.statements {
             let mut names = Vec::new();
             match &s.kind {
@@ -272,21 +300,39 @@ impl SessionState {
                         names.push(Some("default_transaction_deferrable".into()));
                     }
                 }
+                Kind::Savepoint
+                | Kind::Release
+                | Kind::RollbackTo
+                | Kind::Commit
+                | Kind::Rollback
+                | Kind::PrepareTransaction
+                    if !self.block.is_empty() || !p.steps.is_empty() =>
+                {
+                    p.steps.push(Step::Block(s.kind.clone()));
+                }
                 _ => {}
             }
-            // A statement classified from elsewhere (no text) replays the whole query. DISCARD
-            // ALL cannot run inside the transaction block a replayed multi-statement string is:
-            // elsewhere, its settings part is what the session has.
-            let text = match s.kind {
-                Kind::Discard { all: true } => FULL_RESET,
-                _ => Some(s.text(sql)).filter(|t| !t.is_empty()).unwrap_or(sql),
-            };
-            settings.extend(names.into_iter().map(|n| (n, text.to_string())));
-            if is_tracked(&s.kind) {
-                effects.push(s.kind.clone());
+            if !names.is_empty() {
+                // A statement classified from elsewhere (no text) replays the whole query.
+                // DISCARD ALL cannot run inside the transaction block a replayed
+                // multi-statement string is: elsewhere, its settings part is what the
+                // session has.
+                let text = match s.kind {
+                    Kind::Discard { all: true } => FULL_RESET,
+                    _ => Some(s.text(sql)).filter(|t| !t.is_empty()).unwrap_or(sql),
+                };
+                let settings = names.into_iter().map(|n| (n, text.to_string())).collect();
+                p.steps.push(Step::Set(settings, s.kind.clone()));
+            }
+            let setting_kind = matches!(
+                s.kind,
+                Kind::Set { .. } | Kind::Reset { .. } | Kind::SetSessionCharacteristics { .. }
+            );
+            if is_tracked(&s.kind) && !setting_kind {
+                p.effects.push(s.kind.clone());
             }
         }
-        (!effects.is_empty()).then_some(PendingState { settings, effects })
+        (!p.steps.is_empty() || !p.effects.is_empty()).then_some(p)
     }
 
     /// Pins take effect as soon as the statement is sent (pipelined statements must follow it).
@@ -340,75 +386,27 @@ impl SessionState {
             .collect()
     }
 
-    /// Records a state change the server accepted; returns the new sequence number (the server
-    /// that ran it is synced to it).
-    pub fn commit_change(&mut self, p: PendingState) -> u64 {
+    /// Records a state change the server accepted (`p`; empty for a request that changed
+    /// nothing or failed) and how it left the transaction block (`end`); returns the sequence
+    /// number the server that ran it is synced to.
+    pub fn commit_change(&mut self, p: PendingState, end: BlockEnd) -> u64 {
         for k in &p.effects {
-            match k {
-                Kind::Unlisten { all: true } => self.pins.listen = false,
-                Kind::AdvisoryUnlockAll => self.pins.advisory = false,
-                Kind::Deallocate { name: None } => {
-                    // Protocol-level statements too: the client has none left.
-                    self.pins.sql_prepare = false;
-                    self.statements.clear();
-                    self.names.clear();
-                }
-                Kind::Discard { all } => {
-                    self.pins.temp = false;
-                    if *all {
-                        self.pins = Pins::default();
-                        self.statements.clear();
-                        self.names.clear();
-                        self.unnamed = None;
-                        self.read_only_default = false;
-                        self.serializable_default = false;
-                        self.setting = RouteSetting::Auto;
-                    }
-                }
-                Kind::Reset { name: None } => {
-                    self.read_only_default = false;
-                    self.serializable_default = false;
-                }
-                Kind::Reset { name: Some(n) } if n == "default_transaction_read_only" => {
-                    self.read_only_default = false
-                }
-                Kind::Reset { name: Some(n) } if n == "default_transaction_isolation" => {
-                    self.serializable_default = false
-                }
-                Kind::Set {
-                    name,
-                    value,
-                    local: false,
-                } if name == "default_transaction_read_only" => {
-                    self.read_only_default = is_true(value);
-                }
-                Kind::Set {
-                    name,
-                    value,
-                    local: false,
-                } if name == "default_transaction_isolation" => {
-                    self.serializable_default = is_serializable(value);
-                }
-                Kind::SetSessionCharacteristics {
-                    read_only,
-                    serializable,
-                } => {
-                    if let Some(ro) = read_only {
-                        self.read_only_default = *ro;
-                    }
-                    if let Some(s) = serializable {
-                        self.serializable_default = *s;
-                    }
-                }
-                _ => {}
-            }
+            self.apply_effect(k);
         }
-        if p.settings.is_empty() {
+        let committed = self.resolve_block(p.steps, end);
+        let mut settings = Vec::new();
+        let mut kinds = Vec::new();
+        for (s, kind) in committed {
+            self.apply_setting(&kind);
+            settings.extend(s);
+            kinds.push(kind);
+        }
+        if settings.is_empty() {
             return self.seq;
         }
         self.snapshot = None;
         self.seq += 1;
-        for (name, sql) in p.settings {
+        for (name, sql) in settings {
             // A later entry for the same name supersedes an earlier one; a full reset, all.
             match &name {
                 None => self.log.clear(),
@@ -431,7 +429,7 @@ impl SessionState {
         // The startup settings a reset returned to the server's defaults were applied again
         // behind it (`restore_after`): they are the session's again.
         let restored: Vec<(String, String)> = self
-            .reset_startup(p.effects.iter())
+            .reset_startup(kinds.iter().chain(&p.effects))
             .into_iter()
             .cloned()
             .collect();
@@ -445,6 +443,138 @@ impl SessionState {
             });
         }
         self.seq
+    }
+
+    /// Whether settings made in the open transaction block wait for its end.
+    pub fn holds_block(&self) -> bool {
+        !self.block.is_empty()
+    }
+
+    /// Runs `steps` against the open block (see `block`), then ends it as `end` says: returns
+    /// the settings committed, in order. A COMMIT the server answered with ROLLBACK (the block
+    /// had failed) rolls back.
+    fn resolve_block(
+        &mut self,
+        steps: Vec<Step>,
+        end: BlockEnd,
+    ) -> Vec<(Vec<(Option<String>, String)>, Kind)> {
+        let is_savepoint = |s: &Step| matches!(s, Step::Block(Kind::Savepoint));
+        let last_end = steps.iter().rposition(|s| {
+            matches!(
+                s,
+                Step::Block(Kind::Commit | Kind::Rollback | Kind::PrepareTransaction)
+            )
+        });
+        let mut committed = Vec::new();
+        for (i, step) in steps.into_iter().enumerate() {
+            match step {
+                Step::Set(..) | Step::Block(Kind::Savepoint) => self.block.push(step),
+                Step::Block(Kind::Release) => {
+                    if let Some(at) = self.block.iter().rposition(is_savepoint) {
+                        self.block.remove(at);
+                    }
+                }
+                Step::Block(Kind::RollbackTo) => {
+                    let keep = self
+                        .block
+                        .iter()
+                        .rposition(is_savepoint)
+                        .map_or(0, |at| at + 1);
+                    self.block.truncate(keep);
+                }
+                Step::Block(Kind::Rollback) => self.block.clear(),
+                Step::Block(_) if end == BlockEnd::RolledBack && last_end == Some(i) => {
+                    self.block.clear()
+                }
+                Step::Block(_) => committed.extend(self.take_block()),
+            }
+        }
+        match end {
+            BlockEnd::Open => {}
+            BlockEnd::Committed => committed.extend(self.take_block()),
+            BlockEnd::RolledBack => self.block.clear(),
+        }
+        committed
+    }
+
+    /// The settings of the open block, which ends.
+    fn take_block(&mut self) -> Vec<(Vec<(Option<String>, String)>, Kind)> {
+        self.block
+            .drain(..)
+            .filter_map(|s| match s {
+                Step::Set(settings, kind) => Some((settings, kind)),
+                Step::Block(_) => None,
+            })
+            .collect()
+    }
+
+    /// What a tracked statement other than a setting does, once it ran.
+    fn apply_effect(&mut self, k: &Kind) {
+        match k {
+            Kind::Unlisten { all: true } => self.pins.listen = false,
+            Kind::AdvisoryUnlockAll => self.pins.advisory = false,
+            Kind::Deallocate { name: None } => {
+                // Protocol-level statements too: the client has none left.
+                self.pins.sql_prepare = false;
+                self.statements.clear();
+                self.names.clear();
+            }
+            Kind::Discard { all } => {
+                self.pins.temp = false;
+                if *all {
+                    self.pins = Pins::default();
+                    self.statements.clear();
+                    self.names.clear();
+                    self.unnamed = None;
+                    self.read_only_default = false;
+                    self.serializable_default = false;
+                    self.setting = RouteSetting::Auto;
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// What a committed setting changes in routing (read-only and serializable defaults).
+    fn apply_setting(&mut self, k: &Kind) {
+        match k {
+            Kind::Reset { name: None } | Kind::Discard { all: true } => {
+                self.read_only_default = false;
+                self.serializable_default = false;
+            }
+            Kind::Reset { name: Some(n) } if n == "default_transaction_read_only" => {
+                self.read_only_default = false
+            }
+            Kind::Reset { name: Some(n) } if n == "default_transaction_isolation" => {
+                self.serializable_default = false
+            }
+            Kind::Set {
+                name,
+                value,
+                local: false,
+            } if name == "default_transaction_read_only" => {
+                self.read_only_default = is_true(value);
+            }
+            Kind::Set {
+                name,
+                value,
+                local: false,
+            } if name == "default_transaction_isolation" => {
+                self.serializable_default = is_serializable(value);
+            }
+            Kind::SetSessionCharacteristics {
+                read_only,
+                serializable,
+            } => {
+                if let Some(ro) = read_only {
+                    self.read_only_default = *ro;
+                }
+                if let Some(s) = serializable {
+                    self.serializable_default = *s;
+                }
+            }
+            _ => {}
+        }
     }
 }
 
@@ -566,7 +696,7 @@ mod tests {
         match state.prepare_change(sql, &c) {
             Some(p) => {
                 state.apply_pins(&p);
-                state.commit_change(p)
+                state.commit_change(p, BlockEnd::Committed)
             }
             None => state.seq(),
         }
@@ -663,6 +793,46 @@ mod tests {
         run(&mut a, "SET work_mem = '16MB'");
         assert_ne!(a.applied_shared(), before);
         assert_eq!(a.applied_shared()[..], a.applied()[..]);
+    }
+
+    /// Runs `sql` as one request that leaves the transaction status `end`.
+    fn run_ending(state: &mut SessionState, sql: &str, end: BlockEnd) {
+        let c = classify(sql, &[]);
+        let p = state.prepare_change(sql, &c).unwrap_or_default();
+        state.commit_change(p, end);
+    }
+
+    /// Postgres undoes a SET with the transaction or savepoint it ran in.
+    #[test]
+    fn settings_follow_the_block_they_ran_in() {
+        let open = BlockEnd::Open;
+        let mut s = SessionState::default();
+        run_ending(&mut s, "BEGIN", open);
+        run_ending(&mut s, "SET a.x = 1", open);
+        run_ending(&mut s, "SAVEPOINT p", open);
+        run_ending(&mut s, "SET a.y = 1", open);
+        run_ending(&mut s, "SAVEPOINT q", open);
+        run_ending(&mut s, "SET a.z = 1", open);
+        run_ending(&mut s, "RELEASE q", open);
+        assert_eq!(
+            s.replay_since(0),
+            None,
+            "nothing is the session's before COMMIT"
+        );
+        run_ending(&mut s, "ROLLBACK TO p", open);
+        run_ending(&mut s, "COMMIT", BlockEnd::Committed);
+        assert_eq!(s.replay_since(0).unwrap(), "SET a.x = 1");
+        // The implicit block of a multi-statement query; a COMMIT answered with ROLLBACK.
+        run_ending(
+            &mut s,
+            "SET a.y = 2; COMMIT; SET a.z = 2; ROLLBACK",
+            BlockEnd::RolledBack,
+        );
+        assert_eq!(s.replay_since(0).unwrap(), "SET a.x = 1; SET a.y = 2");
+        run_ending(&mut s, "BEGIN; SET a.z = 3", open);
+        run_ending(&mut s, "COMMIT", BlockEnd::RolledBack);
+        assert_eq!(s.replay_since(0).unwrap(), "SET a.x = 1; SET a.y = 2");
+        assert!(!s.holds_block());
     }
 
     #[test]
