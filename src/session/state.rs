@@ -95,11 +95,14 @@ pub struct PendingState {
     effects: Vec<Kind>,
 }
 
+/// A statement's settings: (GUC name, or `None` for a full reset; the statement's own text),
+/// to replay on other servers without the statements around them.
+type Settings = Vec<(Option<String>, String)>;
+
 #[derive(Debug, Clone)]
 enum Step {
-    /// A statement's settings: (GUC name, or `None` for a full reset; the statement's own
-    /// text), to replay on other servers without the statements around them; and its kind.
-    Set(Vec<(Option<String>, String)>, Kind),
+    /// A statement's settings, and its kind.
+    Set(Settings, Kind),
     /// SAVEPOINT, RELEASE, ROLLBACK TO, COMMIT (or PREPARE TRANSACTION), ROLLBACK.
     Block(Kind),
 }
@@ -453,11 +456,7 @@ impl SessionState {
     /// Runs `steps` against the open block (see `block`), then ends it as `end` says: returns
     /// the settings committed, in order. A COMMIT the server answered with ROLLBACK (the block
     /// had failed) rolls back.
-    fn resolve_block(
-        &mut self,
-        steps: Vec<Step>,
-        end: BlockEnd,
-    ) -> Vec<(Vec<(Option<String>, String)>, Kind)> {
+    fn resolve_block(&mut self, steps: Vec<Step>, end: BlockEnd) -> Vec<(Settings, Kind)> {
         let is_savepoint = |s: &Step| matches!(s, Step::Block(Kind::Savepoint));
         let last_end = steps.iter().rposition(|s| {
             matches!(
@@ -498,7 +497,7 @@ impl SessionState {
     }
 
     /// The settings of the open block, which ends.
-    fn take_block(&mut self) -> Vec<(Vec<(Option<String>, String)>, Kind)> {
+    fn take_block(&mut self) -> Vec<(Settings, Kind)> {
         self.block
             .drain(..)
             .filter_map(|s| match s {
