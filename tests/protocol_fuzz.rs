@@ -9,7 +9,8 @@
 //!
 //! Default: 200 sequences per target. `PGNEAR_FUZZ_SECONDS=N` runs each target for N seconds
 //! instead; `PGNEAR_FUZZ_SEED=S` starts at sequence seed S (a divergence prints its seed);
-//! `PGNEAR_FUZZ_SHOW=1` prints every sequence (a divergence may depend on the ones before it).
+//! `PGNEAR_FUZZ_SHOW=1` prints every sequence (a divergence may depend on the ones before it);
+//! `PGNEAR_FUZZ_SEEDS=a,b,c` runs those sequences only.
 //! `scripts/protocol-fuzz.sh [SECONDS]` runs all four targets at once (`PGNEAR_FUZZ_KNOWN_BUGS=1`
 //! also generates the sequences that the generator avoids because of known pgnear bugs).
 
@@ -956,10 +957,25 @@ async fn fuzz_target(
     let first_seed = std::env::var("PGNEAR_FUZZ_SEED")
         .map(|s| s.parse().expect("PGNEAR_FUZZ_SEED is a number"))
         .unwrap_or(u64::from(salt) << 32);
+    // `PGNEAR_FUZZ_SEEDS=a,b,c`: those sequences only (the divergences of a longer run).
+    let listed: Option<Vec<u64>> = std::env::var("PGNEAR_FUZZ_SEEDS").ok().map(|s| {
+        s.split(',')
+            .map(|x| {
+                x.trim()
+                    .parse()
+                    .expect("PGNEAR_FUZZ_SEEDS is a list of numbers")
+            })
+            .collect()
+    });
+    let seeds: Box<dyn Iterator<Item = u64>> = match listed {
+        Some(list) => Box::new(list.into_iter()),
+        None => Box::new(first_seed..),
+    };
     let start = Instant::now();
     let mut compared = 0;
     let mut divergences = Vec::new();
-    for seed in first_seed.. {
+    let mut previous = None;
+    for seed in seeds {
         let done = match seconds {
             Some(s) => start.elapsed() >= s,
             None => compared >= sequences,
@@ -974,12 +990,13 @@ async fn fuzz_target(
         if let Err(e) = scratch.reset().await {
             // A lock timeout: a server connection of pgnear's still holds a lock from the
             // previous sequence, whose client has gone.
+            let before = previous.unwrap_or(seed);
             panic!(
-                "{region}/{pool:?}: resetting the scratch table after seed {}: {e}\n{}",
-                seed - 1,
-                show(&generate(seed - 1, &table, scratch.lo, region != PRIMARY))
+                "{region}/{pool:?}: resetting the scratch table after seed {before}: {e}\n{}",
+                show(&generate(before, &table, scratch.lo, region != PRIMARY))
             );
         }
+        previous = Some(seed);
         let direct = scratch.direct(&batches).await;
         let (via, problem) = scratch.via(&p, region, &batches, &direct).await;
         compared += 1;
@@ -1884,6 +1901,34 @@ fn a_setting_rolled_back_is_not_replayed() {
                 query("ROLLBACK"),
             ],
             vec![query("SHOW TimeZone"), query("SELECT 'fuzz-end'")],
+        ],
+    );
+}
+
+/// An unnamed Parse skipped after an error leaves the unnamed statement before it; one that
+/// fails itself drops that one too. pgnear took the skipped one as the session's (and parsed
+/// it again after a query of its own), or a failed one's predecessor as still there; and a
+/// Bind ahead of the batch's own unnamed Parse was sent with that later Parse (seeds
+/// 4294970716, 4294971341, 4294971520).
+#[test]
+fn the_unnamed_statement_survives_a_skipped_parse_only() {
+    assert_as_direct(
+        "fz_unnamed_lost",
+        FIXED_LO + 394,
+        &[
+            vec![
+                parse("", "SELECT $1::int AS n"),
+                bind("", "", vec![Some("1")]),
+                execute(""),
+                Msg::Sync,
+            ],
+            vec![bind("", "nope", vec![]), parse("", "SELECT 2"), Msg::Sync],
+            // A write: pgnear looks up its commit position with a query of its own.
+            vec![Msg::Call(Func::LoCreat, 0x60000)],
+            vec![bind("", "", vec![Some("5")]), execute(""), Msg::Sync],
+            vec![parse("", "SELEC 1"), parse("", "SELECT 3"), Msg::Sync],
+            vec![bind("", "", vec![]), parse("", "SELECT 4"), Msg::Sync],
+            vec![query("SELECT 'fuzz-end'")],
         ],
     );
 }

@@ -32,9 +32,8 @@ impl Session {
             self.state
                 .forget_failed_parse(&failed.name, failed.client.as_deref());
         }
-        if seen.unnamed_failed && self.unnamed_role == Some(role) {
-            // What a Bind of it gets now is the server's own answer, as from Postgres.
-            self.state.unnamed = None;
+        if let Some(instead) = seen.unnamed_lost.take() {
+            self.unnamed_lost(role, instead);
         }
         let mut capture = false;
         for request in seen.done {
@@ -162,6 +161,16 @@ impl Session {
             }
         }
         Ok(())
+    }
+
+    /// The last unnamed Parse sent to `role` did not succeed: the session's unnamed statement
+    /// is the one the server has instead (none after a failed Parse, so a Bind of it gets the
+    /// server's own answer, as from Postgres; the one before after a skipped one).
+    pub(super) fn unnamed_lost(&mut self, role: Role, (instead, on): super::expect::Unnamed) {
+        if self.unnamed_role == Some(role) {
+            self.state.unnamed = instead;
+            self.unnamed_role = on.or(Some(role));
+        }
     }
 
     /// A server connection failed: losing the primary ends the session, losing the replica

@@ -72,6 +72,9 @@ pub(super) struct BatchPlan {
     pub unnamed: Option<Bytes>,
     pub names: Vec<(String, Option<String>)>,
     pub extended_state: bool,
+    /// Once accepted: the unnamed statement the session had before, which a Bind ahead of
+    /// the batch's own unnamed Parse uses.
+    pub unnamed_before: Option<Bytes>,
 }
 
 impl BatchPlan {
@@ -491,7 +494,7 @@ impl Session {
             self.state.statements.insert(name, frame);
         }
         if let Some(unnamed) = plan.unnamed.take() {
-            self.state.unnamed = Some(unnamed);
+            plan.unnamed_before = self.state.unnamed.replace(unnamed);
         }
         for (name, shared) in plan.names.drain(..) {
             match shared {

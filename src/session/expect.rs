@@ -4,6 +4,8 @@
 
 use std::collections::VecDeque;
 
+use bytes::Bytes;
+
 use crate::protocol::backend as be;
 use crate::protocol::tag;
 
@@ -132,6 +134,11 @@ struct SentParse {
     client: Option<String>,
     /// pgnear's own (a re-prepare of a statement the client has).
     internal: bool,
+    /// The unnamed statement's: its Parse frame, and the session's unnamed statement before.
+    unnamed: Option<(Bytes, Unnamed)>,
+    /// A client Query sent since dropped the unnamed statement it parses (see
+    /// `unnamed_superseded`).
+    superseded: bool,
 }
 
 /// A client's Parse of a named statement that created nothing (it failed, or was skipped).
@@ -163,20 +170,49 @@ pub struct Expectations {
     /// Named statements new to the server whose Parse failed or was skipped: the server does
     /// not have them. (A failed Parse of a name the server had leaves that statement as it was.)
     failed_parses: Vec<FailedParse>,
-    /// Whether the last unnamed Parse that was answered (or skipped) succeeded.
-    unnamed_parsed: Option<bool>,
+    /// How the last unnamed Parse that was answered (or skipped) ended.
+    unnamed_parsed: Option<ParseEnd>,
+    /// The session's unnamed statement as the unnamed Parses answered (or skipped) since the
+    /// last look leave it (`None`: as before them).
+    unnamed_effective: Option<Unnamed>,
+}
+
+/// A session's unnamed statement: its Parse, and the server that has it (`None`: the one
+/// whose Parse answered).
+pub type Unnamed = (Option<Bytes>, Option<crate::role::Role>);
+
+/// How a Parse sent ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ParseEnd {
+    Ok,
+    /// Its own ErrorResponse: for the unnamed statement, the one before is gone too.
+    Failed,
+    /// Skipped after an error before it: nothing changed.
+    Skipped,
 }
 
 impl Expectations {
     /// Queues a Parse of statement `name` (empty: the unnamed one); `existed`: the server has
     /// a statement of that name already; `client`: the client's name for it (transaction mode).
-    pub fn push_parse(&mut self, owner: Owner, name: &str, existed: bool, client: Option<&str>) {
+    /// `before`: the session's unnamed statement before the batch.
+    pub fn push_parse(
+        &mut self,
+        owner: Owner,
+        frame: &[u8],
+        (existed, before): (bool, &Unnamed),
+        client: Option<&str>,
+    ) {
+        let name = crate::protocol::cstr(&frame[5..]).map_or("", |(n, _)| n);
         self.parses.push_back(SentParse {
             name: (!name.is_empty()).then(|| name.to_string()),
             existed,
             scratch: false,
             client: client.map(str::to_string),
             internal: !owner.is_client(),
+            unnamed: name
+                .is_empty()
+                .then(|| (Bytes::copy_from_slice(frame), before.clone())),
+            superseded: false,
         });
         self.push_named(Pending::Parse, owner, client);
     }
@@ -191,13 +227,16 @@ impl Expectations {
             scratch: true,
             client: client.map(str::to_string),
             internal: false,
+            unnamed: None,
+            superseded: false,
         });
         self.push_named(Pending::Parse, Owner::Client, client);
     }
 
-    /// The oldest Parse in the queue ended: with its ParseComplete (`ok`), or with an error or
-    /// skipped after one.
-    fn parse_ended(&mut self, ok: bool) {
+    /// The oldest Parse in the queue ended: with its ParseComplete, its own error, or skipped
+    /// after an error before it.
+    fn parse_ended(&mut self, end: ParseEnd) {
+        let ok = end == ParseEnd::Ok;
         match self.parses.pop_front() {
             Some(SentParse {
                 name: Some(name),
@@ -205,13 +244,31 @@ impl Expectations {
                 scratch,
                 client,
                 internal,
+                ..
             }) if !ok => self.failed_parses.push(FailedParse {
                 name,
                 kept: scratch,
                 client,
                 internal,
             }),
-            Some(SentParse { name: None, .. }) => self.unnamed_parsed = Some(ok),
+            Some(SentParse {
+                name: None,
+                superseded: false,
+                unnamed,
+                ..
+            }) => {
+                self.unnamed_parsed = Some(end);
+                let (frame, before) = unnamed.expect("an unnamed Parse has its frame");
+                match end {
+                    ParseEnd::Ok => self.unnamed_effective = Some((Some(frame), None)),
+                    ParseEnd::Failed => self.unnamed_effective = Some((None, None)),
+                    // Nothing changed: the session keeps what it had (unless a Parse answered
+                    // before this one changed that).
+                    ParseEnd::Skipped => {
+                        self.unnamed_effective.get_or_insert(before);
+                    }
+                }
+            }
             _ => {}
         }
     }
@@ -236,10 +293,28 @@ impl Expectations {
         self.parses.iter().any(|p| p.name.is_none())
     }
 
-    /// Whether the server is now without an unnamed statement because the last unnamed Parse
-    /// sent failed (or was skipped): none is still waiting for its answer.
-    pub fn take_unnamed_failed(&mut self) -> bool {
-        !self.unnamed_pending() && self.unnamed_parsed.take() == Some(false)
+    /// When the last unnamed Parse sent did not succeed, once none is still waiting for its
+    /// answer: the session's unnamed statement instead (none after a failed one, which drops
+    /// it; the one before after a skipped one).
+    pub fn take_unnamed_lost(&mut self) -> Option<Unnamed> {
+        if self.unnamed_pending() {
+            return None;
+        }
+        let effective = self.unnamed_effective.take();
+        self.unnamed_parsed
+            .take()
+            .filter(|&e| e != ParseEnd::Ok)
+            .and(effective)
+    }
+
+    /// A client Query was sent: it drops the unnamed statement, whatever the unnamed Parses
+    /// still unanswered turn out to do.
+    pub fn unnamed_superseded(&mut self) {
+        for p in self.parses.iter_mut().filter(|p| p.name.is_none()) {
+            p.superseded = true;
+        }
+        self.unnamed_parsed = None;
+        self.unnamed_effective = None;
     }
 
     pub fn push(&mut self, p: Pending, owner: Owner) {
@@ -254,7 +329,7 @@ impl Expectations {
         } else if self.skipping {
             // Skipped after the error, answered by nothing (a Parse creates nothing).
             if p == Pending::Parse {
-                self.parse_ended(false);
+                self.parse_ended(ParseEnd::Skipped);
             }
             return;
         }
@@ -401,13 +476,15 @@ impl Expectations {
                 if !front.is_sync_point() {
                     // Extended protocol: the server now skips everything up to the next Sync,
                     // Queries and FunctionCalls included.
+                    let mut end = ParseEnd::Failed;
                     while let Some(&(p, o, _)) =
                         self.queue.front().filter(|(p, _, _)| *p != Pending::Sync)
                     {
                         self.queue.pop_front();
                         if p == Pending::Parse {
-                            self.parse_ended(false);
+                            self.parse_ended(end);
                         }
+                        end = ParseEnd::Skipped;
                         if p.is_sync_point() && o.is_client() {
                             self.skipped += 1;
                         }
@@ -428,7 +505,7 @@ impl Expectations {
                 // Completes the oldest sync point; anything before it was skipped by the server.
                 while let Some((p, o, _)) = self.queue.pop_front() {
                     if p == Pending::Parse {
-                        self.parse_ended(false);
+                        self.parse_ended(ParseEnd::Skipped);
                     }
                     if p.is_sync_point() {
                         return Matched {
@@ -455,7 +532,7 @@ impl Expectations {
                 let completed = if front.ends_with(frame) {
                     self.queue.pop_front();
                     if front == Pending::Parse {
-                        self.parse_ended(true);
+                        self.parse_ended(ParseEnd::Ok);
                     }
                     Some((front, owner))
                 } else {

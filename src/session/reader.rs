@@ -74,7 +74,7 @@ pub struct Seen {
     pub failed_parses: Vec<FailedParse>,
     /// The last unnamed Parse failed: the server has no unnamed statement, as after any
     /// failed Parse of it in Postgres.
-    pub unnamed_failed: bool,
+    pub unnamed_lost: Option<super::expect::Unnamed>,
     /// Where in the client's output the notifications passed on lie (their sender pid may
     /// need mapping: see `Session::on_server`).
     pub notifications: Vec<usize>,

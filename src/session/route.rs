@@ -241,6 +241,11 @@ impl Session {
         let c = self.classify(sql);
         // A simple query drops the unnamed statement, as the server does.
         self.state.unnamed = None;
+        for role in [Role::Primary, Role::Replica] {
+            if let Some(s) = self.slot(role).as_mut() {
+                s.expect.unnamed_superseded();
+            }
+        }
         let change = self.state.prepare_change(sql, &c);
         let restore = self.state.restore_after(&c);
         let r = self.query_request(sql, &c, change.as_ref(), restore.is_some());
@@ -361,14 +366,19 @@ impl Session {
         // Or a request in flight drops every statement (`DISCARD ALL` pipelined ahead): what
         // the batch parses is the session's only once that is answered. (A COPY the client
         // has ended does not stop the wait: its server answers.)
-        // (A Parse sent while its server skips after an error failed already: forgotten now.)
+        // (A Parse sent while its server skips after an error failed already: forgotten now,
+        // the unnamed one too, so that a Bind of it is not sent with a Parse of pgnear's.)
         for role in [Role::Primary, Role::Replica] {
-            let failed = self
-                .slot(role)
-                .as_mut()
-                .map(server::Server::take_failed_parses);
-            for f in failed.unwrap_or_default() {
+            let Some(server) = self.slot(role).as_mut() else {
+                continue;
+            };
+            let failed = server.take_failed_parses();
+            let unnamed_lost = server.expect.take_unnamed_lost();
+            for f in failed {
                 self.state.forget_failed_parse(&f.name, f.client.as_deref());
+            }
+            if let Some(instead) = unnamed_lost {
+                self.unnamed_lost(role, instead);
             }
         }
         if !self.copy_awaits_client() {
@@ -458,7 +468,15 @@ impl Session {
         }
         // (After the drains: in transaction mode it may have given the connection back.)
         let unnamed_here = self.unnamed_role == Some(role);
-        let unnamed = self.state.unnamed.clone().filter(|_| plan.needs_unnamed);
+        let unnamed = match plan.parsed_unnamed {
+            true => plan.unnamed_before.clone(),
+            false => self.state.unnamed.clone(),
+        }
+        .filter(|_| plan.needs_unnamed);
+        let unnamed_before = match plan.parsed_unnamed {
+            true => (plan.unnamed_before.take(), self.unnamed_role),
+            false => (self.state.unnamed.clone(), self.unnamed_role),
+        };
         let statements = self.statements_named(&plan.needs);
         let shared_names = self.shares_statements();
         let limit = self.statement_limit();
@@ -471,6 +489,7 @@ impl Session {
                 unnamed: unnamed.clone(),
             });
         let server = self.server(role).await?;
+        server.unnamed_before = unnamed_before;
         server.dirty |= plan.taints;
         for name in std::mem::take(&mut server.to_close) {
             server.send_internal_frame(tag::CLOSE, &close_frame(&name));

@@ -88,6 +88,9 @@ pub struct Server {
     /// A simple query of pgnear's own ran since the session's last unnamed Parse here: the
     /// server no longer has the client's unnamed statement.
     pub unnamed_dropped: bool,
+    /// The session's unnamed statement before the batch being sent (see
+    /// `Expectations::take_unnamed_lost`).
+    pub unnamed_before: super::expect::Unnamed,
     /// When bytes last arrived or were sent (or the session took the connection), to tell a
     /// server that went silent.
     last_activity: std::time::Instant,
@@ -107,6 +110,7 @@ impl Server {
             synced: super::state::FROM_POOL,
             dirty: false,
             unnamed_dropped: false,
+            unnamed_before: (None, None),
             last_activity: std::time::Instant::now(),
         }
     }
@@ -240,7 +244,8 @@ impl Server {
     fn expect_parse(&mut self, frame: &[u8], owner: Owner, client: Option<&str>) {
         let name = crate::protocol::cstr(&frame[5..]).map_or("", |(n, _)| n);
         let existed = self.conn.carry.prepared.contains_key(name);
-        self.expect.push_parse(owner, name, existed, client);
+        self.expect
+            .push_parse(owner, frame, (existed, &self.unnamed_before), client);
     }
 
     /// Queues a client Query; with `request.again` set its answer is held until it is clear the
@@ -391,7 +396,9 @@ impl Server {
             seen,
         );
         seen.failed_parses.extend(self.take_failed_parses());
-        seen.unnamed_failed |= self.expect.take_unnamed_failed();
+        if let Some(unnamed) = self.expect.take_unnamed_lost() {
+            seen.unnamed_lost = Some(unnamed);
+        }
         r.map_err(|e| match e {
             ScanError::Malformed => self.lost("malformed message from server"),
             ScanError::Fatal(e) => e,
