@@ -1932,3 +1932,32 @@ fn the_unnamed_statement_survives_a_skipped_parse_only() {
         ],
     );
 }
+
+/// An error in a Flush-driven exchange before its Sync is sent: the SET behind it is skipped,
+/// but pgnear, which had no request in flight to mark failed, recorded it and replayed it on
+/// the other server (seeds 12884902792, 12884903125).
+#[test]
+fn a_setting_skipped_after_an_unsynced_error_is_not_replayed() {
+    assert_as_direct(
+        "fz_unsynced_set",
+        FIXED_LO + 396,
+        &[
+            vec![
+                parse("s1", "SHOW TimeZone"),
+                bind("p1", "s1", vec![Some("3")]),
+                execute("p1"),
+                Msg::Flush,
+            ],
+            vec![
+                parse("s2", "SET TimeZone = 'Asia/Kolkata'"),
+                bind("p1", "s2", vec![]),
+                execute("p1"),
+                Msg::Sync,
+            ],
+            vec![query(
+                "UPDATE fz_unsynced_set SET v = v || '!' WHERE id <= 2",
+            )],
+            vec![query("SHOW TimeZone"), query("SELECT 'fuzz-end'")],
+        ],
+    );
+}

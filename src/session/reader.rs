@@ -44,6 +44,9 @@ pub struct Reader {
     /// A COPY started by the extended protocol: the server discarded the Sync that followed
     /// its Execute, and the client's first Sync after the COPY completes that request instead.
     pub owed_sync: bool,
+    /// A client message sent with no Sync yet (a Flush-driven exchange) failed: the request
+    /// its Sync will end has failed (its state changes were skipped).
+    pub failed_unsynced: bool,
     /// Stop each scan after a client request finishes (a shared connection answers several
     /// sessions: each one's frames go to it alone).
     pub one_request: bool,
@@ -372,11 +375,13 @@ impl Reader {
                     ))));
                 }
                 be::ERROR_RESPONSE if forward => {
-                    if let Some(r) = requests
-                        .front_mut()
-                        .filter(|_| m.owner.is_some_and(Owner::is_client))
-                    {
-                        r.failed = true;
+                    if m.owner.is_some_and(Owner::is_client) {
+                        // The requests before the failed message are answered: it belongs to
+                        // the front one, or to the one its Sync, not sent yet, will end.
+                        match requests.front_mut() {
+                            Some(r) => r.failed = true,
+                            None => self.failed_unsynced = true,
+                        }
                     }
                     // A dying replica's FATAL (e.g. 57P01) would tell the client its session is
                     // over; it is not: pgnear reports the lost statement as 08006 and goes on.

@@ -520,6 +520,16 @@ impl Session {
         // A Flush-driven exchange's changes wait for the Sync that ends it. (Recorded once the
         // batch is out: the drains above still see the exchange as it was.)
         let mut changes = self.exchange.take().map(|e| e.changes).unwrap_or_default();
+        // A message of the exchange failed already: what it changed is rolled back, what
+        // followed skipped, up to this batch's first Sync.
+        let failed = plan.syncs > 0
+            && self
+                .slot(role)
+                .as_mut()
+                .is_some_and(|s| std::mem::take(&mut s.reader.failed_unsynced));
+        if failed {
+            changes.clear();
+        }
         changes.extend(std::mem::take(&mut plan.changes));
         if let Some(executed) = run.exchange_after {
             self.exchange = Some(Exchange {
@@ -536,6 +546,7 @@ impl Session {
         for i in owed.min(plan.syncs)..plan.syncs {
             let last = i + 1 == plan.syncs;
             server.requests.push_back(server::Request {
+                failed: failed && i == owed.min(plan.syncs),
                 change: if last { change.take() } else { None },
                 fences: if last {
                     std::mem::take(&mut fences)
