@@ -38,7 +38,7 @@ const PGNEAR_WAIT: Duration = Duration::from_secs(5);
 const FIXED_LO: u32 = 900_000;
 
 /// One frontend message.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 enum Msg {
     Query(String),
     Parse {
@@ -64,11 +64,14 @@ enum Msg {
     CopyDone,
     CopyFail,
     Call(Func, u32),
+    /// Nothing sent: the client waits a moment (the regression tests' timing; the generator
+    /// never makes one).
+    Pause,
 }
 
 /// The functions a FunctionCall names: `lo_creat(mode)`, `lo_create(oid)`, `lo_unlink(oid)`,
 /// and an oid that is no function.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 enum Func {
     LoCreat,
     LoCreate,
@@ -92,6 +95,7 @@ impl Msg {
     fn encode(&self, oids: &Oids) -> Vec<u8> {
         let mut b = Vec::new();
         let tag = match self {
+            Msg::Pause => return b,
             Msg::Query(sql) => {
                 cstr(&mut b, sql);
                 b'Q'
@@ -743,6 +747,9 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
         if s.write_all(&bytes).await.is_err() {
             answer.end = End::Closed;
             break;
+        }
+        if batch.contains(&Msg::Pause) {
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
         let target = match expect {
             Some(counts) => counts[i],
@@ -1958,6 +1965,27 @@ fn a_setting_skipped_after_an_unsynced_error_is_not_replayed() {
                 "UPDATE fz_unsynced_set SET v = v || '!' WHERE id <= 2",
             )],
             vec![query("SHOW TimeZone"), query("SELECT 'fuzz-end'")],
+        ],
+    );
+}
+
+/// A BEGIN executed in a Flush-driven exchange: its answers leave the server with nothing
+/// owed and no ReadyForQuery, and pgnear took the status of the one before (idle) as the
+/// transaction's, so the query behind the Sync went to the replica (seed 12884905050).
+#[test]
+fn a_begin_in_a_flush_exchange_opens_the_transaction() {
+    assert_as_direct(
+        "fz_flush_begin",
+        FIXED_LO + 398,
+        &[
+            vec![
+                parse("s1", "BEGIN"),
+                bind("", "s1", vec![]),
+                execute(""),
+                Msg::Flush,
+                Msg::Pause,
+            ],
+            vec![Msg::Sync, query("SELECT 'fuzz-end'")],
         ],
     );
 }

@@ -83,9 +83,11 @@ impl Session {
             }
         }
         // Only the server holding the transaction (or any, when none does) says whether it
-        // is still open: the other one going idle (pgnear's own Sync) says nothing of it.
+        // is still open: the other one going idle (pgnear's own Sync) says nothing of it, nor
+        // does one that answered a Flush-driven exchange (no ReadyForQuery: its status is
+        // from before, and a BEGIN in the exchange is not in it).
         let deferred = matches!(self.tx, plan::Tx::Deferred(_));
-        if idle && !deferred && self.tx.open().is_none_or(|r| r == role) {
+        if idle && seen.ready && !deferred && self.tx.open().is_none_or(|r| r == role) {
             self.tx = if tx == b'I' {
                 plan::Tx::Idle
             } else {

@@ -75,9 +75,11 @@ pub struct Seen {
     pub write_lsn: Option<String>,
     /// Named statements whose Parse failed, new to the server: they do not exist.
     pub failed_parses: Vec<FailedParse>,
-    /// The last unnamed Parse failed: the server has no unnamed statement, as after any
-    /// failed Parse of it in Postgres.
+    /// The last unnamed Parse did not succeed: the session's unnamed statement instead (see
+    /// `Expectations::take_unnamed_lost`).
     pub unnamed_lost: Option<super::expect::Unnamed>,
+    /// A ReadyForQuery arrived: the server's transaction status is fresh.
+    pub ready: bool,
     /// Where in the client's output the notifications passed on lie (their sender pid may
     /// need mapping: see `Session::on_server`).
     pub notifications: Vec<usize>,
@@ -342,6 +344,7 @@ impl Reader {
                     self.copy_in = false;
                     self.client_ended_copy = false;
                     *tx = body.first().copied().unwrap_or(b'I');
+                    seen.ready = true;
                     if let Some(told) = told
                         .as_deref_mut()
                         .filter(|_| forward && self.params_changed)
