@@ -1989,3 +1989,25 @@ fn a_begin_in_a_flush_exchange_opens_the_transaction() {
         ],
     );
 }
+
+/// A Bind of the unnamed statement after a simple query dropped it: on a connection that
+/// still had an unnamed statement (the session's own, or a pooled connection's last holder's),
+/// pgnear bound that one instead of failing as Postgres does (seeds 17179871110, 17179871446).
+#[test]
+fn a_bind_of_a_dropped_unnamed_statement_fails() {
+    assert_as_direct(
+        "fz_unnamed_dropped",
+        FIXED_LO + 400,
+        &[
+            vec![
+                parse("", "SELECT 1 AS n"),
+                bind("", "", vec![]),
+                execute(""),
+                Msg::Sync,
+            ],
+            vec![query("UPDATE fz_unnamed_dropped SET v = 'u' WHERE id = 1")],
+            vec![bind("p2", "", vec![]), Msg::Sync],
+            vec![query("SELECT 'fuzz-end'")],
+        ],
+    );
+}

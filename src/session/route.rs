@@ -489,10 +489,15 @@ impl Session {
                 unnamed: unnamed.clone(),
             });
         let server = self.server(role).await?;
-        server.unnamed_before = unnamed_before;
+        server.unnamed_before = unnamed_before.clone();
         server.dirty |= plan.taints;
         for name in std::mem::take(&mut server.to_close) {
             server.send_internal_frame(tag::CLOSE, &close_frame(&name));
+        }
+        if plan.needs_unnamed && unnamed_before.0.is_none() {
+            // The session has no unnamed statement: nor may the server (a pooled connection
+            // keeps the last holder's), so that the Bind fails as it would on Postgres.
+            server.send_internal_frame(tag::CLOSE, &close_frame(""));
         }
         // Session mode: the session's own statement names, which no later session may find.
         server.dirty |= prepare_missing(server, statements, limit) && !shared_names;
