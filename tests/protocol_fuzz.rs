@@ -2011,3 +2011,32 @@ fn a_bind_of_a_dropped_unnamed_statement_fails() {
         ],
     );
 }
+
+/// A write binding a named portal that a Flush-driven exchange on the replica still has:
+/// Postgres refuses the Bind (42P03) and skips the write; pgnear ended the replica's exchange
+/// and ran the write on the primary (seeds 12884903177, 17179870119).
+#[test]
+fn a_portal_bound_again_in_an_open_exchange_is_refused() {
+    assert_as_direct(
+        "fz_portal_again",
+        FIXED_LO + 402,
+        &[
+            vec![
+                parse("s1", "SELECT $1::text AS t"),
+                bind("p1", "s1", vec![Some("10")]),
+                execute("p1"),
+                Msg::Flush,
+            ],
+            vec![
+                parse("s2", "UPDATE fz_portal_again SET v = 'u' WHERE id = $1"),
+                bind("p1", "s2", vec![Some("1")]),
+                execute("p1"),
+                Msg::Sync,
+            ],
+            vec![
+                query("SELECT v FROM fz_portal_again WHERE id = 1"),
+                query("SELECT 'fuzz-end'"),
+            ],
+        ],
+    );
+}

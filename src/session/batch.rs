@@ -75,6 +75,10 @@ pub(super) struct BatchPlan {
     /// Once accepted: the unnamed statement the session had before, which a Bind ahead of
     /// the batch's own unnamed Parse uses.
     pub unnamed_before: Option<Bytes>,
+    /// The named portals bound after the batch's last Sync and not closed, and the ones it
+    /// closes (see `Exchange::portals`).
+    pub portals: Vec<String>,
+    pub portals_closed: Vec<String>,
 }
 
 impl BatchPlan {
@@ -281,6 +285,15 @@ impl Session {
                     let (portal, used) = cstr(body).ok_or_else(|| bad("Bind"))?;
                     let (stmt, _) = cstr(&body[used..]).ok_or_else(|| bad("Bind"))?;
                     bound_portals.push(portal);
+                    if !portal.is_empty() {
+                        let open = self.exchange.as_ref().is_some_and(|e| {
+                            e.portals.iter().any(|p| p == portal)
+                                && !plan.portals_closed.iter().any(|p| p == portal)
+                        });
+                        // Bound again while the exchange a Flush left open still has it.
+                        plan.sticky |= open && plan.syncs == 0;
+                        plan.portals.push(portal.to_string());
+                    }
                     self.note_use(stmt, &mut plan);
                     let parse = match stmt {
                         "" if plan.parsed_unnamed => plan.unnamed.as_ref(),
@@ -303,6 +316,10 @@ impl Session {
                         (tag::CLOSE, b'S') if !name.is_empty() && name != NO_STATEMENT => {
                             plan.closed.push(name.to_string())
                         }
+                        (tag::CLOSE, b'P') if !name.is_empty() => {
+                            plan.portals.retain(|p| p != name);
+                            plan.portals_closed.push(name.to_string());
+                        }
                         (tag::DESCRIBE, b'S') => self.note_use(name, &mut plan),
                         (tag::DESCRIBE, b'P') if !bound_portals.contains(&name) => {
                             plan.sticky = true
@@ -323,6 +340,7 @@ impl Session {
                 tag::SYNC => {
                     plan.syncs += 1;
                     exchange.clear();
+                    plan.portals.clear();
                     skipped = false;
                 }
                 _ => {}

@@ -160,6 +160,9 @@ pub struct Exchange {
     /// Session-state changes (SET, LISTEN, …) it executed: recorded once the Sync that ends it
     /// succeeds (an error before it rolls them back).
     pub changes: Vec<PendingState>,
+    /// The named portals it bound and did not close: a Bind of one again must reach that
+    /// server, which refuses it (42P03) as Postgres does.
+    pub portals: Vec<String>,
 }
 
 impl Exchange {

@@ -524,7 +524,16 @@ impl Session {
         let mut fences = fences_on(&self.shared, database.as_deref());
         // A Flush-driven exchange's changes wait for the Sync that ends it. (Recorded once the
         // batch is out: the drains above still see the exchange as it was.)
-        let mut changes = self.exchange.take().map(|e| e.changes).unwrap_or_default();
+        let (mut changes, mut portals) = self
+            .exchange
+            .take()
+            .map(|e| (e.changes, e.portals))
+            .unwrap_or_default();
+        if plan.syncs > 0 {
+            portals.clear();
+        }
+        portals.retain(|p| !plan.portals_closed.contains(p));
+        portals.append(&mut plan.portals);
         // A message of the exchange failed already: what it changed is rolled back, what
         // followed skipped, up to this batch's first Sync.
         let failed = plan.syncs > 0
@@ -541,6 +550,7 @@ impl Session {
                 role,
                 executed,
                 changes: std::mem::take(&mut changes),
+                portals,
             });
         }
         let mut change = changes.into_iter().reduce(|mut all, c| {
