@@ -64,9 +64,9 @@ enum Msg {
     CopyDone,
     CopyFail,
     Call(Func, u32),
-    /// Nothing sent: the client waits a moment (the regression tests' timing; the generator
-    /// never makes one).
-    Pause,
+    /// Nothing sent: the client reads this many answers before it sends what follows (the
+    /// regression tests' timing; the generator never makes one).
+    Await(usize),
 }
 
 /// The functions a FunctionCall names: `lo_creat(mode)`, `lo_create(oid)`, `lo_unlink(oid)`,
@@ -95,7 +95,7 @@ impl Msg {
     fn encode(&self, oids: &Oids) -> Vec<u8> {
         let mut b = Vec::new();
         let tag = match self {
-            Msg::Pause => return b,
+            Msg::Await(_) => return b,
             Msg::Query(sql) => {
                 cstr(&mut b, sql);
                 b'Q'
@@ -748,14 +748,19 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
             answer.end = End::Closed;
             break;
         }
-        if batch.contains(&Msg::Pause) {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
         let target = match expect {
             Some(counts) => counts[i],
             None => ready + batch.iter().map(Msg::max_ready).sum::<usize>(),
         };
-        while ready < target {
+        let awaited: usize = batch
+            .iter()
+            .map(|m| match m {
+                Msg::Await(n) => *n,
+                _ => 0,
+            })
+            .sum();
+        let mut read = 0;
+        while ready < target || read < awaited {
             let wait = if expect.is_some() {
                 PGNEAR_WAIT
             } else {
@@ -764,6 +769,7 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
             match tokio::time::timeout(wait, read_frame(s)).await {
                 Ok(Ok((tag, body))) => {
                     ready += usize::from(tag == b'Z');
+                    read += 1;
                     answer.frames.extend(render(tag, &body, &mask));
                 }
                 Ok(Err(_)) => {
@@ -773,7 +779,8 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
                 Err(_) if expect.is_none() => break,
                 Err(_) => {
                     answer.end = End::Hang(format!(
-                        "nothing for {wait:?} after batch {i}: {ready} of {target} ReadyForQuery"
+                        "nothing for {wait:?} after batch {i}: {ready} of {target} ReadyForQuery, \
+                         {read} of {awaited} awaited answers"
                     ));
                     break 'batches;
                 }
@@ -1983,7 +1990,8 @@ fn a_begin_in_a_flush_exchange_opens_the_transaction() {
                 bind("", "s1", vec![]),
                 execute(""),
                 Msg::Flush,
-                Msg::Pause,
+                // ParseComplete, BindComplete, CommandComplete: pgnear has read them too.
+                Msg::Await(3),
             ],
             vec![Msg::Sync, query("SELECT 'fuzz-end'")],
         ],

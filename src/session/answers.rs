@@ -4,6 +4,7 @@
 use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 
+use super::expect::FailedParse;
 use super::server::Seen;
 use super::state::{BlockEnd, PendingState, SessionState};
 use super::{consistent, expect, plan, Session};
@@ -27,14 +28,8 @@ impl Session {
             map_notification_pid(&mut self.cout, at, server.conn.addr, &self.shared.cancels);
         }
         let (idle, tx) = (server.expect.is_empty(), server.tx);
-        for failed in &seen.failed_parses {
-            // The client's Parse of a new statement failed: it does not exist, as in Postgres.
-            self.state
-                .forget_failed_parse(&failed.name, failed.client.as_deref());
-        }
-        if let Some(instead) = seen.unnamed_lost.take() {
-            self.unnamed_lost(role, instead);
-        }
+        let failed = std::mem::take(&mut seen.failed_parses);
+        self.forget_lost_parses(role, failed, seen.unnamed_lost.take());
         let mut capture = false;
         for request in seen.done {
             capture |= (request.capture_after && !request.failed) || request.capture_owed;
@@ -165,11 +160,21 @@ impl Session {
         Ok(())
     }
 
-    /// The last unnamed Parse sent to `role` did not succeed: the session's unnamed statement
-    /// is the one the server has instead (none after a failed Parse, so a Bind of it gets the
-    /// server's own answer, as from Postgres; the one before after a skipped one).
-    pub(super) fn unnamed_lost(&mut self, role: Role, (instead, on): super::expect::Unnamed) {
-        if self.unnamed_role == Some(role) {
+    /// The client's Parses on `role` that created nothing (failed, or skipped after an error):
+    /// those statements do not exist, as in Postgres. `unnamed`: the last unnamed Parse there
+    /// did not succeed, and the session's unnamed statement is this instead (none after a
+    /// failed Parse, so a Bind of it gets the server's own answer; the one before after a
+    /// skipped one).
+    pub(super) fn forget_lost_parses(
+        &mut self,
+        role: Role,
+        failed: Vec<FailedParse>,
+        unnamed: Option<super::expect::Unnamed>,
+    ) {
+        for f in failed {
+            self.state.forget_failed_parse(&f.name, f.client.as_deref());
+        }
+        if let Some((instead, on)) = unnamed.filter(|_| self.unnamed_role == Some(role)) {
             self.state.unnamed = instead;
             self.unnamed_role = on.or(Some(role));
         }

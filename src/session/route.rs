@@ -369,16 +369,12 @@ impl Session {
         // (A Parse sent while its server skips after an error failed already: forgotten now,
         // the unnamed one too, so that a Bind of it is not sent with a Parse of pgnear's.)
         for role in [Role::Primary, Role::Replica] {
-            let Some(server) = self.slot(role).as_mut() else {
-                continue;
-            };
-            let failed = server.take_failed_parses();
-            let unnamed_lost = server.expect.take_unnamed_lost();
-            for f in failed {
-                self.state.forget_failed_parse(&f.name, f.client.as_deref());
-            }
-            if let Some(instead) = unnamed_lost {
-                self.unnamed_lost(role, instead);
+            if let Some((failed, unnamed)) = self
+                .slot(role)
+                .as_mut()
+                .map(server::Server::take_lost_parses)
+            {
+                self.forget_lost_parses(role, failed, unnamed);
             }
         }
         if !self.copy_awaits_client() {

@@ -361,8 +361,10 @@ impl Server {
     }
 
     /// The client's Parses the server turned out not to have prepared (failed, or skipped after
-    /// an error), forgotten here; the session forgets them too.
-    pub fn take_failed_parses(&mut self) -> Vec<FailedParse> {
+    /// an error), forgotten here, and the session's unnamed statement if the last unnamed Parse
+    /// did not succeed (see `Expectations::take_unnamed_lost`); the session forgets them too
+    /// (`Session::forget_lost_parses`).
+    pub fn take_lost_parses(&mut self) -> (Vec<FailedParse>, Option<super::expect::Unnamed>) {
         let mut failed = self.expect.take_failed_parses();
         for f in &failed {
             if !f.kept {
@@ -370,7 +372,7 @@ impl Server {
             }
         }
         failed.retain(|f| !f.internal);
-        failed
+        (failed, self.expect.take_unnamed_lost())
     }
 
     /// Moves every complete frame (and the leading part of a long one) out of the read buffer:
@@ -395,9 +397,10 @@ impl Server {
             cout,
             seen,
         );
-        seen.failed_parses.extend(self.take_failed_parses());
-        if let Some(unnamed) = self.expect.take_unnamed_lost() {
-            seen.unnamed_lost = Some(unnamed);
+        let (failed, unnamed) = self.take_lost_parses();
+        seen.failed_parses.extend(failed);
+        if unnamed.is_some() {
+            seen.unnamed_lost = unnamed;
         }
         r.map_err(|e| match e {
             ScanError::Malformed => self.lost("malformed message from server"),

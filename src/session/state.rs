@@ -534,10 +534,11 @@ impl SessionState {
         }
     }
 
-    /// What a committed setting changes in routing (read-only and serializable defaults).
+    /// What a committed setting changes in routing (read-only and serializable defaults; a
+    /// DISCARD ALL, never in a block, did so as an effect).
     fn apply_setting(&mut self, k: &Kind) {
         match k {
-            Kind::Reset { name: None } | Kind::Discard { all: true } => {
+            Kind::Reset { name: None } => {
                 self.read_only_default = false;
                 self.serializable_default = false;
             }
@@ -691,14 +692,15 @@ mod tests {
     use crate::router::classify::classify;
 
     fn run(state: &mut SessionState, sql: &str) -> u64 {
+        run_ending(state, sql, BlockEnd::Committed)
+    }
+
+    /// Runs `sql` as one request that leaves the transaction status `end`.
+    fn run_ending(state: &mut SessionState, sql: &str, end: BlockEnd) -> u64 {
         let c = classify(sql, &[]);
-        match state.prepare_change(sql, &c) {
-            Some(p) => {
-                state.apply_pins(&p);
-                state.commit_change(p, BlockEnd::Committed)
-            }
-            None => state.seq(),
-        }
+        let p = state.prepare_change(sql, &c).unwrap_or_default();
+        state.apply_pins(&p);
+        state.commit_change(p, end)
     }
 
     /// A script mixing settings with other statements replays its settings alone (asyncpg's
@@ -792,13 +794,6 @@ mod tests {
         run(&mut a, "SET work_mem = '16MB'");
         assert_ne!(a.applied_shared(), before);
         assert_eq!(a.applied_shared()[..], a.applied()[..]);
-    }
-
-    /// Runs `sql` as one request that leaves the transaction status `end`.
-    fn run_ending(state: &mut SessionState, sql: &str, end: BlockEnd) {
-        let c = classify(sql, &[]);
-        let p = state.prepare_change(sql, &c).unwrap_or_default();
-        state.commit_change(p, end);
     }
 
     /// Postgres undoes a SET with the transaction or savepoint it ran in.
