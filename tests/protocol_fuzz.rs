@@ -2048,3 +2048,97 @@ fn a_portal_bound_again_in_an_open_exchange_is_refused() {
         ],
     );
 }
+
+/// A SET in a Flush-driven exchange on the replica, then a write in the same exchange: the
+/// write ran on the standby (25006). The SET goes with it to the primary and holds only if the
+/// write does, as in the one implicit transaction Postgres runs (seeds 12884904584,
+/// 12884905314, 12884905586, 17179872915); also behind a simple Query and a FunctionCall.
+#[test]
+fn settings_of_a_replica_exchange_go_with_the_write_that_ends_it() {
+    let set = |zone: &str| {
+        vec![
+            parse("", &format!("SET TimeZone = '{zone}'")),
+            bind("", "", vec![]),
+            execute(""),
+            Msg::Flush,
+            Msg::Await(3),
+        ]
+    };
+    let insert = |id: &str| {
+        vec![
+            parse("s1", &format!("INSERT INTO fz_carry VALUES ({id}, 'c')")),
+            bind("", "s1", vec![]),
+            execute(""),
+            Msg::Sync,
+            query("SELECT current_setting('TimeZone')"),
+        ]
+    };
+    assert_as_direct(
+        "fz_carry",
+        FIXED_LO + 404,
+        &[
+            // Fails (duplicate key): the SET is rolled back with it.
+            set("Asia/Kolkata"),
+            insert("1"),
+            // Succeeds: the SET holds, here and on the replica.
+            set("America/New_York"),
+            insert("60"),
+            set("Europe/Paris"),
+            vec![query("INSERT INTO fz_carry VALUES (61, 'q')"), Msg::Sync],
+            set("Asia/Tokyo"),
+            vec![Msg::Call(Func::LoCreate, FIXED_LO + 404), Msg::Sync],
+            vec![Msg::Call(Func::LoUnlink, FIXED_LO + 404)],
+            // All at once: pgnear sees the write before the SET's answers.
+            [set("UTC"), insert("2")].concat(),
+            vec![query("SHOW TimeZone")],
+        ],
+    );
+}
+
+/// A simple query that fails after a COMMIT: what ran before the COMMIT holds, only what
+/// followed is rolled back. pgnear dropped every setting of the query, and told the client the
+/// old value when it moved to the replica (seed 12884904272).
+#[test]
+fn a_failed_query_keeps_what_its_commit_settled() {
+    assert_as_direct(
+        "fz_settled",
+        FIXED_LO + 406,
+        &[vec![
+            query(
+                "SET IntervalStyle = 'iso_8601'; BEGIN; \
+                 UPDATE fz_settled SET v = 'm' WHERE id = 1; COMMIT; SELECT 1/0",
+            ),
+            query("SHOW IntervalStyle"),
+            query(
+                "SET application_name = 'fz_one'; COMMIT; SET application_name = 'fz_two'; \
+                 SELECT 1/0",
+            ),
+            query("SHOW application_name"),
+            query("BEGIN; SET DateStyle = 'German'; ROLLBACK; SET TimeZone = 'UTC'; SELECT 1/0"),
+            query("SELECT current_setting('DateStyle'), current_setting('TimeZone')"),
+        ]],
+    );
+}
+
+/// A write, then an Execute of the unnamed portal, which no earlier batch can have left with
+/// no transaction open: pgnear kept the batch where the last one ran (the replica, 25006);
+/// Postgres runs the write and refuses the Execute (34000) (seed 17179871534).
+#[test]
+fn an_unnamed_portal_from_no_transaction_holds_no_write() {
+    assert_as_direct(
+        "fz_unbound",
+        FIXED_LO + 408,
+        &[
+            vec![query("SELECT 1")],
+            vec![
+                parse("s1", "INSERT INTO fz_unbound VALUES ($1, 'ext')"),
+                bind("p1", "s1", vec![Some("70")]),
+                execute("p1"),
+                Msg::Describe('P', ""),
+                execute(""),
+                Msg::Sync,
+            ],
+            vec![query("SELECT count(*) FROM fz_unbound")],
+        ],
+    );
+}

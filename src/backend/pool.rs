@@ -47,6 +47,14 @@ pub struct Carry {
     pub tick: u64,
 }
 
+impl Carry {
+    /// What it has applied is no longer known (settings committed outside any session's log):
+    /// whoever uses it next resets them all (no log starts with this entry).
+    pub fn forget_applied(&mut self) {
+        self.applied = vec![(None, String::new())];
+    }
+}
+
 /// Whom a server connection is for: the role it logs in as, and its database.
 #[derive(Clone, Debug)]
 pub struct Target {

@@ -38,13 +38,24 @@ impl Session {
                     .metrics
                     .duration(role, t.elapsed().as_secs_f64());
             }
+            // A failed query keeps what a transaction end before the failure settled (the
+            // rest it rolled back).
+            let (change, settled) = match request.change {
+                Some(change) if request.failed => {
+                    let settled = change.settled_before(request.completed);
+                    let some = settled.is_some();
+                    (settled, some)
+                }
+                change => (change, false),
+            };
             // Settings made in a transaction block wait for its end (see `SessionState::block`).
             let end = match request.tx_after {
                 b'T' | b'E' => BlockEnd::Open,
+                _ if settled => BlockEnd::Committed,
                 _ if request.failed || request.rolled_back => BlockEnd::RolledBack,
                 _ => BlockEnd::Committed,
             };
-            let change = match request.change.filter(|_| !request.failed) {
+            let change = match change {
                 Some(change) => Some(change),
                 None if end != BlockEnd::Open && self.state.holds_block() => {
                     Some(PendingState::default())

@@ -322,7 +322,7 @@ impl Session {
                         }
                         (tag::DESCRIBE, b'S') => self.note_use(name, &mut plan),
                         (tag::DESCRIBE, b'P') if !bound_portals.contains(&name) => {
-                            plan.sticky = true
+                            plan.sticky |= self.portal_may_live(name)
                         }
                         _ => {}
                     }
@@ -331,7 +331,7 @@ impl Session {
                     plan.executes = true;
                     let (portal, _) = cstr(body).ok_or_else(|| bad("Execute"))?;
                     if !bound_portals.contains(&portal) {
-                        plan.sticky = true;
+                        plan.sticky |= self.portal_may_live(portal);
                     }
                     if let Some(i) = plan.bound_changes.iter().position(|(p, _)| p == portal) {
                         plan.changes.push(plan.bound_changes.remove(i).1);
@@ -354,6 +354,14 @@ impl Session {
             plan.tx = None;
         }
         Ok(plan)
+    }
+
+    /// Whether a portal bound by an earlier batch may still exist: the unnamed one ends with
+    /// its transaction (an implicit one at its Sync), so with none open nor an exchange a Flush
+    /// left open, it does not, and a batch that uses it routes as its other statements do (the
+    /// server refuses it, 34000, wherever it runs). A named one may be a cursor WITH HOLD.
+    fn portal_may_live(&self, portal: &str) -> bool {
+        !portal.is_empty() || !matches!(self.tx, plan::Tx::Idle) || self.exchange.is_some()
     }
 
     /// Whether a Parse of `name` at this point of the batch names a statement that exists, so

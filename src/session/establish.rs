@@ -168,6 +168,7 @@ impl Session {
             told,
             write_mode,
             exchange: None,
+            carried: None,
         };
         if let Some(server) = first {
             let role = server.role;

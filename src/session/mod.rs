@@ -82,6 +82,9 @@ pub struct Session {
     gave_up: Option<Lsn>,
     /// An extended-protocol exchange that ended in Flush, not yet Sync.
     exchange: Option<plan::Exchange>,
+    /// The settings of a replica exchange a write ended (see `Run::end_replica_exchange`):
+    /// they run on the primary ahead of that write, and are the session's if it succeeds.
+    carried: Option<state::PendingState>,
     /// `routing.write_mode`, or the session's `SET pgnear.write_mode`.
     write_mode: crate::config::WriteMode,
     /// Where shared (pipelined) replica connections send the answers to this session's reads.

@@ -249,7 +249,9 @@ pub struct Run {
     /// Offered first to a shared replica connection (once settled on the replica).
     pub share: bool,
     /// A write comes into an exchange a Flush left open on the replica after reads there: that
-    /// exchange is ended there first (pgnear's own Sync), and the write routed on its own.
+    /// exchange is ended there first (pgnear's own Sync), and the write routed on its own. The
+    /// settings the exchange made go with it: they run first in the write's exchange, and hold
+    /// only if it does, as in the one implicit transaction Postgres would have run.
     pub end_replica_exchange: bool,
     /// An exchange that only prepared on this server holds nothing the request needs: it is
     /// ended there (pgnear's own Sync) unless the request runs there too.
@@ -287,10 +289,7 @@ pub fn checks_exchange(r: &Request, s: &RouteState) -> bool {
     let Some(e) = s.exchange else {
         return false;
     };
-    s.tx == TxState::Idle
-        && r.executes
-        && !r.sticky
-        && (!e.executed || (ends_replica_reads(r, s) && !e.changes))
+    s.tx == TxState::Idle && r.executes && !r.sticky && (!e.executed || ends_replica_reads(r, s))
 }
 
 /// `Run::end_replica_exchange`'s conditions, but for the exchange's outcome.
@@ -324,7 +323,7 @@ pub fn plan(r: &Request, s: &RouteState, gate: &Gate) -> Plan {
         && ends_replica_reads(r, s)
         && !r.sticky
         && tx_idle
-        && s.exchange.is_some_and(|e| !e.changes && fine(&e));
+        && s.exchange.is_some_and(|e| fine(&e));
     let end_prepared = movable.map(|e| e.role);
     // Deferred only with no exchange to end but a prepare-only one.
     if r.defers && tx_idle && (s.exchange.is_none() || movable.is_some()) && !s.replays_writes {

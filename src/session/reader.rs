@@ -320,6 +320,7 @@ impl Reader {
             if tag == be::COMMAND_COMPLETE && m.owner.is_some_and(Owner::is_client) {
                 if let Some(r) = requests.front_mut() {
                     r.rolled_back = body.starts_with(b"ROLLBACK\0");
+                    r.completed += 1;
                 }
             }
             match tag {

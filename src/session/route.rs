@@ -148,9 +148,22 @@ impl Session {
             self.shared.metrics.statement(role, reason);
         }
         if run.end_replica_exchange {
-            // Its reads' answers are in, and a standby changed nothing.
+            // Its reads' answers are in, and a standby changed nothing but settings, which
+            // pgnear's Sync commits there: what that connection has applied is not the log's.
             self.sync_prepared_only(Role::Replica);
-            self.exchange = None;
+            let changes = self.exchange.take().map(|e| e.changes).unwrap_or_default();
+            self.carried = changes.into_iter().reduce(|mut all, c| {
+                all.extend(c);
+                all
+            });
+            let settings = self
+                .carried
+                .as_ref()
+                .is_some_and(|c| !c.setting_statements().is_empty());
+            if let Some(s) = self.slot(Role::Replica).as_mut().filter(|_| settings) {
+                s.synced = super::state::FROM_POOL;
+                s.conn.carry.forget_applied();
+            }
         }
         if let Some(prepared_on) = run.end_prepared {
             if prepared_on != role {
@@ -271,6 +284,8 @@ impl Session {
         if let Some(change) = &change {
             self.state.apply_pins(change);
         }
+        let carried = self.carried.take();
+        let change = PendingState::join(carried.clone(), change);
         let again = (run.again && role == Role::Replica && reason == Reason::Read)
             .then(|| Again::Query(frame.clone()));
         let capture = self.capture(role, &run);
@@ -298,6 +313,7 @@ impl Session {
             server.dirty = true;
             server.send_internal_frame(tag::SYNC, &build_frame(tag::SYNC, &[]));
         }
+        send_carried(server, carried.as_ref());
         server.send_query(&frame, request);
         if let Some(sql) = restore.filter(|_| !server.expect.skipping) {
             // Its ReadyForQuery comes from the restore, once the startup settings are back.
@@ -323,9 +339,11 @@ impl Session {
         };
         let capture = self.capture(role, &run);
         let session_mode = self.shared.config.pool.mode == PoolMode::Session;
+        let carried = self.carried.take();
         let server = self.server(role).await?;
         server.dirty |= session_mode;
-        server.send_function_call(&frame);
+        send_carried(server, carried.as_ref());
+        server.send_function_call(&frame, carried);
         if capture == Capture::Behind {
             server.send_internal_query(WRITE_LSN_QUERY, expect::Purpose::WriteLsn);
         }
@@ -484,6 +502,7 @@ impl Session {
                 statements: statements.clone(),
                 unnamed: unnamed.clone(),
             });
+        let carried = self.carried.take();
         let server = self.server(role).await?;
         server.unnamed_before = unnamed_before.clone();
         server.dirty |= plan.taints;
@@ -506,6 +525,7 @@ impl Session {
         if plan.parsed_unnamed || unnamed.is_some() {
             server.unnamed_dropped = false;
         }
+        send_carried(server, carried.as_ref());
         send_batch(
             server,
             batch,
@@ -525,6 +545,7 @@ impl Session {
             .take()
             .map(|e| (e.changes, e.portals))
             .unwrap_or_default();
+        changes.splice(0..0, carried);
         if plan.syncs > 0 {
             portals.clear();
         }
@@ -687,4 +708,27 @@ fn fences_on(shared: &super::Shared, database: Option<&str>) -> Vec<Fence> {
     let mut fences = vec![shared.primary_pool.fence(database)];
     fences.extend(shared.replica_pool.as_ref().map(|p| p.fence(database)));
     fences
+}
+
+/// The statement name and portal pgnear runs carried settings under.
+const CARRY: &[u8] = b"pgnear_carry\0";
+
+/// Runs settings carried from a replica exchange (see `Session::carried`) on `server` ahead of
+/// the request that ended that exchange, in the request's implicit transaction (extended
+/// protocol, no Sync), so that they hold only if it does; their answers are swallowed.
+fn send_carried(server: &mut server::Server, carried: Option<&PendingState>) {
+    let Some(carried) = carried else {
+        return;
+    };
+    for sql in carried.setting_statements() {
+        // Closed first: one a failed carry left behind would refuse the Parse.
+        server.send_internal_frame(tag::CLOSE, &build_frame(tag::CLOSE, &[b"S", CARRY]));
+        let parse = build_frame(tag::PARSE, &[CARRY, sql.as_bytes(), b"\0", &[0, 0]]);
+        server.send_internal_frame(tag::PARSE, &parse);
+        let bind = build_frame(tag::BIND, &[CARRY, CARRY, &[0, 0, 0, 0, 0, 0]]);
+        server.send_internal_frame(tag::BIND, &bind);
+        server.send_internal_frame(tag::EXECUTE, &build_frame(tag::EXECUTE, &[CARRY, &[0; 4]]));
+        server.send_internal_frame(tag::CLOSE, &build_frame(tag::CLOSE, &[b"P", CARRY]));
+    }
+    server.send_internal_frame(tag::CLOSE, &build_frame(tag::CLOSE, &[b"S", CARRY]));
 }

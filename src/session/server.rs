@@ -33,6 +33,8 @@ pub struct Request {
     pub tx_after: u8,
     /// Its last CommandComplete was ROLLBACK (a COMMIT of a failed block is answered so).
     pub rolled_back: bool,
+    /// Its statements that completed (CommandComplete): after a failure, what ran before it.
+    pub completed: usize,
     /// Learn the commit position once this completes (it may enter COPY IN mode, during which
     /// nothing else can be pipelined behind it).
     pub capture_after: bool,
@@ -260,13 +262,13 @@ impl Server {
     }
 
     /// Queues a client FunctionCall, a request of its own (see `Pending::FunctionCall`).
-    pub fn send_function_call(&mut self, frame: &[u8]) {
-        self.send_request(
-            frame,
-            Pending::FunctionCall,
-            Owner::Client,
-            Request::default(),
-        );
+    /// `change`: settings carried ahead of it (see `Session::carried`), the session's if it succeeds.
+    pub fn send_function_call(&mut self, frame: &[u8], change: Option<PendingState>) {
+        let request = Request {
+            change,
+            ..Request::default()
+        };
+        self.send_request(frame, Pending::FunctionCall, Owner::Client, request);
     }
 
     /// Queues a client request that ends in its own ReadyForQuery (Query, FunctionCall).
@@ -283,13 +285,7 @@ impl Server {
             // ReadyForQuery ends that request too, so the two are one.
             Some(owed) => {
                 self.reader.owed_sync = false;
-                owed.change = match (owed.change.take(), request.change) {
-                    (Some(mut first), Some(then)) => {
-                        first.extend(then);
-                        Some(first)
-                    }
-                    (first, then) => first.or(then),
-                };
+                owed.change = PendingState::join(owed.change.take(), request.change);
                 owed.capture_after |= request.capture_after;
                 owed.capture_owed |= request.capture_owed;
                 owed.fences.extend(request.fences);

@@ -93,6 +93,10 @@ pub struct PendingState {
     steps: Vec<Step>,
     /// Its other effects (pins, DEALLOCATE, DISCARD): a rollback does not undo them.
     effects: Vec<Kind>,
+    /// A simple query's transaction ends (COMMIT, ROLLBACK, PREPARE TRANSACTION) as (the
+    /// statement's place in the query, how many steps reach it): if a later statement fails,
+    /// what the last end before it settled holds (see `settled_before`).
+    ends: Vec<(usize, usize)>,
 }
 
 /// A statement's settings: (GUC name, or `None` for a full reset; the statement's own text),
@@ -139,10 +143,49 @@ impl PendingState {
         })
     }
 
+    /// The statements that make its settings, in order (each once).
+    pub fn setting_statements(&self) -> Vec<&str> {
+        let mut out: Vec<&str> = Vec::new();
+        for step in &self.steps {
+            if let Step::Set(settings, _) = step {
+                for (_, sql) in settings {
+                    if out.last() != Some(&sql.as_str()) {
+                        out.push(sql);
+                    }
+                }
+            }
+        }
+        out
+    }
+
     /// Adds the change of a later statement (one Sync of the extended protocol ends both).
     pub fn extend(&mut self, later: PendingState) {
         self.steps.extend(later.steps);
         self.effects.extend(later.effects);
+        // (Places in one query: joined, they no longer say which statement failed.)
+        self.ends.clear();
+    }
+
+    /// What holds of a simple query that failed after `completed` statements: the settings up
+    /// to the last transaction end among those (committed, or rolled back, there), not what
+    /// the failure rolled back after it; `None`: nothing.
+    pub fn settled_before(mut self, completed: usize) -> Option<PendingState> {
+        let &(_, steps) = self.ends.iter().rev().find(|(at, _)| *at < completed)?;
+        self.steps.truncate(steps);
+        self.effects.clear();
+        self.ends.clear();
+        Some(self)
+    }
+
+    /// `first` then `then`, as one change (either may be none).
+    pub fn join(first: Option<PendingState>, then: Option<PendingState>) -> Option<PendingState> {
+        match (first, then) {
+            (Some(mut first), Some(then)) => {
+                first.extend(then);
+                Some(first)
+            }
+            (first, then) => first.or(then),
+        }
     }
 }
 
@@ -281,7 +324,7 @@ impl SessionState {
     /// not seen to follow it: a ROLLBACK TO it then undoes that SET too.)
     pub fn prepare_change(&self, sql: &str, c: &Classified) -> Option<PendingState> {
         let mut p = PendingState::default();
-        for s in &c.statements {
+        for (at, s) in c.statements.iter().enumerate() {
             let mut names = Vec::new();
             match &s.kind {
                 Kind::Set {
@@ -333,6 +376,12 @@ impl SessionState {
             );
             if is_tracked(&s.kind) && !setting_kind {
                 p.effects.push(s.kind.clone());
+            }
+            if matches!(
+                s.kind,
+                Kind::Commit | Kind::Rollback | Kind::PrepareTransaction
+            ) {
+                p.ends.push((at, p.steps.len()));
             }
         }
         (!p.steps.is_empty() || !p.effects.is_empty()).then_some(p)

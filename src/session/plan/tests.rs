@@ -425,15 +425,21 @@ fn a_flush_open_exchange_holds_what_follows_unless_it_only_prepared() {
     ));
     assert!(p.end_replica_exchange);
     assert_eq!((p.role, p.reason), (Role::Primary, Reason::Write));
-    // ... not when its state changes wait for the Sync there.
-    let s = on(Some(ExchangeState {
-        changes: true,
-        role: Role::Replica,
-        executed: true,
-        fine: None,
-    }));
-    assert!(!checks_exchange(&w, &s));
-    let p = run(plan(&w, &s, &GO));
+    // ... also when its settings wait for the Sync there (they go with the write).
+    let changed = |fine| {
+        on(Some(ExchangeState {
+            changes: true,
+            role: Role::Replica,
+            executed: true,
+            fine,
+        }))
+    };
+    assert!(checks_exchange(&w, &changed(None)));
+    let p = run(plan(&w, &changed(Some(true)), &GO));
+    assert!(p.end_replica_exchange);
+    assert_eq!((p.role, p.ends_unsynced), (Role::Primary, false));
+    // ... but a read joins it, and its settings keep the session there.
+    let p = run(plan(&query(), &changed(Some(true)), &GO));
     assert!(!p.end_replica_exchange);
     assert_eq!((p.role, p.ends_unsynced), (Role::Replica, true));
     // ... nor when it runs a portal of that exchange.
