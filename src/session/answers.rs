@@ -91,9 +91,20 @@ impl Session {
         // Only the server holding the transaction (or any, when none does) says whether it
         // is still open: the other one going idle (pgnear's own Sync) says nothing of it, nor
         // does one that answered a Flush-driven exchange (no ReadyForQuery: its status is
-        // from before, and a BEGIN in the exchange is not in it).
+        // from before, and a BEGIN in the exchange is not in it). Nor does a ReadyForQuery read
+        // with the answers of such an exchange still open there (pgnear's own lookup ahead of
+        // it): it is older than what the exchange ran.
         let deferred = matches!(self.tx, plan::Tx::Deferred(_));
-        if idle && seen.ready && !deferred && self.tx.open().is_none_or(|r| r == role) {
+        let exchange_ran = self
+            .exchange
+            .as_ref()
+            .is_some_and(|e| e.role == role && e.executed);
+        if idle
+            && seen.ready
+            && !deferred
+            && !exchange_ran
+            && self.tx.open().is_none_or(|r| r == role)
+        {
             self.tx = if tx == b'I' {
                 plan::Tx::Idle
             } else {

@@ -45,6 +45,8 @@ pub(super) struct BatchPlan {
     pub other: bool,
     /// A statement in the batch may be a COPY.
     pub copy: bool,
+    /// A statement in the batch may declare a cursor WITH HOLD.
+    pub hold_cursor: bool,
     /// A database a statement of the batch drops, renames or copies (see `Pool::fence`).
     pub database: Option<String>,
     pub syncs: usize,
@@ -186,9 +188,18 @@ pub(super) fn only_pins(c: &Classified) -> bool {
 
 /// Whether a statement may be a COPY (then nothing may be pipelined behind it).
 pub(super) fn may_copy(sql: &str) -> bool {
+    mentions(sql, b"copy")
+}
+
+/// Whether a statement may declare a cursor WITH HOLD (a portal that outlives its transaction).
+pub(super) fn may_hold_cursor(sql: &str) -> bool {
+    mentions(sql, b"declare") && mentions(sql, b"hold")
+}
+
+fn mentions(sql: &str, word: &[u8]) -> bool {
     sql.as_bytes()
-        .windows(4)
-        .any(|w| w.eq_ignore_ascii_case(b"copy"))
+        .windows(word.len())
+        .any(|w| w.eq_ignore_ascii_case(word))
 }
 
 /// The query text of a Parse frame.
@@ -202,6 +213,7 @@ pub(super) fn parse_text(frame: &[u8]) -> Option<std::borrow::Cow<'_, str>> {
 /// whole database (a read acts on none).
 fn note_text(sql: &str, read: bool, plan: &mut BatchPlan) {
     plan.copy |= may_copy(sql);
+    plan.hold_cursor |= may_hold_cursor(sql);
     if !read {
         if let Some(db) = database_lifecycle(sql) {
             plan.database = Some(db);
@@ -257,8 +269,14 @@ impl Session {
                     };
                     if let Some(dup) = dup {
                         // The name exists: the server is to refuse it (42P05), so it must have
-                        // the statement too, and the session keeps the statement it has.
-                        if dup && !plan.needs.iter().any(|n| n == name) {
+                        // the statement too, and the session keeps the statement it has. (In an
+                        // aborted transaction the server refuses it for that first, 25P02, unless
+                        // it ends the transaction: a Parse of pgnear's ahead would fail so too,
+                        // and take the batch's answers before it along.)
+                        let refused_anyway = plan.syncs == 0
+                            && self.aborted_tx()
+                            && !ends_aborted_tx(&self.classify(&sql));
+                        if dup && !refused_anyway && !plan.needs.iter().any(|n| n == name) {
                             plan.needs.push(name.to_string());
                         }
                         plan.dups.push(i);
@@ -356,12 +374,23 @@ impl Session {
         Ok(plan)
     }
 
+    /// The transaction is open and failed (25P02 for all but its end), as last answered.
+    fn aborted_tx(&self) -> bool {
+        self.tx
+            .open()
+            .and_then(|r| self.slot_ref(r))
+            .is_some_and(|s| s.tx == b'E' && s.expect.is_empty())
+    }
+
     /// Whether a portal bound by an earlier batch may still exist: the unnamed one ends with
     /// its transaction (an implicit one at its Sync), so with none open nor an exchange a Flush
     /// left open, it does not, and a batch that uses it routes as its other statements do (the
-    /// server refuses it, 34000, wherever it runs). A named one may be a cursor WITH HOLD.
+    /// server refuses it, 34000, wherever it runs). Nor does a named one, unless the session
+    /// may have declared a cursor WITH HOLD.
     fn portal_may_live(&self, portal: &str) -> bool {
-        !portal.is_empty() || !matches!(self.tx, plan::Tx::Idle) || self.exchange.is_some()
+        !matches!(self.tx, plan::Tx::Idle)
+            || self.exchange.is_some()
+            || (!portal.is_empty() && self.state.hold_cursors)
     }
 
     /// Whether a Parse of `name` at this point of the batch names a statement that exists, so
@@ -531,5 +560,20 @@ impl Session {
         if plan.extended_state {
             self.state.pins.extended_state = true;
         }
+        self.state.hold_cursors |= plan.hold_cursor;
     }
+}
+
+/// Whether Postgres runs this in a failed transaction (an end of it, or nothing at all).
+fn ends_aborted_tx(c: &Classified) -> bool {
+    c.statements.first().is_none_or(|s| {
+        matches!(
+            s.kind,
+            Kind::Empty
+                | Kind::Commit
+                | Kind::Rollback
+                | Kind::RollbackTo
+                | Kind::PrepareTransaction
+        )
+    })
 }

@@ -541,6 +541,15 @@ impl Session {
 
     /// Relays everything `role` still owes the client.
     async fn drain(&mut self, role: Role) -> Result<(), PgError> {
+        self.drain_while(role, |_| true).await
+    }
+
+    /// Relays what `role` still owes the client, while `more` holds.
+    async fn drain_while(
+        &mut self,
+        role: Role,
+        more: impl Fn(&Session) -> bool,
+    ) -> Result<(), PgError> {
         if let Some(s) = self.slot(role).as_mut() {
             if s.requests.iter().any(|q| q.may_copy_in) {
                 // A COPY started by Execute swallows the Syncs sent behind it: what the server
@@ -557,6 +566,7 @@ impl Session {
             .slot(role)
             .as_ref()
             .is_some_and(|s| !s.expect.is_empty())
+            && more(self)
         {
             // Bounded like the relay loop: a server gone silent is noticed here too.
             match tokio::time::timeout(SILENT_CHECK, read_opt(self.slot(role))).await {

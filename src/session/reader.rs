@@ -333,10 +333,15 @@ impl Reader {
                         // which ignores them: the request ends at the client's next Sync.
                         let dropped = expect.drop_syncs_after_front();
                         if dropped > 0 {
-                            self.owed_sync = true;
                             let end = dropped.min(requests.len());
                             if end > 1 {
                                 requests.drain(1..end);
+                            }
+                            // The client's next Sync (or Query) may be out already, behind its
+                            // CopyDone, as a request of its own: its ReadyForQuery ends this one.
+                            match requests.remove(1) {
+                                Some(next) => requests[0].absorb(next),
+                                None => self.owed_sync = true,
                             }
                         }
                     }

@@ -155,12 +155,22 @@ impl Session {
             return Vec::new();
         }
         let mut names: Vec<&str> = Vec::new();
+        // Transaction mode: the shared names its named Parses go out under. One the server is
+        // said to have already (another client name's Parse of the same text, unanswered) is
+        // answered from a scratch statement (see `send_batch`): it must exist by then.
+        let mut parsed_shared: Vec<String> = Vec::new();
         let mut unnamed = false;
         let mut parsed_unnamed = false;
         for (t, frame) in frames(&self.batch) {
             let body = &frame[5..];
             let name = match t {
-                tag::PARSE => cstr(body).map(|(n, _)| n),
+                tag::PARSE => cstr(body)
+                    .inspect(|&(n, used)| {
+                        if self.shares_statements() && !n.is_empty() {
+                            parsed_shared.push(self.shared_name(&body[used..]));
+                        }
+                    })
+                    .map(|(n, _)| n),
                 tag::BIND => cstr(body).and_then(|(_, used)| cstr(&body[used..]).map(|(n, _)| n)),
                 tag::DESCRIBE | tag::CLOSE if body.first() == Some(&b'S') => {
                     cstr(&body[1..]).map(|(n, _)| n)
@@ -180,6 +190,7 @@ impl Session {
                 true => self.state.names.get(n).map(String::as_str),
                 false => Some(n),
             })
+            .chain(parsed_shared.iter().map(String::as_str))
             .collect();
         [Role::Primary, Role::Replica]
             .into_iter()

@@ -284,6 +284,7 @@ impl Session {
         if let Some(change) = &change {
             self.state.apply_pins(change);
         }
+        self.state.hold_cursors |= super::batch::may_hold_cursor(sql);
         let carried = self.carried.take();
         let change = PendingState::join(carried.clone(), change);
         let again = (run.again && role == Role::Replica && reason == Reason::Read)
@@ -395,10 +396,19 @@ impl Session {
                 self.forget_lost_parses(role, failed, unnamed);
             }
         }
+        // Also behind a batch that may start a COPY FROM STDIN: a Parse ahead of the COPY is
+        // answered ahead of it, and the wait ends once the server waits for the client's data
+        // (or for the Sync the COPY is owed, which would flush what follows it).
+        for role in self.unconfirmed_statements() {
+            self.drain_while(role, |s| {
+                s.unconfirmed_statements().contains(&role)
+                    && s.slot_ref(role).is_some_and(|v| {
+                        !v.reader.owed_sync && (!v.reader.copy_in || v.reader.client_ended_copy)
+                    })
+            })
+            .await?;
+        }
         if !self.copy_awaits_client() {
-            for role in self.unconfirmed_statements() {
-                self.drain(role).await?;
-            }
             for role in [Role::Primary, Role::Replica] {
                 if self.dropping_statements(role) {
                     self.drain(role).await?;
@@ -533,7 +543,7 @@ impl Session {
             limit,
         );
         // The first Sync after an extended-protocol COPY ends the request already in flight.
-        let owed = usize::from(std::mem::take(&mut server.reader.owed_sync));
+        let owed = std::mem::take(&mut server.reader.owed_sync);
         let database = plan
             .database
             .filter(|_| run.fences && role == Role::Primary);
@@ -575,10 +585,10 @@ impl Session {
             all
         });
         let server = self.slot(role).as_mut().expect("connected above");
-        for i in owed.min(plan.syncs)..plan.syncs {
+        for i in 0..plan.syncs {
             let last = i + 1 == plan.syncs;
-            server.requests.push_back(server::Request {
-                failed: failed && i == owed.min(plan.syncs),
+            let request = server::Request {
+                failed: failed && i == 0,
                 change: if last { change.take() } else { None },
                 fences: if last {
                     std::mem::take(&mut fences)
@@ -590,7 +600,11 @@ impl Session {
                 again: if last { again.take() } else { None },
                 started: Some(std::time::Instant::now()),
                 ..server::Request::default()
-            });
+            };
+            match server.requests.back_mut().filter(|_| owed && i == 0) {
+                Some(copy) => copy.absorb(request),
+                None => server.requests.push_back(request),
+            }
         }
         if capture == Capture::Behind {
             server.send_internal_query(WRITE_LSN_QUERY, expect::Purpose::WriteLsn);

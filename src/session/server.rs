@@ -51,6 +51,19 @@ pub struct Request {
     pub fences: Vec<crate::backend::pool::Fence>,
 }
 
+impl Request {
+    /// Makes `later` part of this request: one ReadyForQuery ends both (an extended-protocol
+    /// COPY's, owed the client's next Sync).
+    pub fn absorb(&mut self, later: Request) {
+        self.change = PendingState::join(self.change.take(), later.change);
+        self.failed |= later.failed;
+        self.capture_after |= later.capture_after;
+        self.capture_owed |= later.capture_owed;
+        self.may_copy_in |= later.may_copy_in;
+        self.fences.extend(later.fences);
+    }
+}
+
 /// A replica read as it can be sent again, to the primary.
 #[derive(Debug)]
 pub enum Again {
@@ -285,10 +298,7 @@ impl Server {
             // ReadyForQuery ends that request too, so the two are one.
             Some(owed) => {
                 self.reader.owed_sync = false;
-                owed.change = PendingState::join(owed.change.take(), request.change);
-                owed.capture_after |= request.capture_after;
-                owed.capture_owed |= request.capture_owed;
-                owed.fences.extend(request.fences);
+                owed.absorb(request);
             }
             None => self.requests.push_back(request),
         }

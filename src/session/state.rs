@@ -44,6 +44,9 @@ pub struct SessionState {
     pub pins: Pins,
     /// `default_transaction_read_only` as the client set it.
     pub read_only_default: bool,
+    /// The session may have declared a cursor WITH HOLD: a named portal may outlive its
+    /// transaction.
+    pub hold_cursors: bool,
     /// `default_transaction_isolation` is `serializable` as the client set it: a hot standby
     /// refuses every statement then.
     pub serializable_default: bool,
@@ -72,6 +75,7 @@ impl Default for SessionState {
             setting: RouteSetting::Auto,
             pins: Pins::default(),
             read_only_default: false,
+            hold_cursors: false,
             serializable_default: false,
             log: Vec::new(),
             seq: 0,
