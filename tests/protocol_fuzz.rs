@@ -2142,3 +2142,288 @@ fn an_unnamed_portal_from_no_transaction_holds_no_write() {
         ],
     );
 }
+
+/// An extended-protocol COPY whose data, CopyDone and next Sync come in one packet: pgnear
+/// queued that Sync as a request of its own before the server said it was copying, then took
+/// the COPY's Sync as still owed. The stale request ended the next batch's SET (lost: the
+/// client was told the old TimeZone later) and bound a read-only transaction's first statement
+/// to the COPY's server (seeds 12884904880, 17179872783, 17179870141).
+#[test]
+fn a_copys_next_sync_in_the_same_packet_ends_it() {
+    assert_as_direct(
+        "fz_copysync",
+        FIXED_LO + 410,
+        &[
+            vec![
+                parse("", "COPY fz_copysync FROM STDIN"),
+                bind("p1", "", vec![]),
+                execute("p1"),
+                Msg::Sync,
+                Msg::CopyData("21\ttwenty-one\n"),
+                Msg::CopyDone,
+                Msg::Sync,
+                parse("", "SET TimeZone = 'Asia/Kolkata'"),
+                bind("", "", vec![]),
+                execute(""),
+                Msg::Sync,
+            ],
+            vec![
+                query("BEGIN READ ONLY"),
+                query("SELECT count(*) FROM fz_copysync"),
+            ],
+            vec![query("START TRANSACTION ISOLATION LEVEL REPEATABLE READ")],
+            vec![query("ROLLBACK"), query("SHOW TimeZone")],
+        ],
+    );
+}
+
+/// A BEGIN run by a Flush-driven exchange whose answers came with the ReadyForQuery of
+/// pgnear's own commit-position lookup ahead of it: that older ReadyForQuery (idle) ended the
+/// transaction for pgnear, so a read after the transaction failed ran on the replica instead
+/// of being refused (25P02) (seed 12884904613).
+#[test]
+fn a_ready_for_query_older_than_an_open_exchange_ends_no_transaction() {
+    assert_as_direct(
+        "fz_oldready",
+        FIXED_LO + 412,
+        &[vec![
+            query("DELETE FROM fz_oldready WHERE id = 3"),
+            Msg::Call(Func::LoCreate, FIXED_LO + 412),
+            parse("s1", "BEGIN"),
+            bind("", "s1", vec![]),
+            Msg::Describe('P', ""),
+            execute(""),
+            Msg::Flush,
+            parse("s1", "INSERT INTO fz_oldready VALUES ($1, 'ext')"),
+            bind("", "s1", vec![Some("1")]),
+            execute(""),
+            Msg::Sync,
+            Msg::Call(Func::Missing, 0),
+            parse("", "SELECT g FROM generate_series(1, 5) g"),
+            bind("", "", vec![]),
+            execute(""),
+            Msg::Sync,
+            query("ROLLBACK"),
+            Msg::Call(Func::LoUnlink, FIXED_LO + 412),
+        ]],
+    );
+}
+
+/// In a failed transaction, a Close, then a Parse of a name the session has (prepared on the
+/// other server only): Postgres answers the Close and refuses the Parse (25P02); pgnear
+/// prepared the statement ahead of the batch, which failed first and took the Close's answer
+/// along (seed 12884903473).
+#[test]
+fn a_duplicate_parse_in_a_failed_transaction() {
+    assert_as_direct(
+        "fz_dupabort",
+        FIXED_LO + 414,
+        &[
+            vec![
+                parse("s2", "SELECT g FROM generate_series(1, 3) g"),
+                bind("", "s2", vec![]),
+                execute(""),
+                Msg::Sync,
+            ],
+            vec![query("BEGIN")],
+            vec![query("UPDATE fz_dupabort SET v = 'x' WHERE id = 1/0")],
+            vec![Msg::Close('P', "nope"), parse("s2", "SELECT 2"), Msg::Sync],
+            vec![query("ROLLBACK"), query("SELECT 'after'")],
+        ],
+    );
+}
+
+/// Transaction mode: two names for one text share one server-side statement. The first Parse
+/// is skipped (an error before it), the second, pipelined behind, was answered as if the
+/// server had the statement, and its Bind failed (26000) (seed 17179872423).
+#[test]
+fn a_second_name_for_a_skipped_statement() {
+    let select = "SELECT id, v FROM fz_twonames WHERE id >= $1 ORDER BY id";
+    assert_as_direct(
+        "fz_twonames",
+        FIXED_LO + 416,
+        &[
+            vec![
+                Msg::Describe('P', "p2"),
+                parse("s1", select),
+                bind("p1", "s1", vec![None]),
+            ],
+            vec![
+                execute("p1"),
+                Msg::Sync,
+                parse("s2", select),
+                bind("", "s2", vec![Some("3")]),
+                execute(""),
+                Msg::Flush,
+            ],
+            vec![Msg::Sync, query("SELECT 'fuzz-end'")],
+        ],
+    );
+}
+
+/// A batch that may start a COPY (its text says COPY, its other statement writes) and a Parse
+/// of the same name pipelined behind it, once that name's first Parse was skipped: pgnear did
+/// not wait for the answer behind a possible COPY, took the name as the client's, and sent the
+/// Bind after it under the client's name (26000) (seed 17179872442).
+#[test]
+fn a_parse_behind_a_batch_that_may_copy() {
+    assert_as_direct(
+        "fz_maycopy",
+        FIXED_LO + 418,
+        &[
+            vec![parse("s2", "UPDATE fz_maycopy SET v = 'u' WHERE id = $1")],
+            vec![Msg::Bind {
+                portal: "p1",
+                stmt: "s2",
+                params: vec![Some("abc")],
+                binary: true,
+            }],
+            vec![execute("p1"), parse("s1", "COPY fz_maycopy TO STDOUT")],
+            vec![
+                Msg::Describe('S', "s1"),
+                bind("p1", "s1", vec![]),
+                execute("p1"),
+            ],
+            vec![
+                Msg::Sync,
+                parse("s1", "ROLLBACK"),
+                bind("", "s1", vec![]),
+                execute(""),
+                Msg::Sync,
+            ],
+            vec![Msg::Sync, query("SELECT 'fuzz-end'")],
+        ],
+    );
+}
+
+/// A COPY batch that also describes a named portal no one bound: with no transaction open and
+/// no cursor WITH HOLD declared, no such portal exists, and the batch is a write; pgnear kept
+/// it where the last request ran (the replica, 25006) (seeds 17179873326, 12884904975).
+#[test]
+fn a_named_portal_from_no_transaction_holds_no_write() {
+    assert_as_direct(
+        "fz_nohold",
+        FIXED_LO + 420,
+        &[
+            vec![query("SELECT 1")],
+            vec![
+                parse("s2", "COPY fz_nohold FROM STDIN"),
+                bind("p1", "s2", vec![]),
+                execute("p1"),
+                Msg::CopyData("30\tthirty\n"),
+                Msg::CopyDone,
+                Msg::Describe('P', "nope"),
+                Msg::Sync,
+            ],
+            vec![
+                Msg::Execute {
+                    portal: "p2",
+                    max_rows: 0,
+                },
+                parse("s1", "BEGIN"),
+                bind("", "s1", vec![]),
+                execute(""),
+                Msg::Sync,
+                query("COPY fz_nohold FROM STDIN"),
+                Msg::CopyData("31\tthirty-one\n"),
+                Msg::CopyDone,
+            ],
+            vec![query("SELECT count(*) FROM fz_nohold")],
+        ],
+    );
+}
+
+/// A BEGIN with modes inside a transaction pgnear deferred sets them (with a warning): a
+/// SERIALIZABLE one made a `BEGIN READ ONLY` transaction serializable, which the standby it
+/// was started on refuses (0A000) (seed 12884906398).
+#[test]
+fn a_begin_inside_a_deferred_transaction_sets_its_modes() {
+    assert_as_direct(
+        "fz_beginbegin",
+        FIXED_LO + 422,
+        &[
+            vec![query("BEGIN READ ONLY")],
+            vec![query("BEGIN ISOLATION LEVEL SERIALIZABLE")],
+            vec![query("SHOW transaction_isolation"), query("COMMIT")],
+            vec![query("BEGIN"), query("BEGIN READ ONLY")],
+            vec![query("SHOW transaction_read_only"), query("COMMIT")],
+        ],
+    );
+}
+
+/// A NOTIFY first in a `BEGIN READ ONLY` transaction: the primary runs it there, a standby
+/// refuses it (25006 "cannot execute NOTIFY during recovery"); pgnear started the deferred
+/// transaction on the replica (seed 17179874046). So does a large-object call.
+#[test]
+fn a_write_first_in_a_read_only_transaction_starts_it_on_the_primary() {
+    assert_as_direct(
+        "fz_ronotify",
+        FIXED_LO + 424,
+        &[
+            vec![query("BEGIN READ ONLY")],
+            vec![query("NOTIFY fz_ronotify, 'hello'")],
+            vec![query("SELECT count(*) FROM fz_ronotify"), query("COMMIT")],
+            vec![query("BEGIN READ ONLY")],
+            vec![Msg::Call(Func::LoCreate, FIXED_LO + 424)],
+            vec![query("ROLLBACK")],
+        ],
+    );
+}
+
+/// A SET, then a COMMIT, in a Flush-driven exchange on the replica, then a write that fails:
+/// the COMMIT settled the SET, and only what follows it is rolled back with the write;
+/// pgnear carried both to the primary and lost the SET (seed 12884906866). The same in one
+/// batch up to a Sync, and in one simple query.
+#[test]
+fn a_commit_in_an_exchange_settles_what_came_before() {
+    assert_as_direct(
+        "fz_exsettle",
+        FIXED_LO + 426,
+        &[
+            vec![
+                parse("", "SET TimeZone = 'Asia/Kolkata'"),
+                bind("", "", vec![]),
+                execute(""),
+                Msg::Flush,
+                Msg::Await(3),
+            ],
+            vec![
+                parse("s2", "COMMIT"),
+                bind("p1", "s2", vec![]),
+                execute("p1"),
+                Msg::Flush,
+                Msg::Await(3),
+            ],
+            vec![
+                parse("", "SET DateStyle = 'German'"),
+                bind("", "", vec![]),
+                execute(""),
+                Msg::Flush,
+                Msg::Await(3),
+            ],
+            vec![
+                parse("s1", "INSERT INTO fz_exsettle VALUES (1, 'dup')"),
+                bind("", "s1", vec![]),
+                execute(""),
+                Msg::Sync,
+            ],
+            vec![query("SHOW TimeZone"), query("SHOW DateStyle")],
+            vec![
+                parse("", "SET IntervalStyle = 'iso_8601'"),
+                bind("", "", vec![]),
+                execute(""),
+                bind("p1", "s2", vec![]),
+                execute("p1"),
+                parse("", "SET application_name = 'fz_gone'"),
+                bind("", "", vec![]),
+                execute(""),
+                bind("", "s1", vec![]),
+                execute(""),
+                Msg::Sync,
+            ],
+            vec![query(
+                "SELECT current_setting('IntervalStyle'), current_setting('application_name')",
+            )],
+        ],
+    );
+}

@@ -42,7 +42,7 @@ impl Session {
             // rest it rolled back).
             let (change, settled) = match request.change {
                 Some(change) if request.failed => {
-                    let settled = change.settled_before(request.completed);
+                    let settled = change.settled(&request.ends);
                     let some = settled.is_some();
                     (settled, some)
                 }

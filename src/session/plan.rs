@@ -227,9 +227,13 @@ pub enum Plan {
         end_prepared: Option<Role>,
     },
     /// The transaction pgnear deferred starts first (on the replica when it is read-only and
-    /// can be served there), then the request is planned again.
+    /// can be served there), then the request is planned again. `writes`: its first statement
+    /// is neither a read nor a setting: a read-only transaction on the primary runs some of
+    /// those (NOTIFY, LISTEN, large objects) that a standby refuses, and refuses the rest as a
+    /// standby does, so it starts on the primary.
     StartDeferred {
         sets: Option<bool>,
+        writes: bool,
     },
     /// The request would go elsewhere than a transaction's unanswered end (or be deferred):
     /// that end's answer is waited for, then the request is planned again.
@@ -333,7 +337,10 @@ pub fn plan(r: &Request, s: &RouteState, gate: &Gate) -> Plan {
         .exchange
         .filter(|_| movable.is_none() && !end_replica_exchange);
     if s.tx == TxState::Deferred {
-        return Plan::StartDeferred { sets: r.sets };
+        return Plan::StartDeferred {
+            sets: r.sets,
+            writes: !r.read && !r.state_only && r.sets.is_none() && r.tx.is_none(),
+        };
     }
     let open_tx = match s.tx {
         TxState::Open(role) => Some(role),

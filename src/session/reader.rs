@@ -47,6 +47,8 @@ pub struct Reader {
     /// A client message sent with no Sync yet (a Flush-driven exchange) failed: the request
     /// its Sync will end has failed (its state changes were skipped).
     pub failed_unsynced: bool,
+    /// The transaction ends a Flush-driven exchange ran so far (see `server::Request::ends`).
+    pub ends_unsynced: Vec<bool>,
     /// Stop each scan after a client request finishes (a shared connection answers several
     /// sessions: each one's frames go to it alone).
     pub one_request: bool,
@@ -318,9 +320,18 @@ impl Reader {
                 self.copy_in = false;
             }
             if tag == be::COMMAND_COMPLETE && m.owner.is_some_and(Owner::is_client) {
-                if let Some(r) = requests.front_mut() {
-                    r.rolled_back = body.starts_with(b"ROLLBACK\0");
-                    r.completed += 1;
+                let end = match body {
+                    b"COMMIT\0" | b"PREPARE TRANSACTION\0" => Some(true),
+                    b"ROLLBACK\0" => Some(false),
+                    _ => None,
+                };
+                match requests.front_mut() {
+                    Some(r) => {
+                        r.rolled_back = end == Some(false);
+                        r.ends.extend(end);
+                    }
+                    // A Flush-driven exchange's: the request its Sync ends takes them.
+                    None => self.ends_unsynced.extend(end),
                 }
             }
             match tag {

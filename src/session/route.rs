@@ -13,7 +13,7 @@ use super::plan::{self, Capture, Exchange, InBand, Plan, Request, RouteState, Ru
 use super::rename::{close_frame, prepare_missing, send_batch};
 use super::server::{self, Again};
 use super::shared_read::SharedRead;
-use super::state::PendingState;
+use super::state::{BlockEnd, PendingState};
 use super::Session;
 use crate::backend::pool::Fence;
 use crate::config::{PoolMode, WriteMode};
@@ -110,7 +110,7 @@ impl Session {
                     return Ok(Outcome::Defer);
                 }
                 // Then planned again, in the transaction.
-                Plan::StartDeferred { sets } => self.start_deferred(sets).await?,
+                Plan::StartDeferred { sets, writes } => self.start_deferred(sets, writes).await?,
                 Plan::Confirm(role) => {
                     self.drain(role).await?;
                     // (Known now, or that server is gone.)
@@ -150,19 +150,28 @@ impl Session {
         if run.end_replica_exchange {
             // Its reads' answers are in, and a standby changed nothing but settings, which
             // pgnear's Sync commits there: what that connection has applied is not the log's.
+            // What a transaction end in it settled is the session's now; the rest goes with
+            // the write.
             self.sync_prepared_only(Role::Replica);
             let changes = self.exchange.take().map(|e| e.changes).unwrap_or_default();
-            self.carried = changes.into_iter().reduce(|mut all, c| {
+            let changes = changes.into_iter().reduce(|mut all, c| {
                 all.extend(c);
                 all
             });
-            let settings = self
-                .carried
+            let settings = changes
                 .as_ref()
                 .is_some_and(|c| !c.setting_statements().is_empty());
-            if let Some(s) = self.slot(Role::Replica).as_mut().filter(|_| settings) {
-                s.synced = super::state::FROM_POOL;
-                s.conn.carry.forget_applied();
+            let (settled, rest) = changes.map_or((None, None), PendingState::split_settled);
+            if let Some(settled) = settled {
+                self.state.commit_change(settled, BlockEnd::Committed);
+            }
+            self.carried = rest;
+            if let Some(s) = self.slot(Role::Replica).as_mut() {
+                s.reader.ends_unsynced.clear();
+                if settings {
+                    s.synced = super::state::FROM_POOL;
+                    s.conn.carry.forget_applied();
+                }
             }
         }
         if let Some(prepared_on) = run.end_prepared {
@@ -209,9 +218,12 @@ impl Session {
             (true, Some(_)) => InBand::Only,
             (true, None) => InBand::Mixed,
         };
+        // A BEGIN inside the transaction sets its modes too (with a warning).
         let sets = match c.statements.as_slice() {
             [s] => match s.kind {
                 Kind::SetTransaction { read_only } => read_only,
+                Kind::Begin { read_only: true } => Some(true),
+                Kind::Begin { .. } if !is_plain_begin(sql) => Some(false),
                 _ => None,
             },
             _ => None,
@@ -561,15 +573,22 @@ impl Session {
         }
         portals.retain(|p| !plan.portals_closed.contains(p));
         portals.append(&mut plan.portals);
-        // A message of the exchange failed already: what it changed is rolled back, what
-        // followed skipped, up to this batch's first Sync.
-        let failed = plan.syncs > 0
-            && self
-                .slot(role)
-                .as_mut()
-                .is_some_and(|s| std::mem::take(&mut s.reader.failed_unsynced));
+        // A message of the exchange failed already: what it changed is rolled back (but for
+        // what a transaction end in it settled), what followed skipped, up to this batch's
+        // first Sync, whose request takes the ends it ran.
+        let (failed, ends) = match self.slot(role).as_mut().filter(|_| plan.syncs > 0) {
+            Some(s) => (
+                std::mem::take(&mut s.reader.failed_unsynced),
+                std::mem::take(&mut s.reader.ends_unsynced),
+            ),
+            None => (false, Vec::new()),
+        };
         if failed {
-            changes.clear();
+            let ran = changes.drain(..).reduce(|mut all, c| {
+                all.extend(c);
+                all
+            });
+            changes.extend(ran.and_then(|c| c.settled(&ends)));
         }
         changes.extend(std::mem::take(&mut plan.changes));
         if let Some(executed) = run.exchange_after {
@@ -589,6 +608,7 @@ impl Session {
             let last = i + 1 == plan.syncs;
             let request = server::Request {
                 failed: failed && i == 0,
+                ends: if i == 0 { ends.clone() } else { Vec::new() },
                 change: if last { change.take() } else { None },
                 fences: if last {
                     std::mem::take(&mut fences)
@@ -657,8 +677,9 @@ impl Session {
     /// Sends the deferred BEGIN (its answer was already given) to the server that will hold the
     /// transaction: the replica for a read-only one that can be served consistently there.
     /// `sets`: what the transaction's first statement sets (`SET TRANSACTION READ ONLY` or
-    /// `READ WRITE`, or SERIALIZABLE, which is `Some(false)`).
-    async fn start_deferred(&mut self, sets: Option<bool>) -> Result<(), PgError> {
+    /// `READ WRITE`, or SERIALIZABLE, which is `Some(false)`); `writes`: it neither reads nor
+    /// sets (see `Plan::StartDeferred`).
+    async fn start_deferred(&mut self, sets: Option<bool>, writes: bool) -> Result<(), PgError> {
         let Tx::Deferred(begin) = std::mem::take(&mut self.tx) else {
             return Ok(());
         };
@@ -669,6 +690,7 @@ impl Session {
         let read_only = sets.unwrap_or(begins_read_only || self.state.read_only_default);
         let mut role = Role::Primary;
         if read_only
+            && !writes
             && self.replica_gate() != Gate::Unavailable
             && !self.state.pins.any()
             && !self.state.serializable_default
@@ -731,10 +753,11 @@ const CARRY: &[u8] = b"pgnear_carry\0";
 /// the request that ended that exchange, in the request's implicit transaction (extended
 /// protocol, no Sync), so that they hold only if it does; their answers are swallowed.
 fn send_carried(server: &mut server::Server, carried: Option<&PendingState>) {
-    let Some(carried) = carried else {
+    let statements = carried.map(PendingState::setting_statements);
+    let Some(statements) = statements.filter(|s| !s.is_empty()) else {
         return;
     };
-    for sql in carried.setting_statements() {
+    for sql in statements {
         // Closed first: one a failed carry left behind would refuse the Parse.
         server.send_internal_frame(tag::CLOSE, &build_frame(tag::CLOSE, &[b"S", CARRY]));
         let parse = build_frame(tag::PARSE, &[CARRY, sql.as_bytes(), b"\0", &[0, 0]]);

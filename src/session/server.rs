@@ -33,8 +33,9 @@ pub struct Request {
     pub tx_after: u8,
     /// Its last CommandComplete was ROLLBACK (a COMMIT of a failed block is answered so).
     pub rolled_back: bool,
-    /// Its statements that completed (CommandComplete): after a failure, what ran before it.
-    pub completed: usize,
+    /// The transaction ends it ran (see `PendingState::settled`): after a failure, what they
+    /// settled holds.
+    pub ends: Vec<bool>,
     /// Learn the commit position once this completes (it may enter COPY IN mode, during which
     /// nothing else can be pipelined behind it).
     pub capture_after: bool,
@@ -57,6 +58,7 @@ impl Request {
     pub fn absorb(&mut self, later: Request) {
         self.change = PendingState::join(self.change.take(), later.change);
         self.failed |= later.failed;
+        self.ends.extend(later.ends);
         self.capture_after |= later.capture_after;
         self.capture_owed |= later.capture_owed;
         self.may_copy_in |= later.may_copy_in;

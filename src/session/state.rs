@@ -97,10 +97,6 @@ pub struct PendingState {
     steps: Vec<Step>,
     /// Its other effects (pins, DEALLOCATE, DISCARD): a rollback does not undo them.
     effects: Vec<Kind>,
-    /// A simple query's transaction ends (COMMIT, ROLLBACK, PREPARE TRANSACTION) as (the
-    /// statement's place in the query, how many steps reach it): if a later statement fails,
-    /// what the last end before it settled holds (see `settled_before`).
-    ends: Vec<(usize, usize)>,
 }
 
 /// A statement's settings: (GUC name, or `None` for a full reset; the statement's own text),
@@ -147,14 +143,20 @@ impl PendingState {
         })
     }
 
-    /// The statements that make its settings, in order (each once).
+    /// The statements that make its settings, in order, one statement each.
     pub fn setting_statements(&self) -> Vec<&str> {
         let mut out: Vec<&str> = Vec::new();
         for step in &self.steps {
             if let Step::Set(settings, _) = step {
+                let mut last = None;
                 for (_, sql) in settings {
-                    if out.last() != Some(&sql.as_str()) {
-                        out.push(sql);
+                    if last == Some(sql) {
+                        continue;
+                    }
+                    last = Some(sql);
+                    match sql.as_str() {
+                        FULL_RESET => out.extend(FULL_RESET.split("; ")),
+                        sql => out.push(sql),
                     }
                 }
             }
@@ -166,19 +168,54 @@ impl PendingState {
     pub fn extend(&mut self, later: PendingState) {
         self.steps.extend(later.steps);
         self.effects.extend(later.effects);
-        // (Places in one query: joined, they no longer say which statement failed.)
-        self.ends.clear();
     }
 
-    /// What holds of a simple query that failed after `completed` statements: the settings up
-    /// to the last transaction end among those (committed, or rolled back, there), not what
-    /// the failure rolled back after it; `None`: nothing.
-    pub fn settled_before(mut self, completed: usize) -> Option<PendingState> {
-        let &(_, steps) = self.ends.iter().rev().find(|(at, _)| *at < completed)?;
-        self.steps.truncate(steps);
+    /// What holds of a request that failed after running the transaction ends `ends` (in
+    /// order, each `true` for COMMIT or PREPARE TRANSACTION, `false` for ROLLBACK, as their
+    /// CommandComplete said): its steps up to the last of them, which committed or rolled back
+    /// there; the failure rolled back the rest. `None`: nothing.
+    pub fn settled(mut self, ends: &[bool]) -> Option<PendingState> {
+        let mut seen = 0;
+        let mut keep = 0;
+        for (i, step) in self.steps.iter_mut().enumerate() {
+            if seen == ends.len() {
+                break;
+            }
+            if let Step::Block(kind) = step {
+                if is_end(kind) {
+                    // A COMMIT of a failed block is answered ROLLBACK: it rolled back.
+                    if !ends[seen] && *kind != Kind::RollbackTo {
+                        *kind = Kind::Rollback;
+                    }
+                    seen += 1;
+                    keep = i + 1;
+                }
+            }
+        }
+        if keep == 0 {
+            return None;
+        }
+        self.steps.truncate(keep);
         self.effects.clear();
-        self.ends.clear();
         Some(self)
+    }
+
+    /// Splits off what the transaction ends among its steps settled (see `settled`), when all
+    /// of them ran: (that, the rest after the last one).
+    pub fn split_settled(self) -> (Option<PendingState>, Option<PendingState>) {
+        let Some(last) = self
+            .steps
+            .iter()
+            .rposition(|s| matches!(s, Step::Block(k) if is_end(k)))
+        else {
+            return (None, Some(self));
+        };
+        let mut settled = self;
+        let rest = PendingState {
+            steps: settled.steps.split_off(last + 1),
+            effects: std::mem::take(&mut settled.effects),
+        };
+        (Some(settled), Some(rest))
     }
 
     /// `first` then `then`, as one change (either may be none).
@@ -328,7 +365,7 @@ impl SessionState {
     /// not seen to follow it: a ROLLBACK TO it then undoes that SET too.)
     pub fn prepare_change(&self, sql: &str, c: &Classified) -> Option<PendingState> {
         let mut p = PendingState::default();
-        for (at, s) in c.statements.iter().enumerate() {
+        for s in &c.statements {
             let mut names = Vec::new();
             match &s.kind {
                 Kind::Set {
@@ -350,12 +387,10 @@ impl SessionState {
                         names.push(Some("default_transaction_deferrable".into()));
                     }
                 }
-                Kind::Savepoint
-                | Kind::Release
-                | Kind::RollbackTo
-                | Kind::Commit
-                | Kind::Rollback
-                | Kind::PrepareTransaction
+                // A transaction end is always one: a failure after it keeps what it settled
+                // (see `PendingState::settled`, which counts them).
+                k if is_end(k) => p.steps.push(Step::Block(s.kind.clone())),
+                Kind::Savepoint | Kind::Release
                     if !self.block.is_empty() || !p.steps.is_empty() =>
                 {
                     p.steps.push(Step::Block(s.kind.clone()));
@@ -380,12 +415,6 @@ impl SessionState {
             );
             if is_tracked(&s.kind) && !setting_kind {
                 p.effects.push(s.kind.clone());
-            }
-            if matches!(
-                s.kind,
-                Kind::Commit | Kind::Rollback | Kind::PrepareTransaction
-            ) {
-                p.ends.push((at, p.steps.len()));
             }
         }
         (!p.steps.is_empty() || !p.effects.is_empty()).then_some(p)
@@ -633,6 +662,15 @@ impl SessionState {
 
 /// Statements whose effect on the session pgnear tracks: settings it replays, pins it holds
 /// until released.
+/// A statement whose CommandComplete says COMMIT, ROLLBACK or PREPARE TRANSACTION (ROLLBACK TO
+/// is answered ROLLBACK too).
+fn is_end(kind: &Kind) -> bool {
+    matches!(
+        kind,
+        Kind::Commit | Kind::Rollback | Kind::RollbackTo | Kind::PrepareTransaction
+    )
+}
+
 pub fn is_tracked(kind: &Kind) -> bool {
     matches!(
         kind,

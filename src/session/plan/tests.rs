@@ -504,7 +504,18 @@ fn a_plain_begin_is_deferred_and_started_with_the_next_statement() {
     };
     assert_eq!(
         plan(&set_read_only, &deferred, &GO),
-        Plan::StartDeferred { sets: Some(true) }
+        Plan::StartDeferred {
+            sets: Some(true),
+            writes: false
+        }
+    );
+    // A NOTIFY (a write a read-only transaction runs on the primary) starts it there.
+    assert_eq!(
+        plan(&write(), &deferred, &GO),
+        Plan::StartDeferred {
+            sets: None,
+            writes: true
+        }
     );
     // In-band commands do not start it.
     let show = Request {
