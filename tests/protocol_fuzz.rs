@@ -2427,3 +2427,36 @@ fn a_commit_in_an_exchange_settles_what_came_before() {
         ],
     );
 }
+
+/// One simple query that ends a read-only transaction on the replica, then writes: Postgres
+/// runs the write in an implicit transaction of its own; pgnear sent the whole query to the
+/// transaction's server (the replica, 25006) (seed 17179874403). Also with a SET the end
+/// rolls back, and with a COMMIT.
+#[test]
+fn a_query_that_ends_a_replica_transaction_then_writes() {
+    assert_as_direct(
+        "fz_endwrite",
+        FIXED_LO + 428,
+        &[
+            vec![query("BEGIN READ ONLY")],
+            vec![
+                parse("s1", "COPY fz_endwrite TO STDOUT"),
+                bind("p1", "s1", vec![]),
+                execute("p1"),
+                Msg::Sync,
+            ],
+            vec![query(
+                "ROLLBACK; INSERT INTO fz_endwrite VALUES (10, 'ten')",
+            )],
+            vec![
+                query("BEGIN READ ONLY"),
+                query("SET TimeZone = 'Asia/Tokyo'"),
+            ],
+            vec![query("SELECT count(*) FROM fz_endwrite")],
+            vec![query(
+                "COMMIT; UPDATE fz_endwrite SET v = 'x' WHERE id = 10; SHOW TimeZone",
+            )],
+            vec![query("SELECT v FROM fz_endwrite WHERE id = 10")],
+        ],
+    );
+}

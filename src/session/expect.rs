@@ -72,6 +72,10 @@ pub enum Owner {
     /// The client's, but for its ReadyForQuery, which the request after it (pgnear's own
     /// `Purpose::Restore`) sends in its place.
     ClientBody,
+    /// The client's, but for its ReadyForQuery, which is swallowed: the rest of the client's
+    /// query runs after it on the other server, whose ReadyForQuery ends it (see
+    /// `Session::on_query`). Its request is done there.
+    ClientHead,
     /// The client's, but held back until it is clear the replica will not refuse it as a write
     /// (SQLSTATE 25006), in which case it runs again on the primary.
     Tentative,
@@ -81,7 +85,10 @@ pub enum Owner {
 
 impl Owner {
     pub fn is_client(self) -> bool {
-        matches!(self, Owner::Client | Owner::ClientBody | Owner::Tentative)
+        matches!(
+            self,
+            Owner::Client | Owner::ClientBody | Owner::ClientHead | Owner::Tentative
+        )
     }
 
     /// Whether this entry's ReadyForQuery ends a client request (and goes to the client).
@@ -424,12 +431,21 @@ impl Expectations {
 
     /// Makes the last entry's ReadyForQuery pgnear's (see `Owner::ClientBody`).
     pub fn defer_ready(&mut self) {
+        self.retag_last(Owner::ClientBody);
+    }
+
+    /// Swallows the last entry's ReadyForQuery (see `Owner::ClientHead`).
+    pub fn swallow_ready(&mut self) {
+        self.retag_last(Owner::ClientHead);
+    }
+
+    fn retag_last(&mut self, owner: Owner) {
         if let Some((_, o, _)) = self
             .queue
             .back_mut()
             .filter(|(_, o, _)| *o == Owner::Client)
         {
-            *o = Owner::ClientBody;
+            *o = owner;
         }
     }
 

@@ -182,6 +182,12 @@ impl Reader {
         }
     }
 
+    /// Compares what the client was told with this server's values at its next ReadyForQuery
+    /// to the client (another server's answer, not passed on, may have changed them).
+    pub fn recheck_params(&mut self) {
+        self.params_changed = true;
+    }
+
     /// Appends bytes as if read from the server.
     pub fn feed(&mut self, bytes: &[u8]) {
         self.rbuf.extend_from_slice(bytes);
@@ -371,7 +377,8 @@ impl Reader {
                         run_start = pos;
                         tell_changes(server, told, cout);
                     }
-                    if forward && m.completed.is_some() {
+                    let head = matches!(m.completed, Some((_, Owner::ClientHead)));
+                    if (forward || head) && m.completed.is_some() {
                         if let Some(mut r) = requests.pop_front() {
                             r.tx_after = *tx;
                             seen.done.push(r);

@@ -257,10 +257,55 @@ impl Session {
         }
     }
 
-    /// Routes and sends one simple Query.
+    /// Routes and sends one simple Query. One that first ends a transaction on the replica,
+    /// then does more that is not a read (`ROLLBACK; INSERT ...`), runs as two: the end there,
+    /// the rest routed on its own (Postgres runs it in an implicit transaction of its own
+    /// anyway, and the end cannot fail); the client gets the rest's ReadyForQuery only.
     pub(super) async fn on_query(&mut self, frame: BytesMut) -> Result<(), PgError> {
         // Shared, not copied: a replica read keeps it for a possible retry on the primary.
         let frame = frame.freeze();
+        let split = {
+            let text = query_text(&frame[5..])?;
+            let c = self.classify(&text);
+            self.ends_replica_tx_first(&text, &c).map(|at| {
+                let rest =
+                    text[at..].trim_start_matches(|ch: char| ch == ';' || ch.is_whitespace());
+                (query_frame(&text[..at]), query_frame(rest))
+            })
+        };
+        match split {
+            Some((end, rest)) => {
+                self.query_part(end?, true).await?;
+                // What the end changed (a SET rolled back) is told with the rest's answer.
+                for role in [Role::Primary, Role::Replica] {
+                    if let Some(s) = self.slot(role).as_mut() {
+                        s.reader.recheck_params();
+                    }
+                }
+                self.query_part(rest?, false).await
+            }
+            None => self.query_part(frame, false).await,
+        }
+    }
+
+    /// Where the first statement of `c` ends, if it ends a transaction open on the replica and
+    /// what follows it is not all reads (which the replica would refuse). (Not one AND CHAIN,
+    /// which opens the next transaction there.)
+    fn ends_replica_tx_first(&self, sql: &str, c: &Classified) -> Option<usize> {
+        let [first, rest @ ..] = c.statements.as_slice() else {
+            return None;
+        };
+        let ends = matches!(first.kind, Kind::Commit | Kind::Rollback)
+            && !first.text(sql).to_ascii_lowercase().contains("chain");
+        let writes = rest
+            .iter()
+            .any(|s| !matches!(s.kind, Kind::Read | Kind::Empty));
+        (self.tx.open() == Some(Role::Replica) && ends && writes && first.span.1 > 0)
+            .then_some(first.span.1 as usize)
+    }
+
+    /// Routes and sends one simple Query, or (`head`) the first part of one (see `on_query`).
+    async fn query_part(&mut self, frame: Bytes, head: bool) -> Result<(), PgError> {
         let text = query_text(&frame[5..])?;
         let sql: &str = &text;
         let c = self.classify(sql);
@@ -328,6 +373,9 @@ impl Session {
         }
         send_carried(server, carried.as_ref());
         server.send_query(&frame, request);
+        if head {
+            server.expect.swallow_ready();
+        }
         if let Some(sql) = restore.filter(|_| !server.expect.skipping) {
             // Its ReadyForQuery comes from the restore, once the startup settings are back.
             server.expect.defer_ready();
@@ -768,4 +816,12 @@ fn send_carried(server: &mut server::Server, carried: Option<&PendingState>) {
         server.send_internal_frame(tag::CLOSE, &build_frame(tag::CLOSE, &[b"P", CARRY]));
     }
     server.send_internal_frame(tag::CLOSE, &build_frame(tag::CLOSE, &[b"S", CARRY]));
+}
+
+/// A Query frame of `sql` (a part of a client's query text, which has no NUL).
+fn query_frame(sql: &str) -> Result<Bytes, PgError> {
+    let mut out = BytesMut::new();
+    postgres_protocol::message::frontend::query(sql, &mut out)
+        .map_err(|_| PgError::protocol("invalid Query message"))?;
+    Ok(out.freeze())
 }
