@@ -1036,9 +1036,8 @@ async fn fuzz_target(
     );
 }
 
-// Each target runs its 200 fixed seeds in `cargo test`, but the replica region in session mode,
-// whose fixed seeds include a timing-dependent divergence (see README, the protocol fuzzer: a
-// failed COPY's transaction status); `scripts/protocol-fuzz.sh SECONDS` runs all four for longer.
+// Each target runs its 200 fixed seeds in `cargo test`; `scripts/protocol-fuzz.sh SECONDS` runs
+// all four for longer.
 #[test]
 fn fuzz_primary_region_session_pool() {
     fuzz(PRIMARY, PoolMode::Session, 1);
@@ -1050,7 +1049,6 @@ fn fuzz_primary_region_transaction_pool() {
 }
 
 #[test]
-#[ignore = "pgnear bug: a timing-dependent divergence among its seeds (see README, Protocol fuzzer)"]
 fn fuzz_replica_region_session_pool() {
     fuzz(REPLICA, PoolMode::Session, 3);
 }
