@@ -170,7 +170,7 @@ impl Exchange {
         ExchangeState {
             role: self.role,
             executed: self.executed,
-            changes: !self.changes.is_empty(),
+            changes: self.changes.iter().any(PendingState::changes_state),
             fine: None,
         }
     }

@@ -366,6 +366,8 @@ impl Reader {
                 be::READY_FOR_QUERY => {
                     self.copy_in = false;
                     self.client_ended_copy = false;
+                    // Any exchange is over (a Query ended it, or a Sync whose request took them).
+                    self.ends_unsynced.clear();
                     *tx = body.first().copied().unwrap_or(b'I');
                     seen.ready = true;
                     if let Some(told) = told

@@ -143,6 +143,11 @@ impl PendingState {
         })
     }
 
+    /// Whether it changes session state (a setting, a pin, …), not only ends a transaction.
+    pub fn changes_state(&self) -> bool {
+        !self.effects.is_empty() || self.steps.iter().any(|s| matches!(s, Step::Set(..)))
+    }
+
     /// The statements that make its settings, in order, one statement each.
     pub fn setting_statements(&self) -> Vec<&str> {
         let mut out: Vec<&str> = Vec::new();
