@@ -154,10 +154,7 @@ impl Session {
             // the write.
             self.sync_prepared_only(Role::Replica);
             let changes = self.exchange.take().map(|e| e.changes).unwrap_or_default();
-            let changes = changes.into_iter().reduce(|mut all, c| {
-                all.extend(c);
-                all
-            });
+            let changes = PendingState::all(changes);
             let settings = changes
                 .as_ref()
                 .is_some_and(|c| !c.setting_statements().is_empty());
@@ -632,10 +629,7 @@ impl Session {
             None => (false, Vec::new()),
         };
         if failed {
-            let ran = changes.drain(..).reduce(|mut all, c| {
-                all.extend(c);
-                all
-            });
+            let ran = PendingState::all(std::mem::take(&mut changes));
             changes.extend(ran.and_then(|c| c.settled(&ends)));
         }
         changes.extend(std::mem::take(&mut plan.changes));
@@ -647,10 +641,7 @@ impl Session {
                 portals,
             });
         }
-        let mut change = changes.into_iter().reduce(|mut all, c| {
-            all.extend(c);
-            all
-        });
+        let mut change = PendingState::all(changes);
         let server = self.slot(role).as_mut().expect("connected above");
         for i in 0..plan.syncs {
             let last = i + 1 == plan.syncs;

@@ -223,6 +223,14 @@ impl PendingState {
         (Some(settled), Some(rest))
     }
 
+    /// The changes of one exchange's statements, in order, as one.
+    pub fn all(changes: Vec<PendingState>) -> Option<PendingState> {
+        changes.into_iter().reduce(|mut all, c| {
+            all.extend(c);
+            all
+        })
+    }
+
     /// `first` then `then`, as one change (either may be none).
     pub fn join(first: Option<PendingState>, then: Option<PendingState>) -> Option<PendingState> {
         match (first, then) {
@@ -941,5 +949,43 @@ mod tests {
         assert!(s.read_only_default);
         run(&mut s, "RESET default_transaction_read_only");
         assert!(!s.read_only_default);
+    }
+
+    fn change(state: &SessionState, sql: &str) -> PendingState {
+        state.prepare_change(sql, &classify(sql, &[])).unwrap()
+    }
+
+    #[test]
+    fn a_failure_keeps_what_an_end_before_it_settled() {
+        let mut s = SessionState::default();
+        let sql = "SET a.x = '1'; COMMIT; SET a.y = '2'; SELECT 1/0";
+        let p = change(&s, sql);
+        // No end ran: nothing holds.
+        assert!(p.clone().settled(&[]).is_none());
+        let kept = p.clone().settled(&[true]).unwrap();
+        assert_eq!(kept.setting_statements(), ["SET a.x = '1'"]);
+        s.commit_change(kept, BlockEnd::Committed);
+        assert_eq!(s.setting_sql("a.x"), Some("SET a.x = '1'"));
+        assert_eq!(s.setting_sql("a.y"), None);
+        // A COMMIT answered ROLLBACK (its block had failed) rolled back.
+        let mut s = SessionState::default();
+        s.commit_change(p.settled(&[false]).unwrap(), BlockEnd::Committed);
+        assert_eq!(s.setting_sql("a.x"), None);
+    }
+
+    #[test]
+    fn an_exchange_splits_at_its_last_end() {
+        let s = SessionState::default();
+        let (settled, rest) = change(&s, "SET a.x = '1'; COMMIT; SET a.y = '2'").split_settled();
+        assert_eq!(settled.unwrap().setting_statements(), ["SET a.x = '1'"]);
+        assert_eq!(rest.unwrap().setting_statements(), ["SET a.y = '2'"]);
+        let (settled, rest) = change(&s, "SET a.z = '3'").split_settled();
+        assert!(settled.is_none());
+        assert_eq!(rest.unwrap().setting_statements(), ["SET a.z = '3'"]);
+        // DISCARD ALL runs elsewhere as its two statements.
+        assert_eq!(
+            change(&s, "DISCARD ALL").setting_statements(),
+            ["SET SESSION AUTHORIZATION DEFAULT", "RESET ALL"]
+        );
     }
 }
