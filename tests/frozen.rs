@@ -38,6 +38,7 @@ async fn timed(
 }
 
 const RETRIED: &str = "pgnear_statements_total{reason=\"retry\",route=\"primary\"}";
+const FALLBACK: &str = "pgnear_statements_total{reason=\"fallback\",route=\"primary\"}";
 
 #[test]
 fn a_read_in_flight_on_a_frozen_replica_is_answered_by_the_primary() {
@@ -87,7 +88,10 @@ fn a_read_in_flight_on_a_frozen_replica_is_answered_by_the_primary() {
         // They ran again on the primary (the replica's watcher did not yet know when they
         // were sent).
         assert!(metric(&p, RETRIED).await >= 2.0);
-        assert!(metric(&shared, RETRIED).await >= 1.0);
+        // (The shared lane's read is routed after a hop through its own session: on a loaded
+        // machine the watcher may have seen the freeze by then, and it goes to the primary at
+        // once.)
+        assert!(metric(&shared, RETRIED).await + metric(&shared, FALLBACK).await >= 1.0);
 
         // pgnear says the replica is down, its lag unknown.
         let (status, body) = http_get(p.admin_addr(), "/readyz").await;
