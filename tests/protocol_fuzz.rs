@@ -330,11 +330,12 @@ impl Gen<'_> {
             Msg::Sync => self.unsynced = false,
             Msg::Query(_) | Msg::Call(..) if self.unsynced && !self.known_bugs => {
                 // Known pgnear bug: a Query or FunctionCall inside an unsynced extended-protocol
-                // exchange runs where the exchange does, so one that writes behind an exchange
-                // on the replica is refused there (README, Limitations); and a SET in such an
-                // exchange may be reported twice. (Skipped ones, after an error, are answered
-                // as by Postgres: `what_follows_an_unsynced_error_is_skipped_to_the_sync`.)
-                // Until it is fixed, a Sync comes first.
+                // exchange does not always run in the exchange's implicit transaction (README,
+                // Limitations: `SET TRANSACTION` or `DISCARD ALL` behind it is not refused, a
+                // `SHOW` or a ParameterStatus answers as outside it, in the replica region).
+                // (Skipped ones, after an error, are answered as by Postgres:
+                // `what_follows_an_unsynced_error_is_skipped_to_the_sync`.) Until it is fixed,
+                // a Sync comes first.
                 self.msgs.push(Msg::Sync);
                 self.unsynced = false;
             }
