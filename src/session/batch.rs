@@ -213,7 +213,7 @@ pub(super) fn parse_text(frame: &[u8]) -> Option<std::borrow::Cow<'_, str>> {
 /// whole database (a read acts on none).
 fn note_text(sql: &str, read: bool, plan: &mut BatchPlan) {
     plan.copy |= may_copy(sql);
-    plan.hold_cursor |= may_hold_cursor(sql);
+    plan.hold_cursor |= !read && may_hold_cursor(sql);
     if !read {
         if let Some(db) = database_lifecycle(sql) {
             plan.database = Some(db);
@@ -566,14 +566,7 @@ impl Session {
 
 /// Whether Postgres runs this in a failed transaction (an end of it, or nothing at all).
 fn ends_aborted_tx(c: &Classified) -> bool {
-    c.statements.first().is_none_or(|s| {
-        matches!(
-            s.kind,
-            Kind::Empty
-                | Kind::Commit
-                | Kind::Rollback
-                | Kind::RollbackTo
-                | Kind::PrepareTransaction
-        )
-    })
+    c.statements
+        .first()
+        .is_none_or(|s| s.kind == Kind::Empty || state::is_end(&s.kind))
 }

@@ -261,14 +261,18 @@ impl Session {
     pub(super) async fn on_query(&mut self, frame: BytesMut) -> Result<(), PgError> {
         // Shared, not copied: a replica read keeps it for a possible retry on the primary.
         let frame = frame.freeze();
-        let split = {
-            let text = query_text(&frame[5..])?;
-            let c = self.classify(&text);
-            self.ends_replica_tx_first(&text, &c).map(|at| {
-                let rest =
-                    text[at..].trim_start_matches(|ch: char| ch == ';' || ch.is_whitespace());
-                (query_frame(&text[..at]), query_frame(rest))
-            })
+        // (Looked at only in a replica transaction: every other query is read once, below.)
+        let split = match self.tx.open() {
+            Some(Role::Replica) => {
+                let text = query_text(&frame[5..])?;
+                let c = self.classify(&text);
+                ends_first(&text, &c).map(|at| {
+                    let rest =
+                        text[at..].trim_start_matches(|ch: char| ch == ';' || ch.is_whitespace());
+                    (query_frame(&text[..at]), query_frame(rest))
+                })
+            }
+            _ => None,
         };
         match split {
             Some((end, rest)) => {
@@ -283,22 +287,6 @@ impl Session {
             }
             None => self.query_part(frame, false).await,
         }
-    }
-
-    /// Where the first statement of `c` ends, if it ends a transaction open on the replica and
-    /// what follows it is not all reads (which the replica would refuse). (Not one AND CHAIN,
-    /// which opens the next transaction there.)
-    fn ends_replica_tx_first(&self, sql: &str, c: &Classified) -> Option<usize> {
-        let [first, rest @ ..] = c.statements.as_slice() else {
-            return None;
-        };
-        let ends = matches!(first.kind, Kind::Commit | Kind::Rollback)
-            && !first.text(sql).to_ascii_lowercase().contains("chain");
-        let writes = rest
-            .iter()
-            .any(|s| !matches!(s.kind, Kind::Read | Kind::Empty));
-        (self.tx.open() == Some(Role::Replica) && ends && writes && first.span.1 > 0)
-            .then_some(first.span.1 as usize)
     }
 
     /// Routes and sends one simple Query, or (`head`) the first part of one (see `on_query`).
@@ -338,7 +326,7 @@ impl Session {
         if let Some(change) = &change {
             self.state.apply_pins(change);
         }
-        self.state.hold_cursors |= super::batch::may_hold_cursor(sql);
+        self.state.hold_cursors |= !c.is_read() && super::batch::may_hold_cursor(sql);
         let carried = self.carried.take();
         let change = PendingState::join(carried.clone(), change);
         let again = (run.again && role == Role::Replica && reason == Reason::Read)
@@ -815,4 +803,19 @@ fn query_frame(sql: &str) -> Result<Bytes, PgError> {
     postgres_protocol::message::frontend::query(sql, &mut out)
         .map_err(|_| PgError::protocol("invalid Query message"))?;
     Ok(out.freeze())
+}
+
+/// Where the first statement of `c` ends, if it ends the transaction and what follows it is not
+/// all reads (which a replica holding that transaction would refuse). (Not one AND CHAIN,
+/// which opens the next transaction there.)
+fn ends_first(sql: &str, c: &Classified) -> Option<usize> {
+    let [first, rest @ ..] = c.statements.as_slice() else {
+        return None;
+    };
+    let ends = matches!(first.kind, Kind::Commit | Kind::Rollback)
+        && !first.text(sql).to_ascii_lowercase().contains("chain");
+    let writes = rest
+        .iter()
+        .any(|s| !matches!(s.kind, Kind::Read | Kind::Empty));
+    (ends && writes && first.span.1 > 0).then_some(first.span.1 as usize)
 }

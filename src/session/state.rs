@@ -223,8 +223,8 @@ impl PendingState {
         (Some(settled), Some(rest))
     }
 
-    /// The changes of one exchange's statements, in order, as one.
-    pub fn all(changes: Vec<PendingState>) -> Option<PendingState> {
+    /// `changes` in order, as one change (none when there are none).
+    pub fn all(changes: impl IntoIterator<Item = PendingState>) -> Option<PendingState> {
         changes.into_iter().reduce(|mut all, c| {
             all.extend(c);
             all
@@ -233,13 +233,7 @@ impl PendingState {
 
     /// `first` then `then`, as one change (either may be none).
     pub fn join(first: Option<PendingState>, then: Option<PendingState>) -> Option<PendingState> {
-        match (first, then) {
-            (Some(mut first), Some(then)) => {
-                first.extend(then);
-                Some(first)
-            }
-            (first, then) => first.or(then),
-        }
+        PendingState::all(first.into_iter().chain(then))
     }
 }
 
@@ -677,7 +671,7 @@ impl SessionState {
 /// until released.
 /// A statement whose CommandComplete says COMMIT, ROLLBACK or PREPARE TRANSACTION (ROLLBACK TO
 /// is answered ROLLBACK too).
-fn is_end(kind: &Kind) -> bool {
+pub fn is_end(kind: &Kind) -> bool {
     matches!(
         kind,
         Kind::Commit | Kind::Rollback | Kind::RollbackTo | Kind::PrepareTransaction
